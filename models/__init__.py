@@ -1,1 +1,8 @@
-"""(in progress)"""
+"""A LLaMA-family model that loads Hugging Face checkpoints straight into 4-bit, its tokenizers, generation and
+GGUF import."""
+
+from .config import LlamaConfig
+from .kv_cache import KVCache
+from .llama import CausalLMOutput, LlamaForCausalLM
+
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache"]

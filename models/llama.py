@@ -1,0 +1,237 @@
+"""A minimal LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Module and parameter names mirror Hugging Face's LlamaForCausalLM (`model.embed_tokens`,
+`model.layers.N.self_attn.q_proj`, `model.layers.N.mlp.gate_proj`, `model.norm`, `lm_head`), so checkpoints load
+one-to-one and LoRA adapter keys come out PEFT-compatible. Any Linear may be swapped for nf4lora's Linear4bit or
+LoRA wrapper: the model only calls the modules.
+
+Shapes: B batch, T new tokens, S = past + T key positions, H hidden, nh query heads, nkv key/value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import LlamaConfig
+from .kv_cache import KVCache
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+IGNORE_INDEX = -100  # label value that takes no part in the loss (HF / PyTorch convention)
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, logits_to_keep, V)
+    loss: torch.Tensor | None = None  # scalar float32: mean shifted cross-entropy over labels != -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 (bf16 squares lose too much), cast back, then scale: the HF order of operations.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        h, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+
+    def forward(self, x, cos, sin, mask, is_causal: bool, kv_cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+        )  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, cos, sin, mask, is_causal: bool, kv_cache: KVCache | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Not persistent: HF checkpoints do not carry it (old ones do, under another name, and it is ignored).
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+
+class LlamaForCausalLM(nn.Module):
+    """LLaMA / Mistral / SmolLM / TinyLlama causal LM.
+
+    Set `model.gradient_checkpointing = True` to recompute each decoder block in backward (non-reentrant
+    torch.utils.checkpoint) instead of keeping its activations; it only acts in training mode with grad enabled.
+    """
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # HF's LLaMA initialisation (normal, std 0.02, zero bias); checkpoints overwrite it.
+        if isinstance(module, (nn.Linear, nn.Embedding)) and module.weight.device.type != "meta":
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """Logits for `input_ids` (B, T) and, given `labels` (B, T), the shifted cross-entropy loss.
+
+        attention_mask: (B, S) with 1 for real tokens and 0 for padding (S = cached + new positions), or a
+            boolean (B or 1, 1, T, S) mask where True means "may attend" (used as is, causality included).
+        position_ids: (B, T) rotary positions; default: consecutive from the cache length (or restarting at every
+            document when `doc_ids` is given).
+        doc_ids: (B, T) integer document ids for packed sequences: a token attends only to earlier tokens with the
+            same id, and positions restart at each document unless `position_ids` is given.
+        labels: (B, T) token ids, IGNORE_INDEX (-100) where no loss is taken; the loss at t predicts labels[t + 1].
+        kv_cache: a KVCache to read past keys/values from and append this step's to (generation).
+        logits_to_keep: if > 0, only the logits of the last `logits_to_keep` positions are computed.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if doc_ids is not None and doc_ids.shape != input_ids.shape:
+            raise ValueError(f"doc_ids has shape {tuple(doc_ids.shape)}, expected {tuple(input_ids.shape)}")
+        if doc_ids is not None and past:
+            raise ValueError("doc_ids (sequence packing) cannot be combined with a non-empty kv_cache")
+        if position_ids is None:
+            position_ids = _default_positions(B, T, past, doc_ids, input_ids.device)
+        mask, is_causal = _attention_mask(B, T, past, attention_mask, doc_ids, input_ids.device)
+
+        base = self.model
+        x = base.embed_tokens(input_ids)  # (B, T, H)
+        cos, sin = rope_cos_sin(base.inv_freq, position_ids, x.dtype)  # (B, T, hd)
+        use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in base.layers:
+            if use_checkpoint:
+                x = checkpoint(layer, x, cos, sin, mask, is_causal, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, is_causal, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = base.norm(x)
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
+            if logits_to_keep > 0:
+                raise ValueError("labels cannot be combined with logits_to_keep")
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        return CausalLMOutput(logits=logits, loss=loss)
+
+
+def _default_positions(B: int, T: int, past: int, doc_ids, device) -> torch.Tensor:
+    idx = torch.arange(past, past + T, device=device).expand(B, T)
+    if doc_ids is None:
+        return idx
+    # Position restarts at each document start: t - (index of the first token of t's document).
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def _attention_mask(B: int, T: int, past: int, attention_mask, doc_ids, device):
+    """(mask, is_causal) for scaled_dot_product_attention; mask is None whenever plain causality suffices."""
+    S = past + T
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (T, S):
+            raise ValueError(
+                f"a 4-D attention_mask must be bool of shape (B, 1, {T}, {S}), got {attention_mask.dtype} "
+                f"{tuple(attention_mask.shape)}"
+            )
+        return attention_mask, False
+    if attention_mask is not None:
+        if attention_mask.shape != (B, S):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
+        if bool(attention_mask.all()):
+            attention_mask = None  # no padding: keep SDPA's fused causal path
+    if attention_mask is None and doc_ids is None:
+        if past == 0:
+            return None, T > 1
+        if T == 1:
+            return None, False  # one new token attends to everything cached
+    q_pos = torch.arange(past, S, device=device)
+    mask = (torch.arange(S, device=device)[None, :] <= q_pos[:, None]).expand(B, T, S)  # causal (B, T, S)
+    if attention_mask is not None:
+        mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
+    # A padded query may have no visible key; let it see itself so its (ignored) output is finite, not NaN.
+    diag = torch.zeros(T, S, dtype=torch.bool, device=device)
+    diag[torch.arange(T), q_pos] = True
+    return (mask | diag).unsqueeze(1), False  # (B, 1, T, S)

@@ -1,0 +1,59 @@
+"""Shared builders for the model / loading / generation tests: tiny Hugging Face LLaMA configs and models.
+
+Not a test module (no tests here): imported by tests/test_model*.py, test_load*.py, test_generate*.py, test_gguf*.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def tiny_config(**overrides) -> dict:
+    """A config.json-style dict of a tiny LLaMA (hidden 64, 2 layers, GQA 4/2) with `overrides` applied."""
+    d = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **TINY, **overrides}
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def hf_model(config: dict, seed: int = 0):
+    """transformers' LlamaForCausalLM in float32 with random weights (biases and norms too, so they matter)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    cfg._attn_implementation = "eager"  # the plainest reference: explicit softmax(QK^T)V
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.08)
+    return model
+
+
+def our_model_from_hf(hf, config: dict):
+    """Our LlamaForCausalLM with the HF model's weights, copied through the state dict (names must match)."""
+    from nf4lora.models import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config)).eval()
+    missing, unexpected = model.load_state_dict(hf.state_dict(), strict=False)
+    assert not missing, missing
+    assert set(unexpected) <= {"lm_head.weight"}, unexpected
+    return model
