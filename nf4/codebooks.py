@@ -80,5 +80,5 @@ def check_quant_type(quant_type) -> None:
 
 
 def check_blocksize(blocksize) -> None:
-    if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
+    if not isinstance(blocksize, int) or isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")

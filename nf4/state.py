@@ -102,7 +102,7 @@ class QuantState:
         """Raise ValueError/TypeError if the fields do not describe a consistent quantization."""
         if self.quant_type not in QUANT_TYPES:
             raise ValueError(f"QuantState.quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-        if self.blocksize not in BLOCKSIZES:
+        if not isinstance(self.blocksize, int) or self.blocksize not in BLOCKSIZES:
             raise ValueError(f"QuantState.blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
         if self.dtype not in _FLOAT_DTYPES.values():
             raise TypeError(f"QuantState.dtype must be float32, float16 or bfloat16, got {self.dtype}")
@@ -140,10 +140,10 @@ class QuantState:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(packed).__name__}")
         if packed.dtype != torch.uint8:
             raise TypeError(f"{name} must be uint8 (two 4-bit codes per byte), got {packed.dtype}")
-        if packed.numel() != self.packed_numel:
+        if packed.shape not in ((self.packed_numel, 1), (self.packed_numel,)):
             raise ValueError(
-                f"{name} has {packed.numel()} bytes but the state describes shape {tuple(self.shape)} "
-                f"({self.numel} codes -> {self.packed_numel} bytes): packed data and state do not match"
+                f"{name} has shape {tuple(packed.shape)} but the state describes shape {tuple(self.shape)} "
+                f"({self.numel} codes -> packed shape ({self.packed_numel}, 1)): packed data and state do not match"
             )
         if packed.device != self.device:
             raise ValueError(f"{name} is on {packed.device} but the state is on {self.device}")
@@ -196,7 +196,7 @@ class QuantState:
             return tensors[prefix + name].to(device) if device is not None else tensors[prefix + name]
 
         nested, offset = None, None
-        if "nested_absmax" in meta or prefix + "nested_absmax" in tensors:
+        if "nested_offset" in meta or prefix + "nested_absmax" in tensors:
             if "nested_offset" not in meta:
                 raise ValueError(f"{meta_keys[0]} lacks 'nested_offset' but {prefix}nested_absmax is present")
             nested = NestedState(

@@ -1,0 +1,109 @@
+"""The one small harness every benchmark shares: timing, memory, environment, and results files.
+
+Scripts import it as a sibling module (`python benchmarks/<script>.py` puts benchmarks/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def versions(*packages: str) -> dict[str, str]:
+    """Installed versions of torch, triton, nf4lora and any peers named."""
+    out = {}
+    for name in ("torch", "triton", "nf4lora", *packages):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def machine() -> dict[str, str]:
+    """Where the numbers were taken: CPU model and cores, GPU if any, Python, date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": str(os.cpu_count()),
+        "torch_threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def time_fn(fn, *, warmup: int = 2, repeat: int = 7, min_time: float = 0.0) -> dict[str, float]:
+    """Median and spread (min, max) in seconds of `fn()` over `repeat` runs after `warmup` runs.
+
+    On CUDA it synchronises around each call. These machines are shared and noisy: report the median.
+    """
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    start_all = time.perf_counter()
+    while len(times) < repeat or time.perf_counter() - start_all < min_time:
+        gc.collect()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "n": len(times)}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def environment_block(*packages: str) -> str:
+    """A markdown paragraph naming machine and versions, for the top of every results file."""
+    m, v = machine(), versions(*packages)
+    where = ", ".join(f"{k}: {val}" for k, val in m.items())
+    what = ", ".join(f"{k} {val}" for k, val in v.items())
+    return f"Machine: {where}.\n\nVersions: {what}.\n"
+
+
+def write_results(name: str, markdown: str, data: dict | None = None) -> Path:
+    """Write benchmarks/results/<name>.md (and .json if data is given); returns the markdown path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    md = RESULTS / f"{name}.md"
+    md.write_text(markdown.rstrip() + "\n")
+    if data is not None:
+        (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return md

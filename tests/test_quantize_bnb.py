@@ -1,0 +1,214 @@
+"""nf4/ against bitsandbytes on the CPU: packed bytes, absmax, double quantization, dequantization, state dicts.
+
+bitsandbytes is the reference here (its CPU quantize_4bit is the torch path in backends/default/ops.py; its CPU
+8-bit quantizer and 4-bit dequantizer are C kernels).
+"""
+
+import bitsandbytes.functional as bnbF
+import pytest
+import torch
+
+from nf4lora.nf4 import BLOCKSIZES, DYNAMIC_MAP, QuantState, dequantize_4bit, quantize_4bit
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_weight(kind: str, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1234 + blocksize)
+    if kind == "single":
+        return torch.randn(1, generator=g).to(dtype)
+    if kind == "odd":  # odd numel: the last low nibble is padding
+        return torch.randn(37, 29, generator=g).to(dtype)
+    if kind == "partial":  # several blocks for every blocksize, a partial last one for most
+        return (torch.randn(5, 1733, generator=g) * 0.02).to(dtype)
+    if kind == "straddle":  # even last dimension, blocks straddling rows (the CPU kernel's path)
+        return torch.randn(24, 80, generator=g).to(dtype)
+    if kind == "zero_block":  # one all-zero full block in the middle, heavy tails elsewhere
+        w = torch.distributions.StudentT(3.0).sample((3 * blocksize,)).to(dtype)
+        w[blocksize : 2 * blocksize] = 0
+        return w.reshape(3, blocksize)
+    raise AssertionError(kind)
+
+
+def bnb_quantize(w, blocksize, quant_type, double_quant):
+    return bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+
+
+def bnb_dequantize(packed, bnb_state, out_shape=None):
+    """bitsandbytes.functional.dequantize_4bit, called with the flattened shape.
+
+    bitsandbytes 0.50.2's CPU dequantize kernel (used when the last dimension is even) restarts blocks at every
+    row, while its quantizer (and CUDA, and FORMATS.md) cut blocks from the flattened tensor: for a (48, 80)
+    weight in blocks of 64 it returns wrong values (see test_bitsandbytes_cpu_dequantize_row_blocks). With the
+    flat shape, rows and blocks agree, and its kernel computes the format's result.
+    """
+    shape = bnb_state.shape
+    bnb_state.shape = torch.Size([shape.numel()])
+    try:
+        return bnbF.dequantize_4bit(packed, bnb_state).reshape(out_shape or shape)
+    finally:
+        bnb_state.shape = shape
+
+
+def to_ours(bnb_state) -> QuantState:
+    """bitsandbytes state -> ours, through the serialized (state-dict) format."""
+    return QuantState.from_state_dict(bnb_state.as_dict(packed=True))
+
+
+def assert_last_block_deviations(w, ours, theirs, state_absmax, blocksize, quant_type):
+    """Packed codes must be identical, except in a partial last block.
+
+    There bitsandbytes' CPU path scales with x / absmax instead of x * (1 / absmax) (the CUDA kernel and
+    FORMATS.md use the reciprocal); a 1-ulp difference can cross a midpoint. Allow only such cases, and only where
+    our code is at least as near to the exact x / absmax as theirs.
+    """
+    n = w.numel()
+
+    def unpack(p):
+        p = p.reshape(-1)
+        return torch.stack([p >> 4, p & 15], dim=1).reshape(-1)[:n].long()
+
+    a, b = unpack(ours), unpack(theirs)
+    diff = torch.nonzero(a != b).flatten()
+    if diff.numel() == 0:
+        return
+    full = n - n % blocksize
+    assert full < n and diff.min().item() >= full, f"codes differ outside the partial last block: {diff[:10]}"
+    table = bnbF.get_4bit_type(quant_type, device="cpu").double()
+    exact = w.reshape(-1)[diff].double() / state_absmax[-1].double()
+    ulp = 2.0**-23
+    assert torch.all((table[a[diff]] - exact).abs() <= (table[b[diff]] - exact).abs() + ulp)
+    assert diff.numel() <= 2, "more than a couple of 1-ulp crossings is not the division quirk"
+
+
+@pytest.mark.parametrize("kind", ["single", "odd", "partial", "zero_block"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_matches_bitsandbytes(quant_type, blocksize, dtype, kind):
+    w = make_weight(kind, blocksize, dtype)
+
+    # Without double quantization: packed bytes and float32 absmax.
+    packed, state = quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, double_quant=False)
+    ref_packed, ref_state = bnb_quantize(w, blocksize, quant_type, double_quant=False)
+    assert packed.shape == ref_packed.shape and packed.dtype == ref_packed.dtype
+    assert torch.equal(state.absmax, ref_state.absmax)
+    if not torch.equal(packed, ref_packed):
+        assert_last_block_deviations(w, packed, ref_packed, state.absmax, blocksize, quant_type)
+    assert torch.equal(state.code, ref_state.code)
+
+    # With double quantization: same packed bytes; identical offset and nested absmax; nested codes nearest.
+    packed_dq, state_dq = quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, double_quant=True)
+    ref_packed_dq, ref_dq = bnb_quantize(w, blocksize, quant_type, double_quant=True)
+    assert torch.equal(packed_dq, packed)
+    assert torch.equal(state_dq.offset, ref_dq.offset)
+    assert torch.equal(state_dq.nested.absmax, ref_dq.state2.absmax)
+    assert torch.equal(state_dq.nested.code, ref_dq.state2.code)
+    assert_nested_codes_at_least_as_near(state.absmax, state_dq, ref_dq.absmax)
+
+
+def assert_nested_codes_at_least_as_near(absmax, ours: QuantState, ref_codes: torch.Tensor):
+    """Where our 8-bit absmax codes differ from bitsandbytes', ours must be at least as near the true value.
+
+    The true value is s = (absmax - offset) / nested_absmax in float32 (FORMATS.md 3.2); distances in float64.
+    """
+    v = absmax - ours.offset
+    scale = ours.nested.absmax.clamp(min=1e-38).repeat_interleave(256)[: v.numel()]
+    s = (v / scale).double()
+    table = DYNAMIC_MAP.double()
+    d_ours = (table[ours.absmax.long()] - s).abs()
+    d_ref = (table[ref_codes.long()] - s).abs()
+    assert torch.all(d_ours <= d_ref), "a nested code is farther from the true value than bitsandbytes' code"
+    # and ours is the exact nearest code, ties to the lower index
+    d_all = (table[None, :] - s[:, None]).abs()  # (n_blocks, 256)
+    assert torch.equal(ours.absmax.long(), d_all.argmin(dim=1))
+
+
+def test_nested_codes_differ_from_bitsandbytes_lut_somewhere():
+    """bitsandbytes' CPU 8-bit quantizer uses a lookup table that is not always nearest: show we are nearer there."""
+    w = torch.distributions.StudentT(3.0).sample((512, 512))
+    _, plain = quantize_4bit(w, double_quant=False)
+    _, ours = quantize_4bit(w, double_quant=True)
+    _, ref = bnb_quantize(w, 64, "nf4", double_quant=True)
+    assert_nested_codes_at_least_as_near(plain.absmax, ours, ref.absmax)
+    differ = (ours.absmax != ref.absmax).sum().item()
+    assert differ < ours.absmax.numel() * 0.05  # same algorithm apart from rounding at the edges
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("kind", ["odd", "partial", "zero_block", "straddle"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dequantize_bitsandbytes_data_is_bit_identical(quant_type, blocksize, dtype, kind, double_quant):
+    w = make_weight(kind, blocksize, dtype)
+    ref_packed, ref_state = bnb_quantize(w, blocksize, quant_type, double_quant)
+    expected = bnb_dequantize(ref_packed, ref_state)
+    got = dequantize_4bit(ref_packed, to_ours(ref_state))
+    assert got.dtype == expected.dtype == dtype and got.shape == expected.shape
+    assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                       expected.view(torch.int16 if dtype != torch.float32 else torch.int32))  # fmt: skip
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_dequantize_to_other_dtype_is_float32_product_rounded(out_dtype):
+    """dequantize_4bit(dtype=...) equals bitsandbytes dequantizing to float32 and rounding to the dtype once."""
+    w = make_weight("partial", 64, torch.bfloat16)
+    ref_packed, ref_state = bnb_quantize(w, 64, "nf4", double_quant=True)
+    ref_state.dtype = torch.float32
+    expected = bnb_dequantize(ref_packed, ref_state).to(out_dtype)
+    assert torch.equal(dequantize_4bit(ref_packed, to_ours(ref_state), dtype=out_dtype), expected)
+
+
+def test_all_zero_partial_last_block():
+    """The one place bitsandbytes' CPU path stores a different absmax: an all-zero *partial* last block.
+
+    It clamps that block's stored absmax to 1e-38 (its full blocks, and its CUDA kernel, store 0.0). We store the
+    true max, 0.0, everywhere; codes and dequantized values (zeros) are the same.
+    """
+    w = torch.randn(64 + 10)
+    w[64:] = 0
+    packed, state = quantize_4bit(w, double_quant=False)
+    ref_packed, ref_state = bnb_quantize(w, 64, "nf4", double_quant=False)
+    assert torch.equal(packed, ref_packed)
+    assert state.absmax[-1].item() == 0.0 and ref_state.absmax[-1].item() == pytest.approx(1e-38)
+    assert torch.equal(state.absmax[:-1], ref_state.absmax[:-1])
+    assert torch.equal(dequantize_4bit(packed, state), bnb_dequantize(ref_packed, ref_state))
+    assert torch.all(dequantize_4bit(packed, state)[64:] == 0)
+
+
+def test_bitsandbytes_cpu_dequantize_row_blocks():
+    """Why bnb_dequantize flattens: on a (48, 80) weight, blocks of 64 straddle rows.
+
+    Called with the real shape, bitsandbytes' CPU kernel disagrees with its own quantizer; called with the flat
+    shape it agrees with ours bit for bit, and ours reconstructs the weight within the NF4 error bound.
+    """
+    w = torch.randn(48, 80, dtype=torch.bfloat16)
+    packed, state = bnb_quantize(w, 64, "nf4", double_quant=False)
+    ours = dequantize_4bit(packed, to_ours(state))
+    assert torch.equal(ours, bnb_dequantize(packed, state))
+    # every element within half the widest NF4 gap (0.30 of absmax) of the original
+    bound = state.absmax.repeat_interleave(64)[: w.numel()].view(48, 80) * (0.1521 + 2**-8)  # + bf16 rounding
+    assert torch.all((ours.float() - w.float()).abs() <= bound)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_state_dict_matches_bitsandbytes_format(quant_type, double_quant):
+    w = torch.randn(48, 128, dtype=torch.bfloat16)
+    packed, state = quantize_4bit(w, blocksize=64, quant_type=quant_type, double_quant=double_quant)
+    _, ref_state = bnb_quantize(w, 64, quant_type, double_quant)
+    ours_sd = state.to_state_dict("layer.weight.")
+    ref_sd = {"layer.weight." + k: v for k, v in ref_state.as_dict(packed=True).items()}
+    assert ours_sd.keys() == ref_sd.keys()
+    for k in ref_sd:
+        assert ours_sd[k].dtype == ref_sd[k].dtype and ours_sd[k].shape == ref_sd[k].shape, k
+
+    # bitsandbytes reads ours and dequantizes our packed weight to exactly our result ...
+    stripped = {k.removeprefix("layer.weight."): v for k, v in ours_sd.items()}
+    theirs = bnbF.QuantState.from_dict(stripped, device=torch.device("cpu"))
+    assert torch.equal(bnbF.dequantize_4bit(packed, theirs), dequantize_4bit(packed, state))
+    # ... and we read theirs (the round trip keeps every field)
+    back = QuantState.from_state_dict(ref_sd, prefix="layer.weight.")
+    assert back.shape == w.shape and back.dtype == w.dtype and back.quant_type == quant_type
+    assert back.double_quant == double_quant and back.blocksize == 64
