@@ -4,5 +4,6 @@ GGUF import."""
 from .config import LlamaConfig
 from .kv_cache import KVCache
 from .llama import CausalLMOutput, LlamaForCausalLM
+from .loading import load_model
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache", "load_model"]

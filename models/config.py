@@ -161,8 +161,11 @@ def _read_rope(d: dict, source: str) -> tuple[float, dict | None]:
         raise ValueError(f"{source}: partial_rotary_factor={d['partial_rotary_factor']} is not supported")
     try:
         scaling = _normalise_rope_scaling(scaling)
+        old_style = _normalise_rope_scaling(d.get("rope_scaling"))
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+    if params is not None and d.get("rope_scaling") is not None and old_style != scaling:
+        raise ValueError(f"{source}: rope_parameters {params} and rope_scaling {d['rope_scaling']} disagree")
     return float(theta if theta is not None else 10000.0), scaling
 
 

@@ -1,0 +1,248 @@
+"""load_model: a Hugging Face LLaMA checkpoint directory -> LlamaForCausalLM, quantized to 4 bits as it is read.
+
+The model is built on the meta device (no weight memory), then filled tensor by tensor: each decoder Linear weight
+is read in its stored dtype, quantized with nf4lora.nf4.quantize_4bit and wrapped in a Linear4bit, so the peak is
+the 4-bit model plus one 16-bit tensor (plus quantize_4bit's chunk buffers). Embeddings, norms and lm_head stay in
+`compute_dtype`. A checkpoint that transformers + bitsandbytes saved in 4 bits (FORMATS.md section 4) is loaded
+as stored, without re-quantizing.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+from torch import nn
+
+from nf4lora.nf4 import BLOCKSIZES, QuantState, dequantize_4bit, quantize_4bit
+
+from .config import LlamaConfig
+from .llama import LlamaForCausalLM
+from .rope import rope_inv_freq
+from .safetensors_io import SafetensorsFile
+
+QUANTIZE = ("nf4", "fp4", None)
+COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_BNB_BLOB = "quant_state.bitsandbytes__"
+# Keys some checkpoints carry that hold nothing the model needs (old LLaMA exports saved RoPE's buffer).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory: one model.safetensors, or shards listed by the index file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        index = os.path.join(path, INDEX_FILE)
+        if os.path.isfile(index):
+            self.files = self._read_index(index)
+        elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
+            single = SafetensorsFile(os.path.join(path, SINGLE_FILE))
+            self.files = {key: single for key in single.keys()}
+        else:
+            others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt")))
+            hint = (
+                f" (found {others}: only safetensors are read, never pickled .bin/.pt files; convert them with "
+                "transformers' save_pretrained(safe_serialization=True))"
+                if others
+                else ""
+            )
+            raise FileNotFoundError(f"no weights in {path!r}: expected {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+    def _read_index(self, index: str) -> dict[str, SafetensorsFile]:
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{index}: not valid JSON: {e}") from None
+        except (KeyError, TypeError):
+            raise ValueError(f"{index}: lacks a 'weight_map' object") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard files")
+        shards: dict[str, SafetensorsFile] = {}
+        files = {}
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or os.path.basename(name) != name:
+                raise ValueError(f"{index}: tensor {key!r} maps to {name!r}, which is not a file in {self.path!r}")
+            if name not in shards:
+                shard = os.path.join(self.path, name)
+                if not os.path.isfile(shard):
+                    raise FileNotFoundError(f"{index}: shard {name!r} (for tensor {key!r}) does not exist")
+                shards[name] = SafetensorsFile(shard)
+            if key not in shards[name]:
+                raise ValueError(f"{index}: tensor {key!r} is listed in shard {name!r}, but {shards[name].path} lacks it")
+            files[key] = shards[name]
+        return files
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    def keys(self):
+        return self.files.keys()
+
+    def read(self, key: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Read tensor `key`, checking its shape against the one the config implies."""
+        if key not in self.files:
+            where = ", ".join(sorted({os.path.basename(f.path) for f in self.files.values()})) or "no files"
+            expected = f" (expected shape {tuple(shape)})" if shape is not None else ""
+            raise ValueError(f"checkpoint {self.path!r} ({where}) is missing tensor {key!r}{expected}")
+        file = self.files[key]
+        if shape is not None and tuple(file.shape(key)) != tuple(shape):
+            raise ValueError(
+                f"{file.path}: tensor {key!r} has shape {tuple(file.shape(key))}, but config.json implies {tuple(shape)}"
+            )
+        return file.read(key)
+
+    def file_of(self, key: str) -> str:
+        return self.files[key].path
+
+
+def load_model(
+    path: str | os.PathLike,
+    quantize: str | None = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+) -> LlamaForCausalLM:
+    """Load a Hugging Face LLaMA-family checkpoint directory (config.json + safetensors, single or sharded).
+
+    quantize: "nf4" or "fp4" to hold every decoder Linear (q/k/v/o, gate/up/down) as a Linear4bit quantized with
+        `blocksize` and `double_quant`; None for a plain model in `compute_dtype`. lm_head, embeddings and norms
+        are never quantized.
+    A checkpoint saved by transformers + bitsandbytes in 4 bits is read as stored (its own blocksize and double
+    quantization win); with quantize=None its weights are dequantized to `compute_dtype`.
+    Returns the model in eval mode on `device`.
+    """
+    path = os.fspath(path)
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path {path!r} is not a directory")
+    device = torch.device(device)
+
+    config = LlamaConfig.from_pretrained(path)
+    _check_bnb_config(config, path)
+    ckpt = Checkpoint(path)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+
+    consumed: set[str] = set()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            new = _load_linear(ckpt, name, module, quantize, double_quant, blocksize, compute_dtype, device, consumed)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new)
+        elif not (name == "lm_head" and config.tie_word_embeddings):
+            for pname, p in list(module.named_parameters(recurse=False)):
+                key = f"{name}.{pname}"
+                t = ckpt.read(key, p.shape).to(device=device, dtype=compute_dtype)
+                module._parameters[pname] = nn.Parameter(t)
+                consumed.add(key)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        consumed.add("lm_head.weight")  # some tied checkpoints still store a copy; it is the same matrix
+    model.model.inv_freq = rope_inv_freq(config, device=device)
+
+    unexpected = [k for k in ckpt.keys() if k not in consumed and not k.endswith(_IGNORED_SUFFIXES)]
+    if unexpected:
+        shown = ", ".join(f"{k!r} (in {os.path.basename(ckpt.file_of(k))})" for k in sorted(unexpected)[:5])
+        raise ValueError(
+            f"checkpoint {path!r} has {len(unexpected)} tensors this LLaMA config does not use, e.g. {shown}: "
+            "the architecture does not match config.json"
+        )
+    return model.eval()
+
+
+def _check_bnb_config(config: LlamaConfig, path: str) -> None:
+    qc = config.quantization_config
+    if qc is None:
+        return
+    where = os.path.join(path, "config.json")
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit", False):
+        raise ValueError(
+            f"{where}: quantization_config {qc.get('quant_method')!r} (load_in_4bit={qc.get('load_in_4bit')}) is "
+            "not supported; only bitsandbytes 4-bit checkpoints are read"
+        )
+    storage = qc.get("bnb_4bit_quant_storage", "uint8")
+    if storage != "uint8":
+        raise ValueError(f"{where}: bnb_4bit_quant_storage {storage!r} is not supported; only 'uint8'")
+
+
+def _load_linear(ckpt, name, linear, quantize, double_quant, blocksize, compute_dtype, device, consumed):
+    """The module that replaces the meta nn.Linear `name`: a Linear4bit, or an nn.Linear when quantize is None."""
+    from nf4lora.lora import Linear4bit  # lora imports kernels; keep models importable on its own
+
+    wkey = f"{name}.weight"
+    shape = (linear.out_features, linear.in_features)
+    bias = None
+    if linear.bias is not None:
+        bias = ckpt.read(f"{name}.bias", (linear.out_features,)).to(device=device, dtype=compute_dtype)
+        consumed.add(f"{name}.bias")
+
+    stored_4bit = [k for k in ckpt.keys() if k.startswith(f"{wkey}.{_BNB_BLOB}")]
+    if stored_4bit:
+        packed, state = _read_bnb_weight(ckpt, wkey, shape, consumed)
+        packed, state = packed.to(device), state.to(device)
+        if quantize is None:
+            return _dense_linear(dequantize_4bit(packed, state, compute_dtype), bias)
+        if state.quant_type != quantize:
+            raise ValueError(
+                f"{ckpt.file_of(wkey)}: {wkey!r} is stored as {state.quant_type}, but quantize={quantize!r} was asked "
+                f"for: pass quantize={state.quant_type!r} (or None to dequantize)"
+            )
+        return Linear4bit.from_quantized(packed, state, bias=bias, compute_dtype=compute_dtype)
+
+    weight = ckpt.read(wkey, shape).to(device)
+    consumed.add(wkey)
+    if quantize is None:
+        return _dense_linear(weight.to(compute_dtype), bias)
+    if weight.dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"{ckpt.file_of(wkey)}: {wkey!r} is {weight.dtype}; only float32/float16/bfloat16 can be quantized")
+    packed, state = quantize_4bit(weight, blocksize=blocksize, quant_type=quantize, double_quant=double_quant)
+    del weight  # the 16-bit copy goes before the next tensor is read
+    return Linear4bit.from_quantized(packed, state, bias=bias, compute_dtype=compute_dtype)
+
+
+def _read_bnb_weight(ckpt: Checkpoint, wkey: str, shape, consumed) -> tuple[torch.Tensor, QuantState]:
+    prefix = wkey + "."
+    keys = [k for k in ckpt.keys() if k.startswith(prefix)]
+    tensors = {k: ckpt.read(k) for k in keys}
+    try:
+        state = QuantState.from_state_dict(tensors, prefix=prefix)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{ckpt.file_of(keys[0])}: bad 4-bit quantization state for {wkey!r}: {e}") from None
+    if tuple(state.shape) != tuple(shape):
+        raise ValueError(
+            f"{ckpt.file_of(keys[0])}: {wkey!r} was quantized from shape {tuple(state.shape)}, but config.json "
+            f"implies {tuple(shape)}"
+        )
+    packed = ckpt.read(wkey)
+    if packed.dtype != torch.uint8 or packed.numel() != state.packed_numel:
+        raise ValueError(
+            f"{ckpt.file_of(wkey)}: {wkey!r} is {packed.dtype} with {packed.numel()} elements; the quantization state "
+            f"needs {state.packed_numel} packed uint8 bytes"
+        )
+    consumed.update(keys)
+    consumed.add(wkey)
+    return packed.view(-1, 1), state
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out_features, in_features = weight.shape
+    with torch.device("meta"):
+        layer = nn.Linear(in_features, out_features, bias=bias is not None)
+    layer.weight = nn.Parameter(weight)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias)
+    return layer

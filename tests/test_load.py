@@ -1,0 +1,149 @@
+"""load_model: sharded vs single-file checkpoints, quantize-on-load, HF + bitsandbytes 4-bit checkpoints."""
+
+import pytest
+import torch
+from test_model_helpers import hf_model, tiny_config
+from torch import nn
+
+from nf4lora.lora import Linear4bit
+from nf4lora.models import LlamaForCausalLM, load_model
+from nf4lora.nf4 import quantize_4bit
+
+ATOL_FP32 = 1e-4
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+# Wider than the model tests' config so weights span several quantization blocks and several shards.
+CONFIG = tiny_config(hidden_size=128, intermediate_size=192, attention_bias=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """(hf_model, single-file dir, sharded dir) of the same float32 weights, written by transformers."""
+    root = tmp_path_factory.mktemp("ckpt")
+    hf = hf_model(CONFIG)
+    hf.save_pretrained(root / "single")
+    hf.save_pretrained(root / "sharded", max_shard_size="60KB")
+    assert (root / "sharded" / "model.safetensors.index.json").exists()
+    return hf, root / "single", root / "sharded"
+
+
+def test_sharded_equals_single_file_and_transformers(checkpoints):
+    hf, single, sharded = checkpoints
+    a = load_model(single, quantize=None, compute_dtype=torch.float32)
+    b = load_model(sharded, quantize=None, compute_dtype=torch.float32)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() == hf.state_dict().keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+        assert torch.equal(sa[key], hf.state_dict()[key]), key
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids).logits, hf(ids).logits, atol=ATOL_FP32, rtol=0)
+
+
+@pytest.mark.parametrize("quant_type, double_quant, blocksize", [("nf4", True, 64), ("fp4", False, 128), ("nf4", False, 32)])
+def test_4bit_bytes_equal_quantize_4bit_of_the_original(checkpoints, quant_type, double_quant, blocksize):
+    hf, _, sharded = checkpoints
+    model = load_model(sharded, quantize=quant_type, double_quant=double_quant, blocksize=blocksize,
+                       compute_dtype=torch.float32)  # fmt: skip
+    ref = hf.state_dict()
+    for i in range(CONFIG["num_hidden_layers"]):
+        for name in LINEARS:
+            full = f"model.layers.{i}.{name}"
+            layer = model.get_submodule(full)
+            assert isinstance(layer, Linear4bit), full
+            packed, state = quantize_4bit(ref[full + ".weight"], blocksize, quant_type, double_quant)
+            assert torch.equal(layer.weight.view(-1), packed.view(-1)), full
+            assert torch.equal(layer.quant_state.absmax, state.absmax), full
+            assert layer.quant_state.double_quant == double_quant and layer.quant_state.blocksize == blocksize
+            if name.startswith("self_attn"):  # attention_bias=True, mlp_bias=False
+                assert torch.equal(layer.bias, ref[full + ".bias"]), full
+            else:
+                assert layer.bias is None, full
+    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, ref["lm_head.weight"])
+    assert torch.equal(model.model.embed_tokens.weight, ref["model.embed_tokens.weight"])
+
+
+def test_compute_dtype_applies_to_unquantized_parts(checkpoints):
+    _, single, _ = checkpoints
+    model = load_model(single, quantize="nf4", compute_dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    assert model.model.layers[0].self_attn.q_proj.compute_dtype == torch.bfloat16
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, 8))
+    with torch.no_grad():
+        assert model(ids).logits.dtype == torch.bfloat16
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    config = tiny_config(tie_word_embeddings=True)
+    hf = hf_model(config)
+    hf.save_pretrained(tmp_path)
+    model = load_model(tmp_path, quantize="nf4", compute_dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+
+
+def test_hf_bitsandbytes_4bit_checkpoint_loads_without_requantizing(checkpoints, tmp_path):
+    """transformers + bitsandbytes quantize and save; we load the saved bytes and match its 4-bit logits."""
+    import transformers
+    from safetensors.torch import load_file
+
+    _, single, _ = checkpoints
+    bnb_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    hf4 = transformers.AutoModelForCausalLM.from_pretrained(
+        single, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
+    ).eval()
+    hf4.save_pretrained(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")
+
+    calls = []
+    import nf4lora.models.loading as loading
+
+    original = loading.quantize_4bit
+    loading.quantize_4bit = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        ours = load_model(tmp_path, quantize="nf4", compute_dtype=torch.float32)
+    finally:
+        loading.quantize_4bit = original
+    assert calls == []  # nothing was re-quantized
+    for i in range(CONFIG["num_hidden_layers"]):
+        for name in LINEARS:
+            key = f"model.layers.{i}.{name}.weight"
+            layer = ours.get_submodule(key[: -len(".weight")])
+            assert torch.equal(layer.weight.view(-1), stored[key].view(-1)), key
+            assert torch.equal(layer.quant_state.absmax, stored[key + ".absmax"]), key
+
+    # On CPUs with AVX512-BF16, bitsandbytes' eval-mode Linear4bit repacks the weight and multiplies in bfloat16
+    # (error ~1e-2); its portable fp32 path is the specification we compare against.
+    for module in hf4.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf4(ids).logits
+        out = ours(ids).logits
+    # Both dequantize the same codes exactly and run fp32 matmuls: only summation order differs.
+    torch.testing.assert_close(out, ref, atol=ATOL_FP32, rtol=0)
+
+    dense = load_model(tmp_path, quantize=None, compute_dtype=torch.float32)  # dequantized on load
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, ref, atol=ATOL_FP32, rtol=0)
+    with pytest.raises(ValueError, match="stored as nf4"):
+        load_model(tmp_path, quantize="fp4", compute_dtype=torch.float32)
+
+
+def test_load_reads_no_pickle(checkpoints, monkeypatch):
+    import pickle
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle was used")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    _, _, sharded = checkpoints
+    assert isinstance(load_model(sharded, quantize="nf4"), LlamaForCausalLM)
