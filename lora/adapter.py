@@ -1,0 +1,263 @@
+"""LoRA adapters on disk in PEFT's format (../shared/FORMATS.md section 5): a directory holding
+adapter_config.json and adapter_model.safetensors (metadata {"format": "pt"}) with keys
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`.
+
+Only JSON and safetensors are ever read (no pickle). Each file is written to a temporary name in the same
+directory, flushed to disk and renamed over the target (os.replace is atomic), so a crash leaves either the old
+file or the new one, never a torn one; the config is written last, so a directory with a new config always has
+the new weights next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .lora import LoRALinear, check_lora_args
+from .surgery import _check_root, _linear_layers, _lora_layers, _name_matches, _set_submodule
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+# PEFT LoraConfig fields that switch on features this implementation does not have, with the value that means
+# "off". An adapter that sets any of them otherwise is refused rather than silently loaded wrong.
+_UNSUPPORTED = {
+    "use_dora": False,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "layer_replication": None,
+    "lora_bias": False,
+    "use_qalora": False,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "megatron_config": None,
+    "use_bdlora": False,
+}
+_WRITTEN_OFF = ("bias", "use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern")
+
+
+def _is_off(value, off) -> bool:
+    """A string switch must equal its "off" value; others are off when falsy (PEFT writes null, [], {} or false)."""
+    return value == off if isinstance(off, str) else not value
+
+
+# -- writing ---------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), fsync it, then rename it over `path`; remove the temporary file on failure."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _uniform(layers: dict[str, LoRALinear], attr: str):
+    values = {getattr(m, attr) for m in layers.values()}
+    if len(values) != 1:
+        examples = {getattr(m, attr): name for name, m in layers.items()}
+        raise ValueError(
+            f"the LoRA layers differ in {attr} ({examples}); PEFT expresses that with rank_pattern/alpha_pattern, "
+            "which save_adapter does not write"
+        )
+    return values.pop()
+
+
+def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
+    """PEFT's target_modules for exactly these layers: their short names when those select exactly these layers
+    of the model (the usual case), else an anchored regex of the full names."""
+    short = sorted({name.rpartition(".")[2] for name in names})
+    adaptable = set(_lora_layers(model)) | set(_linear_layers(model))
+    if {c for c in adaptable if any(_name_matches(c, s) for s in short)} == set(names):
+        return short
+    return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def save_adapter(
+    model: nn.Module,
+    directory,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write the LoRA weights of `model` (float32, on the CPU) and a PEFT adapter_config.json into `directory`.
+
+    task_type defaults to "CAUSAL_LM" for *ForCausalLM models (what PeftModel.from_pretrained keys on), else none;
+    base_model_name_or_path defaults to model.config.name_or_path when the model has one.
+    """
+    _check_root(model)
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers to save (add_lora first)")
+    r, alpha, use_rslora = _uniform(layers, "r"), _uniform(layers, "alpha"), _uniform(layers, "use_rslora")
+    dropout, init = _uniform(layers, "dropout"), _uniform(layers, "init")
+    if task_type is None and type(model).__name__.endswith("ForCausalLM"):
+        task_type = "CAUSAL_LM"
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().float().cpu().contiguous()
+        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().float().cpu().contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "use_rslora": use_rslora,
+        "target_modules": _target_modules(model, list(layers)),
+        "init_lora_weights": True if init == "kaiming" else "gaussian",
+        "inference_mode": True,
+        # The common feature switches, written "off" explicitly (PEFT's own defaults) for readers that expect them.
+        **{key: _UNSUPPORTED[key] for key in _WRITTEN_OFF},
+    }
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def write_config(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _atomic_write(directory / CONFIG_NAME, write_config)
+    return directory
+
+
+# -- reading ---------------------------------------------------------------------------------------------------
+def read_adapter_config(directory) -> dict:
+    """adapter_config.json of `directory`, validated: a LoRA adapter using only features implemented here."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a PEFT adapter directory")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    for key, off in _UNSUPPORTED.items():
+        value = config.get(key, off)
+        if not _is_off(value, off):
+            raise ValueError(f"{path}: {key} = {value!r} is not supported (only {off!r}); this adapter cannot be loaded")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ValueError(f"{path} lacks {key!r}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise ValueError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
+    try:
+        check_lora_args(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (only safetensors adapters are read, never pickles)")
+    with safe_open(str(path), framework="pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
+def _group_by_module(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {"A": tensor, "B": tensor}} from PEFT keys; raises on any key that is not a LoRA A/B."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(KEY_PREFIX) or suffix is None:
+            raise ValueError(
+                f"{path}: unexpected key {key!r}; expected '{KEY_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'"
+            )
+        modules.setdefault(key[len(KEY_PREFIX) : -len(suffix)], {})[suffix[6]] = value
+    for name, pair in modules.items():
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise ValueError(f"{path}: {KEY_PREFIX}{name}.{missing}.weight is missing")
+    if not modules:
+        raise ValueError(f"{path} holds no LoRA tensors")
+    return modules
+
+
+def load_adapter(model: nn.Module, directory) -> list[str]:
+    """Load a PEFT LoRA adapter into `model` (in place) and return the names of the adapted layers.
+
+    Layers without LoRA are wrapped with the adapter's r / lora_alpha / lora_dropout / use_rslora; layers that
+    already have LoRA (from add_lora) must match its rank, and then the set of adapted layers must be exactly the
+    adapter's. Everything is validated before the model is touched. Afterwards only LoRA weights require grad.
+    """
+    _check_root(model)
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    modules = _group_by_module(_read_tensors(weights_path), weights_path)
+    r, alpha = config["r"], config["lora_alpha"]
+    dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
+
+    existing, linears = _lora_layers(model), _linear_layers(model)
+    if existing and set(existing) != set(modules):
+        raise ValueError(
+            f"model already has LoRA layers, and they differ from the adapter's: only in the model "
+            f"{sorted(set(existing) - set(modules))[:3]}, only in the adapter {sorted(set(modules) - set(existing))[:3]}"
+        )
+    for name, pair in modules.items():
+        layer = existing.get(name) or linears.get(name)
+        if layer is None:
+            raise ValueError(
+                f"{weights_path}: {KEY_PREFIX}{name}.lora_A.weight names no Linear layer of the model "
+                f"(e.g. {next(iter(linears), 'none')!r})"
+            )
+        if isinstance(layer, LoRALinear):
+            if layer.merged:
+                raise ValueError(f"LoRA layer {name} is merged; unmerge it before loading an adapter into it")
+            if (layer.alpha, layer.use_rslora) != (alpha, use_rslora):
+                raise ValueError(
+                    f"LoRA layer {name} has alpha={layer.alpha}, use_rslora={layer.use_rslora} but the adapter has "
+                    f"lora_alpha={alpha}, use_rslora={use_rslora}: its outputs would differ from the adapter's"
+                )
+        expected = {"A": (r, layer.in_features), "B": (layer.out_features, r)}
+        for part, shape in expected.items():
+            if tuple(pair[part].shape) != shape:
+                raise ValueError(
+                    f"{weights_path}: {KEY_PREFIX}{name}.lora_{part}.weight has shape {tuple(pair[part].shape)}, "
+                    f"but layer {name} ({layer.out_features}x{layer.in_features}) with r={r} needs {shape}"
+                )
+            if not pair[part].is_floating_point():
+                raise ValueError(f"{weights_path}: {KEY_PREFIX}{name}.lora_{part}.weight is {pair[part].dtype}, not a float")
+
+    model.requires_grad_(False)
+    for name, pair in modules.items():
+        layer = existing.get(name)
+        if layer is None:
+            layer = LoRALinear(linears[name], r, alpha, dropout, use_rslora)
+            _set_submodule(model, name, layer)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(pair["A"])
+            layer.lora_B.weight.copy_(pair["B"])
+        layer.lora_A.weight.requires_grad_(True)
+        layer.lora_B.weight.requires_grad_(True)
+    return list(modules)

@@ -1,0 +1,153 @@
+"""LoRALinear: a frozen linear layer (Linear4bit or nn.Linear) plus a trainable low-rank update (PEFT conventions,
+../shared/FORMATS.md section 5):
+
+    y = base(x) + lora_B(lora_A(dropout(x))) * scaling,   scaling = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+lora_A is (r, in_features), lora_B is (out_features, r); both are kept in float32 (the optimizer's precision) and
+cast to the activation dtype for the matmuls, so a bf16 model runs bf16 matmuls and gets float32 gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from nf4lora.nf4 import max_abs_error, quantize_4bit, relative_error
+
+from .linear4bit import Linear4bit
+
+INITS = ("kaiming", "gaussian")
+
+
+def check_lora_args(r, alpha, dropout, init="kaiming") -> None:
+    """Raise ValueError/TypeError for LoRA hyper-parameters outside their domain (before any surgery)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+class LoRALinear(nn.Module):
+    """A LoRA adapter around `base` (a Linear4bit or nn.Linear), which it holds as `base_layer` as PEFT does.
+
+    merge() folds the update into the base weight (forward then skips the adapter); unmerge() restores the base
+    exactly, because merge() keeps the original weight aside: for a 4-bit base that is the packed bytes and state
+    (0.5 bytes per weight), for a 16-bit base a copy of the weight.
+    """
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming"):
+        super().__init__()
+        if not isinstance(base, (Linear4bit, nn.Linear)):
+            raise TypeError(f"base must be a Linear4bit or torch.nn.Linear, got {type(base).__name__}")
+        check_lora_args(r, alpha, dropout, init)
+        if not isinstance(use_rslora, bool):
+            raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
+        self.base_layer = base
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, init
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._unmerged_base: nn.Module | None = None  # the base as it was before merge()
+        self.reset_lora_parameters()
+
+    @property
+    def dropout(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
+    def reset_lora_parameters(self) -> None:
+        """A as PEFT initializes it (kaiming-uniform with a = sqrt(5), or N(0, 1/r) for "gaussian"); B = 0, so a
+        fresh adapter leaves the base output unchanged."""
+        with torch.no_grad():
+            if self.init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            else:
+                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+            nn.init.zeros_(self.lora_B.weight)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, use_rslora={self.use_rslora}, merged={self.merged}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged:
+            return y
+        dtype = y.dtype  # the activation dtype (under autocast, the autocast dtype)
+        h = F.linear(self.lora_dropout(x).to(dtype), self.lora_A.weight.to(dtype))  # (..., r)
+        return y + F.linear(h, self.lora_B.weight.to(dtype)) * self.scaling
+
+    # -- merging -------------------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in float32, (out_features, in_features)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def merge(self, dequantize: bool = False) -> float | None:
+        """Fold the adapter into the base weight; forward then runs the base alone.
+
+        A 16-bit base gets W + delta rounded once to its dtype. A 4-bit base is dequantized, updated and
+        requantized with its own settings (lossy: a warning gives the measured error), or with dequantize=True
+        replaced by an nn.Linear holding the float32 sum rounded once to the dtype the weight was quantized from
+        (lossless with respect to the dequantized base). Returns the relative error of the requantized weight
+        (4-bit merge only), else None. Merging a merged layer raises ValueError.
+        """
+        errors = self._merge(dequantize)
+        if errors is not None:
+            warnings.warn(
+                f"merging LoRA into a 4-bit base requantizes the weight: relative error {errors[0]:.3g}, max abs "
+                f"error {errors[1]:.3g} against the exact merged weight; merge(dequantize=True) is lossless",
+                stacklevel=2,
+            )
+        return None if errors is None else errors[0]
+
+    def _merge(self, dequantize: bool) -> tuple[float, float] | None:
+        """merge() without the warning; returns (relative error, max abs error) of a 4-bit requantization."""
+        if self.merged:
+            raise ValueError("this LoRALinear is already merged; call unmerge() before merging again")
+        base, delta = self.base_layer, self.delta_weight().detach()
+        errors = None
+        with torch.no_grad():
+            if isinstance(base, Linear4bit) and not dequantize:
+                exact = base.dequantize(torch.float32) + delta  # (out, in) float32
+                dtype = base.quant_state.dtype
+                packed, state = quantize_4bit(exact.to(dtype), base.blocksize, base.quant_type, base.double_quant)
+                merged = Linear4bit.from_quantized(packed, state, base.bias, base.compute_dtype)
+                requantized = merged.dequantize(torch.float32)
+                errors = relative_error(exact, requantized), max_abs_error(exact, requantized)
+            else:
+                dense = base.dequantize(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
+                dtype = base.quant_state.dtype if isinstance(base, Linear4bit) else base.weight.dtype
+                merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
+                                   device=dense.device, dtype=dtype)  # fmt: skip
+                merged.weight.copy_(dense + delta)
+                merged.weight.requires_grad_(isinstance(base, nn.Linear) and base.weight.requires_grad)
+                if base.bias is not None:
+                    merged.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=base.bias.requires_grad)
+        self.base_layer, self.merged = merged, True
+        # Kept outside the module tree (not a submodule): it must not appear in state_dict or named_modules.
+        object.__setattr__(self, "_unmerged_base", base)
+        return errors
+
+    def unmerge(self) -> None:
+        """Undo merge() exactly: the original base layer was kept aside (moved to where the merged one lives)."""
+        if not self.merged:
+            raise ValueError("this LoRALinear is not merged; nothing to unmerge")
+        base = self._unmerged_base.to(self.lora_A.weight.device)
+        self.base_layer, self.merged = base, False
+        object.__setattr__(self, "_unmerged_base", None)
+
+    def merged_base(self) -> nn.Module:
+        """The merged base layer (Linear4bit or nn.Linear), to replace this wrapper when unloading."""
+        if not self.merged:
+            raise ValueError("this LoRALinear is not merged; call merge() first")
+        return self.base_layer
