@@ -2,8 +2,9 @@
 GGUF import."""
 
 from .config import LlamaConfig
+from .generate import generate
 from .kv_cache import KVCache
 from .llama import CausalLMOutput, LlamaForCausalLM
 from .loading import load_model
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache", "load_model"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache", "load_model", "generate"]

@@ -1,0 +1,113 @@
+"""Autoregressive generation with a KV cache: greedy, temperature, top-k and top-p sampling, EOS, streaming."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .kv_cache import KVCache
+from .llama import LlamaForCausalLM
+
+
+@torch.no_grad()
+def generate(
+    model: LlamaForCausalLM,
+    input_ids,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    stream: Callable[[int], None] | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Generate up to `max_new_tokens` tokens after `input_ids`; returns only the new ids.
+
+    input_ids: a list of ints or a (T,) tensor -> returns (n,); a (B, T) tensor (no padding) -> returns (B, n),
+        rows that stopped early filled with the first EOS id.
+    temperature: 0 means greedy (argmax); > 0 samples from softmax(logits / temperature), restricted to the
+        `top_k` most likely tokens and/or the smallest set whose probability reaches `top_p`.
+    seed: makes sampling reproducible (a private torch.Generator; the global RNG is not touched).
+    eos_token_id: stop once every row has produced one of these ids (the EOS token is included in the output).
+    stream: called with each new token id as it is produced (batch size 1 only).
+    use_cache: False recomputes the whole sequence every step (a reference for testing the cache).
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+    device = model.device
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+    one_d = ids.dim() == 1
+    ids = ids[None] if one_d else ids
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty (T,) or (B, T) sequence of ids, got shape {tuple(ids.shape)}")
+    B, T = ids.shape
+    if stream is not None and B != 1:
+        raise ValueError(f"stream needs a batch of one sequence, got batch size {B}")
+    vocab = model.config.vocab_size
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"input_ids must lie in [0, {vocab}), got values in [{int(ids.min())}, {int(ids.max())}]")
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    was_training = model.training
+    model.eval()  # LoRA dropout etc. must be off while decoding
+    try:
+        cache = None
+        if use_cache:
+            dtype = model.model.embed_tokens.weight.dtype
+            cache = KVCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
+        logits = model(ids, kv_cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
+        new: list[torch.Tensor] = []
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        for step in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos:
+                token = torch.where(finished, eos_t[0], token)
+            new.append(token)
+            if stream is not None:
+                stream(int(token[0]))
+            if eos:
+                finished |= torch.isin(token, eos_t)
+                if bool(finished.all()):
+                    break
+            if step + 1 == max_new_tokens:
+                break
+            if use_cache:
+                logits = model(token[:, None], kv_cache=cache).logits[:, -1]
+            else:
+                logits = model(torch.cat([ids, torch.stack(new, dim=1)], dim=1), logits_to_keep=1).logits[:, -1]
+    finally:
+        model.train(was_training)
+    out = torch.stack(new, dim=1)  # (B, n)
+    return out[0] if one_d else out
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None):
+    """One token id per row of logits (B, V): argmax when temperature is 0, else a filtered softmax sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the more likely tokens before it already reach top_p (the first is always kept).
+        drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,123 @@
+"""generate(): KV-cache greedy decoding against transformers and against our own model without the cache."""
+
+import pytest
+import torch
+from test_model_helpers import hf_model, our_model_from_hf, tiny_config
+
+from nf4lora.models import generate
+from nf4lora.models.generate import sample_next
+
+CONFIG = tiny_config(num_key_value_heads=1, attention_bias=True)
+N_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def models():
+    hf = hf_model(CONFIG, seed=3)
+    hf.generation_config.eos_token_id = None  # run the full length; EOS is tested separately
+    hf.generation_config.pad_token_id = 0
+    return hf, our_model_from_hf(hf, CONFIG)
+
+
+def _prompt(B, T=6, seed=0):
+    return torch.randint(3, CONFIG["vocab_size"], (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_greedy_matches_transformers_and_uncached(models, B):
+    hf, ours = models
+    ids = _prompt(B)
+    ref = hf.generate(ids, max_new_tokens=N_NEW, do_sample=False)[:, ids.shape[1] :]
+    cached = generate(ours, ids, N_NEW)
+    uncached = generate(ours, ids, N_NEW, use_cache=False)
+    assert cached.shape == (B, N_NEW)
+    assert torch.equal(cached, ref)
+    assert torch.equal(uncached, ref)
+
+
+def test_one_dimensional_prompt_and_stream(models):
+    _, ours = models
+    ids = _prompt(1)[0]
+    seen = []
+    out = generate(ours, ids.tolist(), 10, stream=seen.append)
+    assert out.dim() == 1 and seen == out.tolist()
+    assert torch.equal(out, generate(ours, ids[None], 10)[0])
+
+
+def test_stops_at_eos_and_includes_it(models):
+    _, ours = models
+    ids = _prompt(1)[0]
+    full = generate(ours, ids, N_NEW).tolist()
+    eos = full[6]
+    first = full.index(eos)
+    out = generate(ours, ids, N_NEW, eos_token_id=[eos, 10_000]).tolist()
+    assert out == full[: first + 1]
+
+
+def test_batch_rows_that_finish_are_padded_with_eos(models):
+    _, ours = models
+    ids = _prompt(2, seed=5)
+    full = generate(ours, ids, 12)
+    eos = int(full[0, 3])
+    out = generate(ours, ids, 12, eos_token_id=eos)
+    for row in range(2):
+        r = full[row].tolist()
+        stop = r.index(eos) if eos in r else None
+        if stop is None:
+            assert out[row].tolist() == r[: out.shape[1]]
+        else:
+            assert out[row, : stop + 1].tolist() == r[: stop + 1]
+            assert (out[row, stop:] == eos).all()
+
+
+def test_seeded_sampling_is_reproducible_and_degenerate_cases_are_greedy(models):
+    _, ours = models
+    ids = _prompt(1)[0]
+    a = generate(ours, ids, 12, temperature=1.0, seed=7)
+    b = generate(ours, ids, 12, temperature=1.0, seed=7)
+    assert torch.equal(a, b)
+    greedy = generate(ours, ids, 12)
+    assert torch.equal(generate(ours, ids, 12, temperature=0.8, top_k=1, seed=1), greedy)
+    assert torch.equal(generate(ours, ids, 12, temperature=0.8, top_p=1e-6, seed=1), greedy)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(5, None), (None, 0.6), (8, 0.9)])
+def test_filters_keep_the_tokens_transformers_keeps(top_k, top_p):
+    """The support of our top-k/top-p sampling equals the tokens transformers' logits processors leave finite."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 40) * 3
+    procs = [TemperatureLogitsWarper(0.7)]
+    if top_k is not None:
+        procs.append(TopKLogitsWarper(top_k))
+    if top_p is not None:
+        procs.append(TopPLogitsWarper(top_p))
+    allowed = torch.isfinite(LogitsProcessorList(procs)(None, logits.clone()))
+    g = torch.Generator().manual_seed(0)
+    samples = torch.stack([sample_next(logits, 0.7, top_k, top_p, g) for _ in range(400)], dim=1)  # (2, 400)
+    for row in range(2):
+        support = set(samples[row].tolist())
+        assert support <= set(allowed[row].nonzero().flatten().tolist())
+        # every kept token with probability above 2% shows up in 400 draws (miss chance < 1e-3)
+        probs = torch.where(allowed[row], logits[row] / 0.7, float("-inf")).softmax(-1)
+        assert set((probs > 0.02).nonzero().flatten().tolist()) <= support
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"input_ids": [[1, 2], [3, 4]], "stream": print}, "stream"),
+        ({"input_ids": [1, 500]}, "input_ids must lie in"),
+        ({"input_ids": []}, "non-empty"),
+    ],
+)
+def test_bad_arguments(models, kwargs, match):
+    _, ours = models
+    args = {"input_ids": [1, 2, 3], "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        generate(ours, **args)
