@@ -1,5 +1,10 @@
-"""4-bit kernels: Triton on CUDA, plain torch on the CPU, one dispatch point (dispatch.py)."""
+"""4-bit kernels: Triton on CUDA, plain torch on the CPU, one dispatch point (backend.py, used by ops.py).
 
-from .dispatch import backend_for, dequantize, matmul_4bit
+Layers (STYLE.md 3): @triton.jit kernels and their launchers in dequant.py, matmul.py, gemv.py; the fast torch
+path in torch_path.py; torch custom ops and their autograd in ops.py; checked public entry points in dispatch.py.
+"""
+
+from .backend import backend_for
+from .dispatch import dequantize, matmul_4bit
 
 __all__ = ["dequantize", "matmul_4bit", "backend_for"]

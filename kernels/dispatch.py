@@ -1,59 +1,86 @@
-"""The one dispatch point between the Triton kernels and the plain-torch path.
+"""The public 4-bit entry points: argument checks, then the custom ops of ops.py.
 
-CUDA tensors run the Triton kernels; CPU tensors run torch code with results identical to nf4/. The environment
-variable NF4LORA_BACKEND=auto|triton|torch forces a backend; with TRITON_INTERPRET=1 and NF4LORA_BACKEND=triton,
-CPU tensors run the real Triton kernels in the interpreter (how CI tests them).
+`dequantize` and `matmul_4bit` take a packed weight and its QuantState (nf4/), check them against the input, and
+hand the state's fields to the ops, which pick Triton or the torch path when they run (backend.py). matmul_4bit is
+differentiable in x and bias; its backward keeps only the packed weight (never x) and dequantizes again.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from nf4lora.nf4 import QuantState
-from nf4lora.nf4 import dequantize_4bit as _reference_dequantize
+from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE
 
-BACKENDS = ("auto", "triton", "torch")
+from . import ops
+from .backend import BACKENDS, backend_for
+
+__all__ = ["dequantize", "matmul_4bit", "backend_for", "BACKENDS"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def backend_for(t: torch.Tensor) -> str:
-    """'triton' or 'torch' for work on tensor `t`, honouring NF4LORA_BACKEND."""
-    choice = os.environ.get("NF4LORA_BACKEND", "auto")
-    if choice not in BACKENDS:
-        raise ValueError(f"NF4LORA_BACKEND must be one of {BACKENDS}, got {choice!r}")
-    if choice == "auto":
-        return "triton" if t.is_cuda else "torch"
-    return choice
+def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
+    """The QuantState as the ops take it (ops.STATE_ARGS order)."""
+    nested = state.nested
+    return (
+        packed, state.absmax, state.code, state.offset,
+        None if nested is None else nested.absmax, None if nested is None else nested.code,
+        state.blocksize, NESTED_BLOCKSIZE if nested is None else nested.blocksize, list(state.shape),
+    )  # fmt: skip
+
+
+def _check_state(packed: torch.Tensor, state: QuantState) -> None:
+    if not isinstance(state, QuantState):
+        raise TypeError(f"state must be a nf4lora.nf4.QuantState, got {type(state).__name__}")
+    state.check_packed(packed)
+    if not packed.is_contiguous():
+        raise ValueError(
+            f"packed must be contiguous (codes in row-major order), got strides {packed.stride()} for shape "
+            f"{tuple(packed.shape)}: pass the tensor quantize_4bit returned, or .contiguous() of it"
+        )
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
 
 
 def dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dequantize packed 4-bit codes to `dtype` (default: the state's dtype), on the backend for `packed`."""
-    return _reference_dequantize(packed, state, dtype)
+    """The dense weight (state.shape) in `dtype` (default: the state's dtype); bit-identical to
+    nf4.dequantize_4bit on every backend."""
+    _check_state(packed, state)
+    dtype = state.dtype if dtype is None else dtype
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    return ops.dequantize_4bit(*_state_args(packed, state), dtype)
 
 
-class _MatMul4bit(torch.autograd.Function):
-    """y = x @ dequant(W).T + bias. Saves the packed weight (not x): the frozen weight needs no gradient."""
+def matmul_4bit(
+    x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x (..., K) @ dequant(W (N, K)).T + bias -> (..., N) in x.dtype, differentiable in x and bias.
 
-    @staticmethod
-    def forward(ctx, x, packed, state, bias):
-        w = dequantize(packed, state, x.dtype)  # (N, K)
-        ctx.state = state
-        ctx.save_for_backward(packed)
-        ctx.has_bias = bias is not None
-        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-
-    @staticmethod
-    def backward(ctx, dy):
-        (packed,) = ctx.saved_tensors
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = dy @ dequantize(packed, ctx.state, dy.dtype)  # (..., N) @ (N, K)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0)
-        return grad_x, None, None, grad_bias
-
-
-def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., K) @ dequant(W (N, K)).T + bias -> (..., N), differentiable in x and bias."""
-    return _MatMul4bit.apply(x, packed, state, bias)
+    W is used in x.dtype, as F.linear(x, dequantize(packed, state, x.dtype), bias) would; bias may be any float
+    dtype (it is added in float32 on the Triton path, cast to x.dtype on the torch path).
+    """
+    _check_float(x, "x")
+    _check_state(packed, state)
+    if len(state.shape) != 2:
+        raise ValueError(f"state must describe a 2-D weight (out_features, in_features), got shape {tuple(state.shape)}")
+    N, K = state.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but the weight is {N}x{K}: x's last dimension must be in_features={K}"
+        )
+    if x.device != packed.device:
+        raise ValueError(f"x is on {x.device} but packed is on {packed.device}: move both to one device")
+    if bias is not None:
+        _check_float(bias, "bias")
+        if bias.shape != (N,):
+            raise ValueError(f"bias must have shape ({N},) for a {N}x{K} weight, got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}: move both to one device")
+    return ops.matmul_4bit(x, *_state_args(packed, state), bias)
