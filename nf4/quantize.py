@@ -146,15 +146,13 @@ def quantize_blockwise_8bit(v: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     # midpoint itself may be rounded, so bucketize alone can be off by one code right next to it.
     idx = torch.bucketize(s, (table[:-1] + table[1:]) / 2, right=False).clamp_(1, 254)
     s64, t64 = s.double(), table.double()
-    cand = torch.stack([idx - 1, idx, idx + 1])  # (3, n), in ascending value order
-    dist = (t64[cand] - s64).abs()
-    best = cand.gather(0, dist.argmin(dim=0, keepdim=True))[0]  # argmin returns the first (lowest) on ties
+
+    def dist(i):
+        return (t64[i] - s64).abs()
+
+    best = torch.where(dist(idx - 1) <= dist(idx), idx - 1, idx)  # ties go to the lower index
+    best = torch.where(dist(idx + 1) < dist(best), idx + 1, best)
     return best.to(torch.uint8), absmax
-
-
-def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
-    """Inverse of quantize_blockwise_8bit: float32(map[code] * absmax[block]). (n,) float32."""
-    return DYNAMIC_MAP.to(codes.device)[codes.long()] * absmax.repeat_interleave(blocksize)[: codes.numel()]
 
 
 def _byte_lut(code: torch.Tensor) -> torch.Tensor:
