@@ -219,6 +219,8 @@ def load_adapter(model: nn.Module, directory) -> list[str]:
     dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
 
     existing, linears = _lora_layers(model), _linear_layers(model)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    modules = dict(sorted(modules.items(), key=lambda item: order.get(item[0], len(order))))  # model order
     if existing and set(existing) != set(modules):
         raise ValueError(
             f"model already has LoRA layers, and they differ from the adapter's: only in the model "

@@ -1,0 +1,100 @@
+"""PEFT interop both ways on a tiny transformers LlamaForCausalLM built here:
+(a) ours quantizes, adds LoRA, trains 3 steps and saves; PEFT loads the adapter onto the same base (the weights
+    our layers dequantize to) and gives our logits;
+(b) an adapter PEFT saved loads with load_adapter (onto a plain or a quantized base) and gives PEFT's logits.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from nf4lora.lora import Linear4bit, LoRALinear, add_lora, load_adapter, quantize_model, save_adapter  # noqa: E402
+
+# Both sides compute in float32 over 2 layers; they differ only in summation order.
+LOGITS_TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def _tiny_llama(seed=0):
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def _dequantized_twin(base, quantized):
+    """A plain copy of `base` whose Linear weights are the ones `quantized`'s Linear4bit layers dequantize to."""
+    twin = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, Linear4bit):
+                twin.get_submodule(name.removesuffix(".base_layer")).weight.copy_(module.dequantize(torch.float32))
+    return twin
+
+
+def _tokens(seed, shape=(2, 12)):
+    return torch.randint(0, 96, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_our_adapter_loads_in_peft(tmp_path):
+    base = _tiny_llama()
+    ours = copy.deepcopy(base)
+    quantize_model(ours)
+    names = add_lora(ours, r=8, alpha=16, dropout=0.05, target_modules="all-linear")
+    assert len(names) == 2 * 7 and "lm_head" not in names
+    ours.train()
+    opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        ids = _tokens(step)
+        loss = ours(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ours.eval()
+    save_adapter(ours, tmp_path / "adapter")
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)
+    assert sorted(config["target_modules"]) == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+    ref = peft.PeftModel.from_pretrained(_dequantized_twin(base, ours), tmp_path / "adapter").eval()
+    assert ref.peft_config["default"].r == 8
+    ids = _tokens(10)
+    with torch.no_grad():
+        logits, ref_logits = ours(input_ids=ids).logits, ref(input_ids=ids).logits
+    base_logits = _dequantized_twin(base, ours)(input_ids=ids).logits.detach()
+    assert not torch.allclose(logits, base_logits, **LOGITS_TOL)  # training moved the adapters
+    assert torch.allclose(logits, ref_logits, **LOGITS_TOL)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_peft_adapter_loads_in_ours(tmp_path, quantized):
+    base = _tiny_llama(seed=1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                             init_lora_weights=False, task_type="CAUSAL_LM")  # fmt: skip
+    ours = copy.deepcopy(base)
+    if quantized:
+        quantize_model(ours, quant_type="fp4")
+        base = _dequantized_twin(base, ours)
+    ref = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    ref.save_pretrained(tmp_path / "peft")
+
+    names = load_adapter(ours, tmp_path / "peft")
+    assert len(names) == 2 * 3 and all(isinstance(ours.get_submodule(n), LoRALinear) for n in names)
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        f"{n}.lora_{ab}.weight" for n in names for ab in "AB"
+    }
+    ids = _tokens(20)
+    with torch.no_grad():
+        logits, ref_logits = ours(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert not torch.allclose(logits, base(input_ids=ids).logits.detach(), **LOGITS_TOL)
+    assert torch.allclose(logits, ref_logits, **LOGITS_TOL)
