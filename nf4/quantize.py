@@ -155,16 +155,18 @@ def quantize_blockwise_8bit(v: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     return best.to(torch.uint8), absmax
 
 
-def _byte_lut(code: torch.Tensor) -> torch.Tensor:
-    """(256, 2) float32: the two table values a packed byte decodes to (high nibble first)."""
-    b = torch.arange(256, device=code.device)
-    return torch.stack([code[b >> 4], code[b & 15]], dim=1)
+def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The n 4-bit codes of a packed uint8 tensor, in element order (high nibble first). (n,) uint8."""
+    flat = packed.reshape(-1)
+    return torch.stack([flat >> 4, flat & 15], dim=1).reshape(-1)[:n]
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Undo quantize_4bit: y = float32(code[c] * absmax[block]) cast to `dtype` (default: the original dtype).
 
-    Returns a tensor of state.shape. Bit-identical to bitsandbytes.functional.dequantize_4bit on the same data.
+    Returns a tensor of state.shape. This is the specification, written for reading: it makes float32 copies of
+    the whole tensor. nf4lora.kernels.dequantize computes the same bits fast (Triton on CUDA, a chunked byte-LUT
+    path on the CPU). Bit-identical to bitsandbytes.functional.dequantize_4bit on the same data.
     """
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a QuantState, got {type(state).__name__}")
@@ -174,17 +176,6 @@ def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype 
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
 
     n, bs = state.numel, state.blocksize
-    absmax = state.absmax_float32()
-    lut = _byte_lut(state.code)
-    flat_packed = packed.reshape(-1)
-    out = torch.empty(n, dtype=dtype, device=packed.device)
-    for start in range(0, n, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, n)
-        values = lut[flat_packed[start // 2 : (stop + 1) // 2].long()].view(-1)[: stop - start]  # (c,) float32
-        blocks = torch.arange(start // bs, -(-stop // bs), device=packed.device)
-        full = (stop - start) - (stop - start) % bs
-        values[:full].view(-1, bs).mul_(absmax[blocks[: full // bs], None])
-        if full < stop - start:
-            values[full:].mul_(absmax[blocks[-1]])
-        out[start:stop] = values
-    return out.view(state.shape)
+    values = state.code[unpack_codes(packed, n).long()]  # (n,) float32
+    scales = state.absmax_float32().repeat_interleave(bs)[:n]  # (n,) float32, each block's absmax
+    return (values * scales).to(dtype).view(state.shape)
