@@ -6,5 +6,6 @@ from .generate import generate
 from .kv_cache import KVCache
 from .llama import CausalLMOutput, LlamaForCausalLM
 from .loading import load_model
+from .tokenizer import Tokenizer
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache", "load_model", "generate"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache", "load_model", "generate", "Tokenizer"]
