@@ -1,0 +1,231 @@
+"""The public kernel entry points on the torch path (CPU): dequantize bit-identical to nf4.dequantize_4bit,
+matmul_4bit and its gradients against dense F.linear, what backward saves, torch.compile without graph breaks,
+backend selection and bad input. The Triton kernels themselves are tested in test_kernels_triton.py."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nf4lora.kernels import backend_for, dequantize, matmul_4bit
+from nf4lora.kernels import torch_path
+from nf4lora.nf4 import dequantize_4bit, quantize_4bit
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("NF4LORA_BACKEND", "torch")
+
+
+def bits(t):
+    """The raw bits of a float tensor, so equality means bit-identical (and -0.0 != 0.0)."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def quantized(shape, blocksize=64, quant_type="nf4", double_quant=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_4bit(torch.randn(shape, generator=g), blocksize, quant_type, double_quant)
+
+
+# Awkward shapes: one element, odd sizes, partial last blocks, a tensor spanning two chunks of the torch path.
+SHAPES_AND_BLOCKSIZES = [
+    ((1,), 64), ((7,), 32), ((33, 65), 128), ((300, 77), 256), ((1023,), 512), ((130, 130), 1024),
+    ((5, 2049), 2048), ((3, 4097), 4096), ((torch_path.CHUNK_ELEMENTS + 4096 + 33,), 64),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,blocksize", SHAPES_AND_BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_bit_identical_to_reference(shape, blocksize, quant_type, double_quant):
+    packed, state = quantized(shape, blocksize, quant_type, double_quant)
+    for dtype in DTYPES:
+        ours = dequantize(packed, state, dtype)
+        ref = dequantize_4bit(packed, state, dtype)
+        assert ours.shape == ref.shape and ours.dtype == dtype
+        assert torch.equal(bits(ours), bits(ref)), (shape, blocksize, quant_type, double_quant, dtype)
+    assert dequantize(packed, state).dtype == state.dtype  # default: the original dtype
+
+
+def dense_reference(x, packed, state, bias):
+    """F.linear through the dequantized weight, in x's dtype, with autograd: the semantics matmul_4bit promises."""
+    w = dequantize_4bit(packed, state, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_forward_and_gradients_match_dense(dtype, with_bias):
+    packed, state = quantized((24, 40), blocksize=32, quant_type="fp4")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 40, generator=g).to(dtype).requires_grad_()
+    bias = torch.randn(24, generator=g).to(dtype).requires_grad_() if with_bias else None
+    x_ref = x.detach().clone().requires_grad_()
+    bias_ref = bias.detach().clone().requires_grad_() if with_bias else None
+
+    y = matmul_4bit(x, packed, state, bias)
+    y_ref = dense_reference(x_ref, packed, state, bias_ref)
+    assert y.shape == (2, 5, 24) and y.dtype == dtype
+    # The torch path is this very computation: equal, not just close.
+    assert torch.equal(y, y_ref)
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert torch.equal(x.grad, x_ref.grad)
+    if with_bias:
+        # Summed in another order than autograd's broadcasting backward: equal within dtype rounding.
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(bias.grad, bias_ref.grad, rtol=tol, atol=tol)
+
+
+def test_bias_in_another_dtype_gets_its_gradient_in_that_dtype():
+    packed, state = quantized((8, 16))
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(8, dtype=torch.float32, requires_grad=True)
+    matmul_4bit(x, packed, state, bias).float().sum().backward()
+    assert bias.grad.dtype == torch.float32
+    torch.testing.assert_close(bias.grad, torch.full((8,), 3.0))
+
+
+def test_backward_does_not_save_x():
+    """The frozen weight needs no gradient, so x must not be kept: only the packed weight and its constants."""
+    packed, state = quantized((24, 40))
+    x = torch.randn(6, 40, requires_grad=True)
+    bias = torch.randn(24, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = matmul_4bit(x, packed, state, bias)
+    assert saved, "backward saves the packed weight: the hook must have seen it"
+    assert any(t is packed for t in saved)
+    assert not any(t.data_ptr() == x.data_ptr() for t in saved)
+    assert all(t.dtype != x.dtype or t.numel() != x.numel() for t in saved)
+    y.sum().backward()
+    assert x.grad is not None and bias.grad is not None
+
+
+def test_no_gradient_for_the_frozen_weight():
+    packed, state = quantized((8, 16))
+    x = torch.randn(2, 16, requires_grad=True)
+    y = matmul_4bit(x, packed, state)
+    (grad,) = torch.autograd.grad(y.sum(), [x])
+    assert grad.shape == x.shape
+    assert not packed.requires_grad and packed.grad is None
+
+
+class _TinyQLoRA(torch.nn.Module):
+    """A 4-bit frozen linear layer with a LoRA pair and a dense head: what Linear4bit + LoRA reduce to."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.packed, self.state = quantized((24, 40), blocksize=32, double_quant=True)
+        self.bias = torch.nn.Parameter(torch.randn(24, generator=g))
+        self.lora_a = torch.nn.Parameter(torch.randn(4, 40, generator=g) * 0.1)
+        self.lora_b = torch.nn.Parameter(torch.randn(24, 4, generator=g) * 0.1)
+        self.head = torch.nn.Linear(24, 5)
+
+    def forward(self, x):
+        h = matmul_4bit(x, self.packed, self.state, self.bias) + (x @ self.lora_a.T) @ self.lora_b.T
+        return self.head(torch.nn.functional.gelu(h))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    """fullgraph=True fails on any graph break, so this proves the custom ops keep matmul_4bit in the graph."""
+    torch._dynamo.reset()
+    model = _TinyQLoRA()
+    x = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(4))
+
+    def run(fn):
+        model.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = fn(xg)
+        y.square().sum().backward()
+        return y.detach(), xg.grad, [p.grad.clone() for p in model.parameters()]
+
+    eager = run(model)
+    compiled = run(torch.compile(model, backend="aot_eager", fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-6, atol=1e-6)
+    for got, want in zip(compiled[2], eager[2]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_backend_selection(monkeypatch):
+    cpu = torch.zeros(1)
+    monkeypatch.setenv("NF4LORA_BACKEND", "auto")
+    assert backend_for(cpu) == "torch"
+    assert backend_for(torch.zeros(1, device="meta")) == "torch"
+    monkeypatch.setenv("NF4LORA_BACKEND", "triton")
+    assert backend_for(cpu) == "triton"
+    monkeypatch.setenv("NF4LORA_BACKEND", "torch")
+    assert backend_for(cpu) == "torch"
+    monkeypatch.delenv("NF4LORA_BACKEND")
+    assert backend_for(cpu) == "torch"
+    monkeypatch.setenv("NF4LORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="NF4LORA_BACKEND must be one of .*'cuda'"):
+        backend_for(cpu)
+
+
+# -- bad input --------------------------------------------------------------------------------------------------------
+def test_bad_input_device_mix():
+    packed, state = quantized((8, 16))
+    with pytest.raises(ValueError, match="x is on meta but packed is on cpu"):
+        matmul_4bit(torch.randn(2, 16, device="meta"), packed, state)
+    with pytest.raises(ValueError, match="bias is on meta but x is on cpu"):
+        matmul_4bit(torch.randn(2, 16), packed, state, torch.randn(8, device="meta"))
+    with pytest.raises(ValueError, match="packed is on meta but the state is on cpu"):
+        dequantize(packed.to("meta"), state)
+
+
+def test_bad_input_non_contiguous_packed():
+    packed, state = quantized((8, 16))
+    strided = torch.empty(packed.numel(), 2, dtype=torch.uint8)[:, 0].view(-1, 1)
+    strided.copy_(packed)
+    assert not strided.is_contiguous()
+    with pytest.raises(ValueError, match=r"packed must be contiguous .*strides"):
+        matmul_4bit(torch.randn(2, 16), strided, state)
+    with pytest.raises(ValueError, match="packed must be contiguous"):
+        dequantize(strided, state)
+
+
+def test_non_contiguous_x_is_supported():
+    packed, state = quantized((8, 16))
+    x = torch.randn(16, 3).T  # (3, 16), strides (1, 3)
+    assert not x.is_contiguous()
+    # BLAS may sum a transposed operand in another order: equal within float32 rounding.
+    torch.testing.assert_close(matmul_4bit(x, packed, state), dense_reference(x.contiguous(), packed, state, None))
+
+
+def test_bad_input_dtypes():
+    packed, state = quantized((8, 16))
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.float64"):
+        matmul_4bit(torch.randn(2, 16, dtype=torch.float64), packed, state)
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16, got torch.int64"):
+        matmul_4bit(torch.ones(2, 16, dtype=torch.long), packed, state)
+    with pytest.raises(TypeError, match="bias must be float32, float16 or bfloat16, got torch.int32"):
+        matmul_4bit(torch.randn(2, 16), packed, state, torch.ones(8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="packed must be uint8"):
+        matmul_4bit(torch.randn(2, 16), packed.to(torch.int8), state)
+    with pytest.raises(TypeError, match="dtype must be float32, float16 or bfloat16, got torch.float64"):
+        dequantize(packed, state, torch.float64)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+        matmul_4bit([[1.0] * 16], packed, state)
+    with pytest.raises(TypeError, match="state must be a nf4lora.nf4.QuantState, got dict"):
+        matmul_4bit(torch.randn(2, 16), packed, {"shape": (8, 16)})
+
+
+def test_bad_input_shapes():
+    packed, state = quantized((8, 16))
+    with pytest.raises(ValueError, match=r"x has shape \(2, 15\) but the weight is 8x16.*in_features=16"):
+        matmul_4bit(torch.randn(2, 15), packed, state)
+    with pytest.raises(ValueError, match=r"x has shape \(\) but the weight is 8x16"):
+        matmul_4bit(torch.tensor(1.0), packed, state)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\) for a 8x16 weight, got \(16,\)"):
+        matmul_4bit(torch.randn(2, 16), packed, state, torch.randn(16))
+    other_packed, other_state = quantized((8, 18))
+    with pytest.raises(ValueError, match="packed data and state do not match"):
+        matmul_4bit(torch.randn(2, 16), other_packed, state)
+    flat_packed, flat_state = quantized((128,))
+    with pytest.raises(ValueError, match=r"state must describe a 2-D weight .* got shape \(128,\)"):
+        matmul_4bit(torch.randn(2, 128), flat_packed, flat_state)

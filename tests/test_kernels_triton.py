@@ -1,0 +1,187 @@
+"""The Triton kernels against the nf4/ reference: in the interpreter on the CPU (TRITON_INTERPRET=1), compiled on
+CUDA where a GPU exists. Shapes are small (the interpreter runs each program in numpy) and awkward: odd sizes,
+partial blocks and tiles, K and N not multiples of the tile sizes. bfloat16 matmuls are tested only on a GPU
+(test_kernels_gpu.py): triton 3.9's interpreter returns garbage for tl.dot on bfloat16 operands."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    # Read by triton.jit when the kernel modules are first imported (below, and lazily by nf4lora.kernels.ops).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+DEVICE = "cuda" if CUDA else "cpu"
+
+from nf4lora.kernels import dequant, dequantize, gemv, matmul, matmul_4bit  # noqa: E402
+from nf4lora.nf4 import dequantize_4bit, quantize_4bit  # noqa: E402
+from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE  # noqa: E402
+
+# The kernels accumulate in float32 and round once to the output dtype: up to half an ulp of the dtype relative
+# (rtol), plus float32 summation error over K <= 128 terms of size ~1 (atol).
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("NF4LORA_BACKEND", "triton")
+
+
+def bits(t):
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def quantized(shape, blocksize=64, quant_type="nf4", double_quant=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_4bit(torch.randn(shape, generator=g).to(DEVICE), blocksize, quant_type, double_quant)
+
+
+def state_args(packed, state):
+    """The launchers' state arguments (ops.STATE_ARGS order)."""
+    n = state.nested
+    return (
+        packed, state.absmax, state.code, state.offset, None if n is None else n.absmax,
+        None if n is None else n.code, state.blocksize, NESTED_BLOCKSIZE, list(state.shape),
+    )  # fmt: skip
+
+
+def randn(*shape, dtype, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device=DEVICE, dtype=dtype)
+
+
+# -- dequantize ---------------------------------------------------------------------------------------------------
+SHAPES_AND_BLOCKSIZES = [
+    ((1,), 64), ((7,), 32), ((33, 65), 128), ((300, 77), 256), ((1023,), 512), ((130, 130), 1024),
+    ((5, 2049), 2048), ((3, 4097), 4096), ((2, 4096), 4096), ((64, 64), 64),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,blocksize", SHAPES_AND_BLOCKSIZES)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_kernel_bit_identical(shape, blocksize, quant_type, double_quant):
+    packed, state = quantized(shape, blocksize, quant_type, double_quant)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        ours = dequantize(packed, state, dtype)  # through the custom op, NF4LORA_BACKEND=triton
+        ref = dequantize_4bit(packed, state, dtype)
+        assert ours.shape == ref.shape and ours.dtype == dtype
+        assert torch.equal(bits(ours), bits(ref)), (shape, blocksize, quant_type, double_quant, dtype)
+
+
+# -- fused forward and grad-input -----------------------------------------------------------------------------------
+# (N, K, blocksize, quant_type, double_quant): K not a multiple of the tile (general scale path), K a multiple of
+# the blocksize (one scale per row and tile), odd K (rows start mid-byte), N leaving partial tiles.
+WEIGHTS = [(50, 72, 64, "nf4", True), (40, 96, 32, "fp4", False), (33, 65, 64, "nf4", False), (70, 128, 128, "fp4", True)]
+MS = [1, 2, 3, 7, 16, 17, 33, 128]
+
+
+def reference_linear(x, packed, state, bias):
+    """F.linear(x, dequantize_4bit(...), bias) with the operands in x.dtype, evaluated in float64."""
+    w = dequantize_4bit(packed, state, x.dtype)
+    b = None if bias is None else bias.double()
+    return F.linear(x.double(), w.double(), b)
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_forward_matches_dense(m, dtype, with_bias):
+    n, k, blocksize, quant_type, double_quant = WEIGHTS[MS.index(m) % len(WEIGHTS)]
+    packed, state = quantized((n, k), blocksize, quant_type, double_quant, seed=m)
+    x = randn(m, k, dtype=dtype, seed=1)
+    bias = randn(n, dtype=dtype, seed=2) if with_bias else None
+    y = matmul.matmul(x, bias, *state_args(packed, state))
+    assert y.shape == (m, n) and y.dtype == dtype
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[dtype])
+
+
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_grad_input_matches_dense(m, dtype):
+    n, k, blocksize, quant_type, double_quant = WEIGHTS[MS.index(m) % len(WEIGHTS)]
+    packed, state = quantized((n, k), blocksize, quant_type, double_quant, seed=m)
+    dy = randn(m, n, dtype=dtype, seed=3)
+    dx = matmul.matmul_grad_input(dy, *state_args(packed, state))
+    assert dx.shape == (m, k) and dx.dtype == dtype
+    ref = dy.double() @ dequantize_4bit(packed, state, dtype).double()
+    torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("config", matmul.CONFIGS, ids=lambda c: "x".join(str(v) for v in c.kwargs.values()))
+def test_every_autotune_config_is_correct(config):
+    """Each candidate the autotuner may pick on a GPU, run explicitly, on a shape with partial tiles."""
+    packed, state = quantized((70, 96), 32, "nf4", True)
+    x = randn(20, 96, dtype=torch.float16, seed=4)
+    bias = randn(70, dtype=torch.float16, seed=5)
+    y = matmul.matmul(x, bias, *state_args(packed, state), config=config)
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.float16])
+    dy = randn(20, 70, dtype=torch.float16, seed=6)
+    dx = matmul.matmul_grad_input(dy, *state_args(packed, state), config=config)
+    ref = dy.double() @ dequantize_4bit(packed, state, torch.float16).double()
+    torch.testing.assert_close(dx.double(), ref, **TOL[torch.float16])
+
+
+# -- batch-1 GEMV -----------------------------------------------------------------------------------------------------
+# No tl.dot here, so bfloat16 is correct in the interpreter too.
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_dense(m, dtype, with_bias):
+    n, k, blocksize, quant_type, double_quant = WEIGHTS[m - 1]
+    packed, state = quantized((n, k), blocksize, quant_type, double_quant, seed=m)
+    x = randn(m, k, dtype=dtype, seed=7)
+    bias = randn(n, dtype=dtype, seed=8) if with_bias else None
+    y = gemv.gemv(x, bias, *state_args(packed, state))
+    assert y.shape == (m, n) and y.dtype == dtype
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[dtype])
+
+
+@pytest.mark.parametrize("config", gemv.CONFIGS, ids=lambda c: "x".join(str(v) for v in c.kwargs.values()))
+def test_every_gemv_config_is_correct(config):
+    packed, state = quantized((37, 600), 64, "nf4", True)  # K spans several BLOCK_K slices, the last partial
+    x = randn(3, 600, dtype=torch.float16, seed=9)
+    y = gemv.gemv(x, None, *state_args(packed, state), config=config)
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, None), **TOL[torch.float16])
+
+
+def test_gemv_refuses_large_batches():
+    packed, state = quantized((8, 16))
+    with pytest.raises(ValueError, match=f"at most MAX_M={gemv.MAX_M} rows of x, got {gemv.MAX_M + 1}"):
+        gemv.gemv(randn(gemv.MAX_M + 1, 16, dtype=torch.float32, seed=0), None, *state_args(packed, state))
+
+
+# -- the public entry point on the Triton backend ---------------------------------------------------------------------
+@pytest.mark.parametrize("m", [2, 5])
+def test_matmul_4bit_routes_and_differentiates(m, monkeypatch):
+    """Few rows go to the GEMV kernel, more to the fused one; gradients match dense autograd in float64."""
+    calls = []
+    for module, name in ((gemv, "gemv"), (matmul, "matmul")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    packed, state = quantized((24, 40), 32, "nf4", True)
+    x = randn(m, 40, dtype=torch.float32, seed=10).requires_grad_()
+    bias = randn(24, dtype=torch.float32, seed=11).requires_grad_()
+    y = matmul_4bit(x, packed, state, bias)
+    assert calls == ["gemv" if m <= gemv.MAX_M else "matmul"]
+
+    x64, b64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
+    y64 = F.linear(x64, dequantize_4bit(packed, state, torch.float32).double(), b64)
+    torch.testing.assert_close(y.double(), y64, **TOL[torch.float32])
+    dy = randn(m, 24, dtype=torch.float32, seed=12)
+    y.backward(dy)
+    y64.backward(dy.double())
+    torch.testing.assert_close(x.grad.double(), x64.grad, **TOL[torch.float32])
+    torch.testing.assert_close(bias.grad.double(), b64.grad, **TOL[torch.float32])
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    packed, state = quantized((8, 16))
+    monkeypatch.setattr(dequant, "INTERPRETED", False)
+    with pytest.raises(ValueError, match="packed is on cpu: the Triton kernels need CUDA tensors, or .*TRITON_INTERPRET=1"):
+        dequant.dequantize(*state_args(packed.cpu(), state.to("cpu")), torch.float32)
