@@ -1,0 +1,143 @@
+"""GPU-only kernel tests: bfloat16 matmuls (the interpreter's tl.dot is wrong on bfloat16), the autotuned launch
+path, LLaMA-sized shapes, the auto backend on CUDA, torch.compile with inductor, and bit-identity with
+bitsandbytes' CUDA dequantize_4bit. Run by benchmarks/gpu_check.sh; skipped where there is no CUDA device.
+test_kernels_triton.py also runs compiled (not interpreted) on a GPU machine."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+from nf4lora.kernels import backend_for, dequantize, matmul_4bit  # noqa: E402
+
+if torch.cuda.is_available():
+    # Only with a GPU: importing the kernel modules fixes triton.jit's compiled-or-interpreted choice, which on a
+    # CPU machine test_kernels_triton.py makes (TRITON_INTERPRET=1) when it is collected after this file.
+    from nf4lora.kernels import gemv, matmul
+from nf4lora.nf4 import QuantState, dequantize_4bit, quantize_4bit  # noqa: E402
+from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE  # noqa: E402
+
+# float32 accumulation, one rounding to the output dtype (half an ulp, rtol) plus float32 summation error over
+# K up to 4096 terms (atol). fp32 operands run in IEEE precision (torch's default "highest" matmul precision).
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-4),
+    torch.float16: dict(rtol=1e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-2),
+}
+
+
+def bits(t):
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def quantized(shape, blocksize=64, quant_type="nf4", double_quant=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return quantize_4bit(torch.randn(shape, generator=g).cuda(), blocksize, quant_type, double_quant)
+
+
+def state_args(packed, state):
+    n = state.nested
+    return (
+        packed, state.absmax, state.code, state.offset, None if n is None else n.absmax,
+        None if n is None else n.code, state.blocksize, NESTED_BLOCKSIZE, list(state.shape),
+    )  # fmt: skip
+
+
+def randn(*shape, dtype, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device="cuda", dtype=dtype)
+
+
+def reference_linear(x, packed, state, bias):
+    w = dequantize_4bit(packed, state, x.dtype)
+    return F.linear(x.double(), w.double(), None if bias is None else bias.double())
+
+
+WEIGHTS = [(50, 72, 64, "nf4", True), (40, 96, 32, "fp4", False), (33, 65, 64, "nf4", False), (70, 128, 128, "fp4", True)]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 17, 33, 128])
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_bf16_fused_forward_and_grad_input(m, weight):
+    n, k, blocksize, quant_type, double_quant = weight
+    packed, state = quantized((n, k), blocksize, quant_type, double_quant, seed=m)
+    x, bias = randn(m, k, dtype=torch.bfloat16, seed=1), randn(n, dtype=torch.bfloat16, seed=2)
+    for config in (None, *matmul.CONFIGS):  # the autotuned launch and every candidate
+        y = matmul.matmul(x, bias, *state_args(packed, state), config=config)
+        torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.bfloat16])
+        dy = randn(m, n, dtype=torch.bfloat16, seed=3)
+        dx = matmul.matmul_grad_input(dy, *state_args(packed, state), config=config)
+        ref = dy.double() @ dequantize_4bit(packed, state, torch.bfloat16).double()
+        torch.testing.assert_close(dx.double(), ref, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 64, 2048])
+def test_llama_sized_autotuned_matmul(dtype, m):
+    packed, state = quantized((1024, 4096), 64, "nf4", True)
+    x = randn(m, 4096, dtype=dtype, seed=4)
+    y = matmul_4bit(x, packed, state)  # auto backend: Triton on CUDA, GEMV for m <= MAX_M
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, None), **TOL[dtype])
+    dy = randn(m, 1024, dtype=dtype, seed=5)
+    dx = matmul.matmul_grad_input(dy, *state_args(packed, state))
+    ref = dy.double() @ dequantize_4bit(packed, state, dtype).double()
+    torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_bf16_gemv_llama_shape(m):
+    packed, state = quantized((4096, 4096), 64, "nf4", True)
+    x = randn(m, 4096, dtype=torch.bfloat16, seed=6)
+    y = gemv.gemv(x, None, *state_args(packed, state))
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, None), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_large_bit_identical(quant_type, double_quant, dtype):
+    packed, state = quantized((4096, 11008 + 3), 64, quant_type, double_quant)
+    assert backend_for(packed) == "triton"
+    assert torch.equal(bits(dequantize(packed, state, dtype)), bits(dequantize_4bit(packed, state, dtype)))
+
+
+def test_dequantize_bit_identical_to_bitsandbytes_cuda():
+    import bitsandbytes.functional as bnb_f
+
+    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(7)).to("cuda", torch.bfloat16)
+    for quant_type in ("nf4", "fp4"):
+        for double_quant in (False, True):
+            packed, bnb_state = bnb_f.quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+            expected = bnb_f.dequantize_4bit(packed, bnb_state)
+            # bitsandbytes' own codes and constants, read through the Hugging Face state-dict format.
+            state = QuantState.from_state_dict(bnb_state.as_dict(packed=True), device="cuda")
+            assert torch.equal(bits(dequantize(packed, state)), bits(expected)), (quant_type, double_quant)
+
+
+def test_autograd_and_inductor_compile_on_cuda():
+    torch._dynamo.reset()
+    packed, state = quantized((256, 512), 64, "nf4", True)
+    lora_a = torch.nn.Parameter(randn(8, 512, dtype=torch.float32, seed=8) * 0.05)
+    lora_b = torch.nn.Parameter(randn(256, 8, dtype=torch.float32, seed=9) * 0.05)
+
+    def model(x):
+        h = matmul_4bit(x, packed, state) + (x @ lora_a.to(x.dtype).T) @ lora_b.to(x.dtype).T
+        return F.silu(h)
+
+    x = randn(4, 33, 512, dtype=torch.bfloat16, seed=10)
+
+    def run(fn):
+        lora_a.grad = lora_b.grad = None
+        xg = x.clone().requires_grad_()
+        y = fn(xg)
+        y.float().square().sum().backward()
+        return y.detach(), xg.grad, lora_a.grad.clone(), lora_b.grad.clone()
+
+    eager = run(model)
+    compiled = run(torch.compile(model, fullgraph=True))
+    for got, want in zip(compiled, eager):
+        # inductor fuses the LoRA/SiLU part differently: bfloat16 rounding of a few ulps.
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
