@@ -1,0 +1,136 @@
+"""Training checkpoints: written so that an interrupted write never replaces the previous good one.
+
+Layout under <output_dir>/checkpoints/:
+    step-00000050/adapter/             the LoRA adapter in PEFT format (save_adapter)
+    step-00000050/optimizer.safetensors  "<param index>.exp_avg" / ".exp_avg_sq" / ".step" tensors
+    step-00000050/rng.safetensors      torch CPU (and CUDA) generator states
+    step-00000050/trainer_state.json   step, data position, optimizer param groups, config
+    latest.json                        {"step": 50, "dir": "step-00000050"}
+
+A checkpoint is assembled in a hidden temporary directory, every file fsync'ed, then renamed into place
+(os.replace of a directory is atomic on POSIX), and only then does latest.json (itself written to a temporary
+file and renamed) point at it. A crash at any moment leaves latest.json naming a complete checkpoint. Only
+safetensors and JSON are read back: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nf4lora.lora import load_adapter, save_adapter
+
+LATEST = "latest.json"
+STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str, obj) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {
+        f"{idx}.{key}": value.detach().cpu().contiguous().reshape(value.shape)
+        for idx, state in sd["state"].items()
+        for key, value in state.items()
+    }
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict, keep: int) -> str:
+    """Write checkpoint `step` under `root`, point latest.json at it, prune to the newest `keep`. Returns its dir."""
+    os.makedirs(root, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = os.path.join(root, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+    try:
+        save_adapter(model, os.path.join(tmp, "adapter"))
+        tensors, groups = _optimizer_tensors(optimizer)
+        save_file(tensors, os.path.join(tmp, OPTIMIZER), metadata={"format": "pt"})
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, os.path.join(tmp, RNG))
+        with open(os.path.join(tmp, STATE), "w") as f:
+            json.dump({**trainer_state, "step": step, "param_groups": groups}, f, indent=1)
+        _fsync_tree(tmp)
+        if os.path.exists(final):  # a rerun reached the same step: the new one wins, atomically
+            stale = tempfile.mkdtemp(prefix=f".{name}.old.", dir=root)
+            os.replace(final, os.path.join(stale, name))
+            os.replace(tmp, final)
+            shutil.rmtree(stale)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json_atomic(os.path.join(root, LATEST), {"step": step, "dir": name})
+    _prune(root, keep, protect=name)
+    return final
+
+
+def _prune(root: str, keep: int, protect: str) -> None:
+    steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isdir(os.path.join(root, d)))
+    for d in steps[:-keep]:
+        if d != protect:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The directory latest.json names, or None when there is no checkpoint yet."""
+    path = os.path.join(root, LATEST)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        latest = json.load(f)
+    ckpt = os.path.join(root, latest["dir"])
+    if not os.path.isfile(os.path.join(ckpt, STATE)):
+        raise ValueError(f"{path} names {ckpt!r}, which is not a complete checkpoint")
+    return ckpt
+
+
+def load_checkpoint(ckpt: str, model, optimizer) -> dict:
+    """Restore adapter weights, optimizer state and RNG states in place; return the trainer state."""
+    with open(os.path.join(ckpt, STATE)) as f:
+        state = json.load(f)
+    load_adapter(model, os.path.join(ckpt, "adapter"))
+    tensors = load_file(os.path.join(ckpt, OPTIMIZER))
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        per_param.setdefault(int(idx), {})[name] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state["param_groups"]]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+    rng = load_file(os.path.join(ckpt, RNG))
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    return state

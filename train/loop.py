@@ -1,0 +1,260 @@
+"""train(config): QLoRA fine-tuning with accumulation, clipping, a warmup + cosine schedule, periodic validation,
+metrics (JSONL + PNG), atomic checkpoints and exact resume.
+
+A step, for B = batch_size rows and m = micro_batch_size: take B / m micro-batches from the DataStream, run
+forward + backward on each with the loss weighted by its share of the step's target tokens (so the step's
+gradient is that of the mean loss over all its target tokens, whatever the padding or packing), clip the global
+norm, set the learning rate for the step, PagedAdamW.step(). Everything that decides the next step (adapter,
+optimizer state, step number, data position, RNG) is in the checkpoint, so a resumed run is bitwise the
+uninterrupted one on the same machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nf4lora.lora import add_lora, save_adapter
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, check_writable_dir
+from .data import DataStream, Example, eval_batches, load_examples, split_validation
+from .optim import PagedAdamW
+from .resources import load_base, resolve_data
+
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the trained model (LoRA layers unmerged), in eval mode
+    tokenizer: object
+    adapter_dir: str
+    metrics: list[dict]  # every line of metrics.jsonl
+    val_examples: list[Example]
+
+
+def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then constant or cosine to zero."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / (config.warmup_steps + 1)
+    if config.schedule == "constant":
+        return config.lr
+    span = max(1, total_steps - config.warmup_steps)
+    return config.lr * 0.5 * (1.0 + math.cos(math.pi * (step - config.warmup_steps) / span))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name!r}, but CUDA is not available on this machine")
+    return device
+
+
+def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _n_targets(batch) -> int:
+    return int((batch["labels"][:, 1:] != -100).sum())  # the model predicts labels[t + 1] at t
+
+
+def _n_tokens(batch) -> int:
+    """Real (non-padding) tokens of a batch: what tokens/s counts."""
+    real = batch["doc_ids"] >= 0 if "doc_ids" in batch else batch["attention_mask"].bool()
+    return int(real.sum())
+
+
+def evaluate_loss(model, batches, device, autocast: bool) -> float:
+    """Mean cross-entropy per target token over `batches` (token-weighted, so batching does not change it)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        for batch in batches:
+            n = _n_targets(batch)
+            if n:
+                total += float(model(**_to(batch, device)).loss) * n
+                count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _batch_fingerprint(batches) -> str:
+    h = hashlib.sha1()
+    for b in batches:
+        h.update(b["input_ids"].numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def prepare(config: TrainConfig):
+    """Everything before the first step, with every input checked before any training starts.
+    Returns (model, tokenizer, train_examples, val_examples, device)."""
+    config.validate()
+    check_writable_dir(config.output_dir)
+    device = resolve_device(config.device)
+    data_path, val_path = resolve_data(config.data, config.val_data)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_base(config.model, config, device)
+    context = model.config.max_position_embeddings
+    if config.seq_len > context:
+        raise ValueError(f"--seq-len={config.seq_len} exceeds the model's context ({context} positions)")
+    examples = load_examples(data_path, tokenizer, config.seq_len)
+    if val_path is not None:
+        train_ex, val_ex = examples, load_examples(val_path, tokenizer, config.seq_len)
+    else:
+        train_ex, val_ex = split_validation(examples, config.val_fraction, config.seed)
+    targets = [t.strip() for t in config.lora_targets.split(",")] if config.lora_targets != "all-linear" else "all-linear"
+    add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+    model.gradient_checkpointing = config.gradient_checkpointing
+    return model, tokenizer, train_ex, val_ex, device
+
+
+def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
+    """Run the training described by `config`; `prepared` is prepare(config)'s result when already computed."""
+    model, tokenizer, train_ex, val_ex, device = prepared if prepared is not None else prepare(config)
+    out = config.output_dir
+    ckpt_root = os.path.join(out, "checkpoints")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stream = DataStream(train_ex, config.micro_batch_size, config.seq_len, config.pack, pad_id, config.seed)
+    accum = config.grad_accum_steps
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch(0) / accum))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = PagedAdamW(
+        params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )  # fmt: skip
+    autocast = config.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
+    val_batches = list(eval_batches(val_ex, config.micro_batch_size, config.seq_len, config.pack, pad_id))
+
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    metrics: list[dict] = []
+    start = 0
+    if config.resume:
+        ckpt = latest_checkpoint(ckpt_root)
+        if ckpt is None:
+            raise ValueError(f"--resume: no checkpoint under {ckpt_root!r}")
+        state = load_checkpoint(ckpt, model, optimizer)
+        if state["total_steps"] != total_steps:
+            raise ValueError(
+                f"--resume: the checkpoint belongs to a run of {state['total_steps']} steps, this one has {total_steps}"
+            )
+        stream.load_state_dict(state["data"])
+        start = state["step"]
+        if os.path.exists(metrics_path):  # keep the history up to the checkpoint; later lines are redone
+            with open(metrics_path) as f:
+                metrics = [m for m in map(json.loads, f) if m["step"] <= start]
+    _write_metrics(metrics_path, metrics)
+
+    n_trainable = sum(p.numel() for p in params)
+    print(f"training {n_trainable:,} LoRA parameters for {total_steps} steps "
+          f"({len(train_ex)} examples, {accum} micro-batches of {config.micro_batch_size} rows per step) on {device}")  # fmt: skip
+    bar = _progress(config.progress, total_steps, start)
+    model.train()
+    t0, tokens_done = time.perf_counter(), 0
+    for step in range(start, total_steps):
+        position = stream.state_dict()
+        batches = [next(stream) for _ in range(accum)]
+        step_targets = sum(_n_targets(b) for b in batches)
+        lr = lr_at(step, config, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for batch in batches:
+            n = _n_targets(batch)
+            if n == 0:
+                continue
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**_to(batch, device)).loss
+            (loss * (n / step_targets)).backward()
+            loss_sum += float(loss.detach()) * n
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if config.max_grad_norm > 0
+            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        tokens = sum(_n_tokens(b) for b in batches)
+        tokens_done += tokens
+        elapsed = time.perf_counter() - t0
+        record = {
+            "step": step + 1, "loss": loss_sum / max(step_targets, 1), "lr": lr, "grad_norm": float(grad_norm),
+            "tokens": tokens, "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed,
+            "data_epoch": position["epoch"], "data_index": position["index"], "batch_sha1": _batch_fingerprint(batches),
+        }  # fmt: skip
+        done = step + 1
+        if done == total_steps or (config.eval_every and done % config.eval_every == 0):
+            record["val_loss"] = evaluate_loss(model, val_batches, device, autocast)
+        metrics.append(record)
+        _append_metrics(metrics_path, record)
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+        if config.save_every and done % config.save_every == 0 and done < total_steps:
+            save_checkpoint(
+                ckpt_root, done, model, optimizer,
+                {"total_steps": total_steps, "data": stream.state_dict(), "config": config.to_dict()},
+                config.keep_checkpoints,
+            )  # fmt: skip
+    if bar is not None:
+        bar.close()
+
+    adapter_dir = os.path.join(out, "adapter")
+    save_adapter(model, adapter_dir, base_model_name_or_path=config.model or "HuggingFaceTB/SmolLM2-135M-Instruct")
+    plot_losses(metrics, os.path.join(out, "loss.png"))
+    model.eval()
+    return TrainResult(model, tokenizer, adapter_dir, metrics, val_ex)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="finetune", unit="step", dynamic_ncols=True)
+
+
+def _write_metrics(path: str, metrics: list[dict]) -> None:
+    fd_path = path + ".tmp"
+    with open(fd_path, "w") as f:
+        for m in metrics:
+            f.write(json.dumps(m) + "\n")
+    os.replace(fd_path, path)
+
+
+def _append_metrics(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(metrics: list[dict], path: str) -> None:
+    """Training loss per step and validation loss where measured, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], label="train loss", lw=1.2)
+    val = [m for m in metrics if "val_loss" in m]
+    if val:
+        ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per target token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+

