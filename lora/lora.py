@@ -85,7 +85,11 @@ class LoRALinear(nn.Module):
             return y
         dtype = y.dtype  # the activation dtype (under autocast, the autocast dtype)
         h = F.linear(self.lora_dropout(x).to(dtype), self.lora_A.weight.to(dtype))  # (..., r)
-        return y + F.linear(h, self.lora_B.weight.to(dtype)) * self.scaling
+        # scaling is folded into the small (out, r) weight and the sum into the GEMM (addmm: y + h @ B.T), so the
+        # adapter adds no elementwise pass over the (tokens, out) activations.
+        b = (self.lora_B.weight * self.scaling).to(dtype)  # (out, r)
+        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r), b.t())
+        return out.view(y.shape)
 
     # -- merging -------------------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

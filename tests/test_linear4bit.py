@@ -51,7 +51,8 @@ def _forward_backward(layer, x):
     x = x.detach().clone().requires_grad_(True)
     y = layer(x)
     y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
-    bias_grad = None if layer.bias is None else layer.bias.grad.clone()
+    bias = getattr(layer, "bias", None)  # a LoRALinear has none of its own
+    bias_grad = None if bias is None else bias.grad.clone()
     return y.detach(), x.grad, bias_grad
 
 
@@ -248,3 +249,26 @@ def test_bad_state_dicts_are_refused_with_the_key():
     with pytest.raises(RuntimeError):
         layer.load_state_dict(other)
     assert all(torch.equal(layer.state_dict()[k], before[k]) for k in before)  # a refused load changes nothing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_layer_with_lora_matches_the_cpu_layer():
+    """.to("cuda") moves the packed weight and every state tensor; the Triton path then computes what the CPU
+    path does, up to fp32 summation order before the one bf16 rounding (tolerance: 2 bf16 ulps of max |y|)."""
+    from nf4lora.lora import LoRALinear
+
+    cpu = LoRALinear(Linear4bit.from_linear(_linear(seed=10), compute_dtype=torch.bfloat16), r=4, alpha=8)
+    with torch.no_grad():
+        cpu.lora_B.weight.normal_()
+    gpu = copy.deepcopy(cpu).to("cuda")
+    state = gpu.base_layer.quant_state
+    assert gpu.base_layer.weight.is_cuda and state.absmax.is_cuda and state.code.is_cuda
+    assert state.nested.absmax.is_cuda and state.nested.code.is_cuda and state.offset.is_cuda
+    for rows in (1, 33):  # the batch-1 GEMV and the fused matmul
+        x = torch.randn(rows, IN, dtype=torch.bfloat16)
+        y_cpu, gx_cpu, _ = _forward_backward(cpu, x)
+        y_gpu, gx_gpu, _ = _forward_backward(gpu, x.cuda())
+        for got, want in ((y_gpu.cpu(), y_cpu), (gx_gpu.cpu(), gx_cpu)):
+            tol = 2**-7 * want.abs().max().item()
+            assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=tol)

@@ -1,0 +1,182 @@
+"""Linear4bit + LoRA forward+backward on the CPU: ours vs bitsandbytes Linear4bit + PEFT LoRA, same run.
+
+One 4096x4096 NF4 (double-quantized) layer with a rank-16 adapter, x of shape [8*512, 4096] in bf16 requiring
+grad (an inner layer of a model in training): forward, then backward to x and the LoRA weights. Also timed, for
+context and to show where the time goes: the same layer with a plain bf16 weight (the matmul floor), the pieces
+(dequantize, the two matmuls) and a torch.profiler breakdown of our step.
+
+    .venv/bin/python benchmarks/bench_lora_cpu.py [--tokens 4096] [--dim 4096] [--repeat 7]
+
+Writes benchmarks/results/lora-cpu.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+
+import torch
+from harness import environment_block, fmt_ms, machine, markdown_table, peak_rss_mb, time_fn, versions, write_results
+from torch import nn
+
+from nf4lora.kernels import dequantize
+from nf4lora.lora import Linear4bit, LoRALinear
+
+PEERS = ("bitsandbytes", "peft")
+
+
+class _Wrapper(nn.Module):
+    """PEFT adapts submodules of a model, so the peer layer sits in a one-layer model."""
+
+    def __init__(self, proj):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def build_ours(linear, r, alpha):
+    base = Linear4bit.from_linear(linear, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    return LoRALinear(base, r=r, alpha=alpha)
+
+
+def build_bf16_baseline(linear, r, alpha):
+    dense = copy.deepcopy(linear).to(torch.bfloat16).requires_grad_(False)
+    return LoRALinear(dense, r=r, alpha=alpha)
+
+
+def build_peer(linear, r, alpha):
+    import bitsandbytes as bnb
+    import peft
+
+    base = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                             compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")  # fmt: skip
+    base.load_state_dict(linear.state_dict())
+    base = base.to("cpu")  # bitsandbytes quantizes on the move
+    config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"])
+    return peft.get_peft_model(_Wrapper(base), config).train()
+
+
+def step_fn(module, x, dy):
+    """One forward + backward; gradients are cleared first so no step pays for accumulation."""
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        module(x).backward(dy)
+
+    return step
+
+
+def interleaved(fns: dict, repeat: int) -> dict[str, dict[str, float]]:
+    """Time each fn `repeat` times, taking turns (a, b, c, a, b, c, ...), so that load from other processes on
+    this shared machine falls on every contender alike; median and spread per fn."""
+    for fn in fns.values():
+        fn()  # warm-up
+    samples = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            samples[name].append(time_fn(fn, warmup=0, repeat=1)["median"])
+    return {n: {"median": statistics.median(s), "min": min(s), "max": max(s), "n": len(s)} for n, s in samples.items()}
+
+
+def profile_breakdown(step, rows=8) -> list[list]:
+    """Self CPU time of the top ops of one step (after a warm-up), as table rows."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [[e.key, e.count, f"{e.self_cpu_time_total / 1e3:.1f} ms", f"{100 * e.self_cpu_time_total / total:.0f}%"]
+            for e in events[:rows]]  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8 * 512)
+    parser.add_argument("--dim", type=int, default=4096)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--no-write", action="store_true", help="print only (for quick checks)")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    linear = nn.Linear(args.dim, args.dim, bias=False)
+    x = torch.randn(args.tokens, args.dim, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(args.tokens, args.dim, dtype=torch.bfloat16)
+    alpha = 2 * args.rank
+
+    layers = {
+        "ours (Linear4bit + LoRALinear)": build_ours(linear, args.rank, alpha),
+        "bitsandbytes Linear4bit + PEFT LoRA": build_peer(linear, args.rank, alpha),
+        "bf16 nn.Linear + LoRALinear (floor)": build_bf16_baseline(linear, args.rank, alpha),
+    }
+    with torch.no_grad():  # same outputs (B = 0: the 4-bit bases), so both sides do the same work
+        y_ours = layers["ours (Linear4bit + LoRALinear)"](x)
+        y_peer = layers["bitsandbytes Linear4bit + PEFT LoRA"](x)
+    max_diff = (y_ours.float() - y_peer.float()).abs().max().item()
+
+    timings = interleaved({name: step_fn(m, x, dy) for name, m in layers.items()}, args.repeat)
+    ours, peer = timings["ours (Linear4bit + LoRALinear)"], timings["bitsandbytes Linear4bit + PEFT LoRA"]
+    speedup = peer["median"] / ours["median"]
+
+    # The pieces of a step, to show where the time goes.
+    import bitsandbytes.functional as bnbF
+
+    base = layers["ours (Linear4bit + LoRALinear)"].base_layer
+    bnb_weight = layers["bitsandbytes Linear4bit + PEFT LoRA"].base_model.model.proj.weight
+    w = base.dequantize(torch.bfloat16)
+    pieces = {
+        "ours: dequantize NF4+DQ -> bf16": lambda: dequantize(base.weight, base.quant_state, torch.bfloat16),
+        "bitsandbytes: dequantize_4bit -> bf16": lambda: bnbF.dequantize_4bit(bnb_weight.data, bnb_weight.quant_state),
+        "forward matmul F.linear(x, W)": lambda: torch.nn.functional.linear(x.detach(), w),
+        "grad-input matmul dy @ W (layout used by both)": lambda: dy @ w,
+        "grad-input matmul (W.T @ dy.T).T (same result)": lambda: (w.t() @ dy.t()).t(),
+    }
+    piece_times = interleaved(pieces, args.repeat)
+    breakdown = profile_breakdown(step_fn(layers["ours (Linear4bit + LoRALinear)"], x, dy))
+
+    def spread(t):
+        return f"{fmt_ms(t['min'])} .. {fmt_ms(t['max'])}"
+
+    rows = [[name, fmt_ms(t["median"]), spread(t), f"{peer['median'] / t['median']:.2f}x"] for name, t in timings.items()]
+    md = [
+        "# Linear4bit + LoRA forward+backward on the CPU",
+        "",
+        environment_block(*PEERS),
+        f"x [{args.tokens}, {args.dim}] bf16 (requires grad), weight {args.dim}x{args.dim} NF4 + double quant, "
+        f"blocksize 64, compute dtype bf16, LoRA r={args.rank}, alpha={alpha}, adapters float32. One step = forward + "
+        f"backward to x and the LoRA weights. Median of {args.repeat} runs after a warm-up, the "
+        f"contenders taking turns; spread is min .. max. "
+        f"Output max |ours - peer| = {max_diff:.3g} (bf16).",
+        "",
+        markdown_table(["layer", "median", "spread", "speed vs bitsandbytes + PEFT"], rows),
+        "",
+        f"**Ours / peer: {speedup:.2f}x** (target >= 1.3x).",
+        "",
+        "## Where the time goes",
+        "",
+        markdown_table(["piece", "median", "spread"], [[n, fmt_ms(t["median"]), spread(t)] for n, t in piece_times.items()]),
+        "",
+        "Our step, torch.profiler self CPU time:",
+        "",
+        markdown_table(["op", "calls", "self CPU", "share"], breakdown),
+        "",
+        f"Peak RSS of the benchmark process: {peak_rss_mb():.0f} MiB.",
+    ]
+    markdown = "\n".join(md)
+    print(markdown)
+    if not args.no_write:
+        data = {
+            "machine": machine(), "versions": versions(*PEERS), "args": vars(args), "speedup_vs_peer": speedup,
+            "timings_s": timings, "pieces_s": piece_times, "profile": breakdown, "max_abs_diff": max_diff,
+        }  # fmt: skip
+        print(write_results("lora-cpu", markdown, data))
+
+
+if __name__ == "__main__":
+    main()
