@@ -3,9 +3,10 @@ GGUF import."""
 
 from .config import LlamaConfig
 from .generate import generate
+from .gguf_import import convert_gguf
 from .kv_cache import KVCache
 from .llama import CausalLMOutput, LlamaForCausalLM
 from .loading import load_model
 from .tokenizer import Tokenizer
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache", "load_model", "generate", "Tokenizer"]
+__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache", "load_model", "generate", "Tokenizer", "convert_gguf"]

@@ -106,8 +106,13 @@ def tokenizer_from_sentencepiece(path: str, prepend_scheme: str = "first") -> To
     pieces, model_type = read_sentencepiece_model(path)
     if model_type != "bpe":
         raise ValueError(f"{path}: sentencepiece model type {model_type!r} is not supported; LLaMA models use 'bpe'")
+    return tokenizer_from_pieces([(piece, kind) for piece, _, kind in pieces], prepend_scheme)
+
+
+def tokenizer_from_pieces(pieces: list[tuple[str, int]], prepend_scheme: str = "first") -> Tokenizer:
+    """The same pipeline from (piece, sentencepiece type) pairs in id order (also what a llama GGUF stores)."""
     vocab = {}
-    for i, (piece, _, _) in enumerate(pieces):
+    for i, (piece, _) in enumerate(pieces):
         vocab.setdefault(piece, i)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges_from_vocab(vocab), fuse_unk=True, byte_fallback=True))
     tok.normalizer = None
@@ -116,7 +121,7 @@ def tokenizer_from_sentencepiece(path: str, prepend_scheme: str = "first") -> To
     if prepend_scheme != "never":
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     tok.decoder = decoders.Sequence(steps)
-    added = [AddedToken(p, special=k == CONTROL, normalized=False) for p, _, k in pieces if k in (CONTROL, USER_DEFINED)]
+    added = [AddedToken(p, special=k == CONTROL, normalized=False) for p, k in pieces if k in (CONTROL, USER_DEFINED)]
     special = [t for t in added if t.special]
     if special:
         tok.add_special_tokens(special)

@@ -44,13 +44,19 @@ class Tokenizer:
                 raise ValueError(f"{key} {value!r} is not in the vocabulary")
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
 
-    def _set_post_processor(self, add_bos: bool, add_eos: bool) -> None:
+    def set_bos_eos(self, add_bos: bool, add_eos: bool) -> None:
+        """Make encode(add_special_tokens=True) add BOS and/or EOS (a TemplateProcessing post-processor)."""
         add_bos = add_bos and self.bos_token is not None
         add_eos = add_eos and self.eos_token is not None
-        single = " ".join(([f"{self.bos_token}:0"] if add_bos else []) + ["$A:0"] + ([f"{self.eos_token}:0"] if add_eos else []))
-        pair = single + " " + " ".join(([f"{self.bos_token}:1"] if add_bos else []) + ["$B:1"] + ([f"{self.eos_token}:1"] if add_eos else []))
+
+        def sequence(name: str, type_id: int) -> list[str]:
+            bos, eos = [f"{self.bos_token}:{type_id}"] * add_bos, [f"{self.eos_token}:{type_id}"] * add_eos
+            return bos + [f"${name}:{type_id}"] + eos
+
         special = [(t, self.backend.token_to_id(t)) for t, on in ((self.bos_token, add_bos), (self.eos_token, add_eos)) if on]
-        self.backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
+        self.backend.post_processor = processors.TemplateProcessing(
+            single=sequence("A", 0), pair=sequence("A", 0) + sequence("B", 1), special_tokens=special
+        )
 
     # -- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -89,8 +95,8 @@ class Tokenizer:
                 if config.get(key) is None and backend.token_to_id(default) is not None:
                     config[key] = default
             tok = cls(backend, config, template)
-            # LLaMA's sentencepiece tokenizers prepend <s> unless the config says otherwise.
-            tok._set_post_processor(bool(config.get("add_bos_token", True)), bool(config.get("add_eos_token", False)))
+            # As transformers 5: BOS/EOS only if tokenizer_config.json asks (LLaMA's configs set add_bos_token).
+            tok.set_bos_eos(bool(config.get("add_bos_token", False)), bool(config.get("add_eos_token", False)))
             return tok
         else:
             raise FileNotFoundError(f"no tokenizer in {path!r}: expected tokenizer.json or tokenizer.model")
