@@ -121,3 +121,32 @@ def test_bad_arguments(models, kwargs, match):
     args = {"input_ids": [1, 2, 3], "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(ours, **args)
+
+
+def test_generate_command_prints_what_generate_returns(tmp_path):
+    """`nf4lora generate`: chat template applied, tokens streamed, output = decode(generate(...))."""
+    import argparse
+    import io
+
+    from test_model_helpers import byte_level_tokenizer
+
+    from nf4lora.models import Tokenizer, load_model
+    from nf4lora.models.cli import add_generate_parser
+
+    hf = hf_model(CONFIG, seed=4)
+    hf.save_pretrained(tmp_path)
+    byte_level_tokenizer(tmp_path, vocab_size=CONFIG["vocab_size"])
+    parser = argparse.ArgumentParser()
+    add_generate_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["generate", "--model", str(tmp_path), "--prompt", "hello 12", "--max-new-tokens", "9",
+                              "--quant-type", "nf4", "--compute-dtype", "float32"])  # fmt: skip
+    out = io.StringIO()
+    text = args.func(args, out=out)
+
+    tok = Tokenizer.from_pretrained(tmp_path)
+    model = load_model(tmp_path, quantize="nf4", compute_dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello 12"}], add_generation_prompt=True, tokenize=True)
+    new = generate(model, ids, 9, eos_token_id=[CONFIG["eos_token_id"], tok.eos_token_id])
+    expected = tok.decode([t for t in new.tolist() if t not in (CONFIG["eos_token_id"], tok.eos_token_id)],
+                          skip_special_tokens=True)  # fmt: skip
+    assert text == expected and out.getvalue() == expected + "\n"

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_model_helpers import hf_model, tiny_config
+from test_model_helpers import CHAT_TEMPLATE as TEMPLATE
+from test_model_helpers import byte_level_tokenizer, hf_model, tiny_config
 
 from nf4lora.models import LlamaConfig, Tokenizer, convert_gguf, load_model
 
@@ -14,10 +15,6 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 STRINGS = ["Hello world", " two  spaces", "digits 12345, 3.14", "ünïcödé 日本語 🦙", "<|im_start|>user\nhi<|im_end|>\n", ""]
 CHAT = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
-TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
@@ -28,25 +25,6 @@ def _llama_cpp_order(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     hd = w.shape[0] // n_heads
     rows = [h * hd + i // 2 + (i % 2) * (hd // 2) for h in range(n_heads) for i in range(hd)]
     return w[rows]
-
-
-def _byte_level_tokenizer(path):
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = Backend(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=96, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60], show_progress=False)  # fmt: skip
-    tok.train_from_iterator(["hello world, hi there. digits 12345 " * 20], trainer)
-    tok.save(str(path / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-           "pad_token": "<|endoftext|>", "chat_template": TEMPLATE}  # fmt: skip
-    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return json.loads((path / "tokenizer.json").read_text())
 
 
 def _write_gguf(file, hf, config, tok_json=None, sp_pieces=None, weight_type=Q.F32, arch="llama", pre="smollm",
@@ -133,7 +111,7 @@ def test_float32_round_trip_reproduces_logits_and_tokenizer(tmp_path, overrides)
     config = tiny_config(**overrides)
     hf = hf_model(config)
     (tmp_path / "orig").mkdir()
-    tok_json = _byte_level_tokenizer(tmp_path / "orig")
+    tok_json = byte_level_tokenizer(tmp_path / "orig")
     _write_gguf(tmp_path / "m.gguf", hf, config, tok_json=tok_json)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", dtype="float32")
 
@@ -173,7 +151,7 @@ def test_quantized_weights_dequantize_into_place(tmp_path, weight_type):
     config = tiny_config(intermediate_size=128)  # rows must be whole 32-element blocks
     hf = hf_model(config)
     (tmp_path / "orig").mkdir()
-    _write_gguf(tmp_path / "m.gguf", hf, config, tok_json=_byte_level_tokenizer(tmp_path / "orig"), weight_type=weight_type)
+    _write_gguf(tmp_path / "m.gguf", hf, config, tok_json=byte_level_tokenizer(tmp_path / "orig"), weight_type=weight_type)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", dtype="float32")
     ours = load_model(out, quantize=None, compute_dtype=torch.float32).state_dict()
     for name, ref in hf.state_dict().items():
@@ -195,7 +173,7 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path):
     plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2).float() / 16))
     freqs = {"rope_freqs.weight": (plain / scaled).numpy().astype(np.float32)}  # what llama.cpp stores
     (tmp_path / "orig").mkdir()
-    _write_gguf(tmp_path / "m.gguf", hf, config, tok_json=_byte_level_tokenizer(tmp_path / "orig"), extra_tensors=freqs)
+    _write_gguf(tmp_path / "m.gguf", hf, config, tok_json=byte_level_tokenizer(tmp_path / "orig"), extra_tensors=freqs)
     out = convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", dtype="float32")
     assert LlamaConfig.from_pretrained(out).rope_scaling == scaling
 
@@ -234,7 +212,7 @@ def test_sentencepiece_vocabulary_converts_like_transformers(tmp_path):
 def tiny_gguf_args(tmp_path):
     config = tiny_config()
     (tmp_path / "orig").mkdir()
-    return hf_model(config), config, _byte_level_tokenizer(tmp_path / "orig")
+    return hf_model(config), config, byte_level_tokenizer(tmp_path / "orig")
 
 
 def test_errors_name_the_file_and_key(tmp_path, tiny_gguf_args):
@@ -259,3 +237,21 @@ def test_errors_name_the_file_and_key(tmp_path, tiny_gguf_args):
         convert_gguf(tmp_path / "nope.gguf", tmp_path / "o5")
     with pytest.raises(ValueError, match="dtype must be one of"):
         convert_gguf(bad, tmp_path / "o6", dtype="int8")
+
+
+def test_convert_gguf_command(tmp_path, tiny_gguf_args, capsys):
+    import argparse
+
+    from nf4lora.models.cli import add_convert_gguf_parser
+
+    hf, config, tok_json = tiny_gguf_args
+    _write_gguf(tmp_path / "m.gguf", hf, config, tok_json=tok_json)
+    parser = argparse.ArgumentParser()
+    add_convert_gguf_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["convert-gguf", str(tmp_path / "m.gguf"), str(tmp_path / "out"), "--dtype", "float32"])
+    args.func(args)
+    assert "model.safetensors" in capsys.readouterr().out
+    ids = torch.randint(0, config["vocab_size"], (1, 9))
+    with torch.no_grad():
+        got = load_model(tmp_path / "out", quantize=None, compute_dtype=torch.float32)(ids).logits
+        torch.testing.assert_close(got, hf(ids).logits, atol=1e-5, rtol=0)

@@ -5,6 +5,8 @@ Not a test module (no tests here): imported by tests/test_model*.py, test_load*.
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 TINY = dict(
@@ -57,3 +59,31 @@ def our_model_from_hf(hf, config: dict):
     assert not missing, missing
     assert set(unexpected) <= {"lm_head.weight"}, unexpected
     return model
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def byte_level_tokenizer(path, vocab_size: int = 96) -> dict:
+    """Write a tiny GPT-2 style byte-level BPE (SmolLM-like: digits split, ChatML specials) into `path`
+    (tokenizer.json + tokenizer_config.json) and return the tokenizer.json object."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Backend(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60], show_progress=False)  # fmt: skip
+    tok.train_from_iterator(["hello world, hi there. digits 12345 " * 20], trainer)
+    assert tok.get_vocab_size() == vocab_size
+    tok.save(str(path / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+           "pad_token": "<|endoftext|>", "chat_template": CHAT_TEMPLATE}  # fmt: skip
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return json.loads((path / "tokenizer.json").read_text())

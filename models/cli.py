@@ -1,0 +1,159 @@
+"""The model subcommands of the `nf4lora` command line: `generate` and `convert-gguf`.
+
+train/cli.py owns the top-level parser and calls add_generate_parser / add_convert_gguf_parser; each subparser
+stores its handler in `args.func`. Errors are raised as ValueError / FileNotFoundError for the caller to print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+# -------------------------------------------------------------------------------------------------- generate
+def add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", help="PEFT LoRA adapter directory to apply")
+    p.add_argument("--prompt", required=True, help="the user message (or raw text with --no-chat)")
+    p.add_argument("--system", help="system message (chat mode)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the tokenizer's chat template (default: when it has one)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=int, default=200, help="upper bound on generated tokens (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= p")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--quant-type", choices=("nf4", "fp4", "none"), default="nf4",
+                   help="hold the base in 4 bits (nf4/fp4) or 16 bits (none) (default: nf4)")  # fmt: skip
+    p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
+                   help="double quantization (default: on)")  # fmt: skip
+    p.add_argument("--blocksize", type=int, default=64, help="quantization block size (default: 64)")
+    p.add_argument("--compute-dtype", choices=("auto", *DTYPES), default="auto",
+                   help="activation dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+
+
+def add_generate_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate", help="generate text from a model (optionally with a LoRA adapter), printed as it comes",
+        description="Load a checkpoint (4-bit by default), optionally apply a PEFT adapter, and print the "
+        "continuation of --prompt token by token.",
+    )  # fmt: skip
+    add_generate_args(p)
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def run_generate(args: argparse.Namespace, out=None) -> str:
+    """Run `generate` for parsed args; prints to `out` (default stdout) as tokens arrive; returns the text."""
+    from .generate import generate
+    from .loading import load_model
+    from .tokenizer import Tokenizer
+
+    out = out or sys.stdout
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    device = _device(args.device)
+    dtype = DTYPES.get(args.compute_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    path = _resolve_model(args.model)
+    quantize = None if args.quant_type == "none" else args.quant_type
+    model = load_model(path, quantize=quantize, double_quant=args.double_quant, blocksize=args.blocksize,
+                       compute_dtype=dtype, device=device)  # fmt: skip
+    if args.adapter is not None:
+        from nf4lora.lora import load_adapter
+
+        if not os.path.isdir(args.adapter):
+            raise ValueError(f"--adapter={args.adapter!r} is not a directory")
+        load_adapter(model, args.adapter)
+    tokenizer = Tokenizer.from_pretrained(path)
+
+    chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
+    if chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.prompt}
+        ]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    else:
+        ids = tokenizer.encode(args.prompt)
+    eos = sorted({*model.config.eos_token_ids, tokenizer.eos_token_id} - {None})
+    printer = _StreamPrinter(tokenizer, set(eos), out)
+    generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+             seed=args.seed, eos_token_id=eos or None, stream=printer)  # fmt: skip
+    return printer.finish()
+
+
+class _StreamPrinter:
+    """Prints the decoded text as tokens arrive. Byte-level tokens can end inside a UTF-8 character, so the text
+    is re-decoded from the start and only complete new characters are printed."""
+
+    def __init__(self, tokenizer, eos: set[int], out):
+        self.tokenizer, self.eos, self.out = tokenizer, eos, out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, token: int) -> None:
+        if token in self.eos:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
+            return
+        self.out.write(text[len(self.printed) :])
+        self.out.flush()
+        self.printed = text
+
+    def finish(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.out.write(text[len(self.printed) :] + "\n")
+        self.out.flush()
+        return text
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name!r} but CUDA is not available")
+    return device
+
+
+def _resolve_model(model: str | None) -> str:
+    if model is None:  # the built-in default lives with the training inputs (converted from GGUF once)
+        from nf4lora.train.resources import default_model_dir
+
+        return default_model_dir()
+    if not os.path.isdir(model):
+        raise ValueError(f"--model={model!r} is not a directory")
+    return model
+
+
+# --------------------------------------------------------------------------------------------- convert-gguf
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("gguf", help="LLaMA-architecture .gguf file")
+    p.add_argument("out_dir", help="output directory (Hugging Face layout)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of the written weights")
+
+
+def add_convert_gguf_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "convert-gguf", help="convert a llama.cpp GGUF file into a Hugging Face checkpoint directory",
+        description="Dequantize a LLaMA-architecture GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1) into "
+        "model.safetensors + config.json + tokenizer.json + tokenizer_config.json + generation_config.json.",
+    )  # fmt: skip
+    add_convert_args(p)
+    p.set_defaults(func=run_convert_gguf)
+    return p
+
+
+def run_convert_gguf(args: argparse.Namespace) -> str:
+    from .gguf_import import convert_gguf
+
+    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype)
+    print(f"wrote {out}: " + ", ".join(sorted(os.listdir(out))))
+    return out
