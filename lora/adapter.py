@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -57,17 +57,19 @@ def _is_off(value, off) -> bool:
 
 # -- writing ---------------------------------------------------------------------------------------------------
 def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename it over `path`; remove the temporary file on failure."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    """Call write(tmp_path), fsync it, then rename it over `path`; remove the temporary file on failure.
+
+    The temporary name is unique per process and call and lives in the target directory (os.replace is atomic
+    only within one filesystem); it is created by `write` itself, so the file gets the user's usual permissions.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -43,7 +43,15 @@ class LoRALinear(nn.Module):
     (0.5 bytes per weight), for a 16-bit base a copy of the weight.
     """
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming"):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        init: str = "kaiming",
+    ):
         super().__init__()
         if not isinstance(base, (Linear4bit, nn.Linear)):
             raise TypeError(f"base must be a Linear4bit or torch.nn.Linear, got {type(base).__name__}")
@@ -77,7 +85,10 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, use_rslora={self.use_rslora}, merged={self.merged}"
+        return (
+            f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, use_rslora={self.use_rslora}, "
+            f"merged={self.merged}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)

@@ -111,10 +111,13 @@ def select_targets(model: nn.Module, target_modules) -> list[str]:
         names = [name for name in linears if any(_name_matches(name, t) for t in target_modules)]
     else:
         raise TypeError(
-            f"target_modules must be 'all-linear', a non-empty list of module names or a regex string, got {target_modules!r}"
+            "target_modules must be 'all-linear', a non-empty list of module names or a regex string, "
+            f"got {target_modules!r}"
         )
     if not names:
-        raise ValueError(f"target_modules {target_modules!r} selects no Linear layer; the model's Linear layers are named {available}")
+        raise ValueError(
+            f"target_modules {target_modules!r} selects no Linear layer; the model's Linear layers are named {available}"
+        )
     return names
 
 
