@@ -272,3 +272,17 @@ def test_cuda_layer_with_lora_matches_the_cpu_layer():
         for got, want in ((y_gpu.cpu(), y_cpu), (gx_gpu.cpu(), gx_cpu)):
             tol = 2**-7 * want.abs().max().item()
             assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=tol)
+
+
+def test_load_copies_unless_assign():
+    source = Linear4bit.from_linear(_linear(seed=11), quant_type="fp4")
+    sd = source.state_dict()
+    copied, assigned = Linear4bit(IN, OUT), Linear4bit(IN, OUT)
+    copied.load_state_dict(sd)
+    assigned.load_state_dict(sd, assign=True)
+    assert assigned.weight.data_ptr() == sd["weight"].data_ptr()
+    assert assigned.quant_state.absmax.data_ptr() == sd["weight.absmax"].data_ptr()
+    assert copied.weight.data_ptr() != sd["weight"].data_ptr()
+    assert copied.quant_state.absmax.data_ptr() != sd["weight.absmax"].data_ptr()
+    x = torch.randn(3, IN)
+    assert torch.equal(copied(x), source(x)) and torch.equal(assigned(x), source(x))
