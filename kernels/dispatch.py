@@ -20,8 +20,8 @@ __all__ = ["dequantize", "matmul_4bit", "backend_for", "BACKENDS"]
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _state_args(packed: torch.Tensor, state: QuantState) -> tuple:
-    """The QuantState as the ops take it (ops.STATE_ARGS order)."""
+def state_args(packed: torch.Tensor, state: QuantState) -> tuple:
+    """The QuantState as the ops and the launchers take it (ops.STATE_ARGS order)."""
     nested = state.nested
     return (
         packed, state.absmax, state.code, state.offset,
@@ -55,7 +55,7 @@ def dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | Non
     dtype = state.dtype if dtype is None else dtype
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    return ops.dequantize_4bit(*_state_args(packed, state), dtype)
+    return ops.dequantize_4bit(*state_args(packed, state), dtype)
 
 
 def matmul_4bit(
@@ -83,4 +83,4 @@ def matmul_4bit(
             raise ValueError(f"bias must have shape ({N},) for a {N}x{K} weight, got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}: move both to one device")
-    return ops.matmul_4bit(x, *_state_args(packed, state), bias)
+    return ops.matmul_4bit(x, *state_args(packed, state), bias)

@@ -1,0 +1,223 @@
+"""4-bit kernel benchmarks: nf4lora vs bitsandbytes, and vs a 16-bit matmul with the weight already dequantized.
+
+    python benchmarks/bench_kernels.py [--device cpu|cuda] [--out DIR] [--quick] [--repeat N] [--peak-gbps X]
+
+Same weights, same inputs, same run. Ratios are peer time / ours (> 1: ours faster).
+- CPU: the torch path (what nf4lora.kernels runs for CPU tensors) vs bitsandbytes' CPU dequantize_4bit and
+  matmul_4bit (its AVX-512 dequantize, then F.linear), bf16.
+- CUDA: the Triton kernels. Dequantize (GB/s moved, % of peak bandwidth) vs bitsandbytes dequantize_4bit; batch-1
+  GEMV vs bitsandbytes matmul_4bit at M = 1 (its GEMV kernel); the fused matmul at M in {1, 16, 64, 512, 2048,
+  4096} on the LLaMA-7B shapes vs bitsandbytes matmul_4bit and vs F.linear with the dequantized bf16 weight; the
+  grad-input product; GEMV vs fused kernel for M = 1..8 (where the dispatch crossover should be).
+Writes kernels-<device>.md and .json into DIR (default benchmarks/results/). --quick uses tiny shapes (the dry run
+of gpu_check.sh). Targets are in ../shared/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import harness
+from harness import environment_block, fmt_ms, markdown_table, time_fn, write_results
+
+from nf4lora.kernels import dequantize, matmul_4bit
+from nf4lora.kernels.dispatch import state_args
+from nf4lora.nf4 import quantize_4bit
+
+# (out_features N, in_features K) of LLaMA-7B's projections: q/k/v/o, gate/up, down.
+LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+QUICK_SHAPES = [(512, 512), (768, 512)]
+PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # HBM, vendor data sheets
+
+
+def import_bitsandbytes():
+    """bitsandbytes' functional module and matmul_4bit, or None (the run then says the peer is missing)."""
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnb_f
+    except Exception as e:  # noqa: BLE001 - any import failure means "no peer", reported in the results
+        print(f"bitsandbytes unavailable ({type(e).__name__}: {e}); peer columns stay empty", file=sys.stderr)
+        return None
+    return bnb_f, bitsandbytes.matmul_4bit
+
+
+class Timer:
+    """Median and spread in seconds: triton.testing.do_bench on CUDA, harness.time_fn on the CPU."""
+
+    def __init__(self, device: str, repeat: int):
+        self.device, self.repeat = device, repeat
+
+    def __call__(self, fn) -> dict:
+        if self.device == "cuda":
+            import triton.testing
+
+            median, low, high = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+            return {"median": median / 1e3, "min": low / 1e3, "max": high / 1e3}
+        return time_fn(fn, warmup=1, repeat=self.repeat)
+
+
+def quantized_pair(n: int, k: int, device: str, bnb, quant_type="nf4", double_quant=True):
+    """The same bf16 weight quantized by nf4lora and by bitsandbytes (blocksize 64)."""
+    w = torch.randn(n, k, dtype=torch.bfloat16, device=device)
+    ours = quantize_4bit(w, 64, quant_type, double_quant)
+    peer = None
+    if bnb is not None:
+        peer = bnb[0].quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    return w, ours, peer
+
+
+def dequant_bytes(n: int, k: int, double_quant: bool, out_bytes: int = 2) -> int:
+    """Bytes a dequantization moves: codes, block constants (8-bit + nested with DQ), output."""
+    blocks = -(-n * k // 64)
+    constants = blocks + 4 * -(-blocks // 256) if double_quant else 4 * blocks
+    return (n * k + 1) // 2 + constants + out_bytes * n * k
+
+
+def row(results: list, rows: list, what: str, shape, m, ours: dict, peers: dict[str, dict | None], extra=None):
+    """Append one result (JSON) and its table row: our median and spread, each peer's median and ratio."""
+    entry = {"what": what, "shape": list(shape), "m": m, "ours_s": ours, **(extra or {})}
+    cells = [what, f"{shape[0]}x{shape[1]}", "" if m is None else m, fmt_ms(ours["median"]),
+             f"{fmt_ms(ours['min'])}..{fmt_ms(ours['max'])}"]  # fmt: skip
+    for name, peer in peers.items():
+        entry[f"{name}_s"] = peer
+        if peer is None:
+            cells += ["n/a", "n/a"]
+        else:
+            entry[f"ratio_{name}"] = peer["median"] / ours["median"]
+            cells += [fmt_ms(peer["median"]), f"{peer['median'] / ours['median']:.2f}x"]
+    for key, fmtd in (extra or {}).items():
+        cells.append(f"{key}={fmtd:.3g}" if isinstance(fmtd, float) else f"{key}={fmtd}")
+    results.append(entry)
+    rows.append(cells)
+    print(" | ".join(str(c) for c in cells), flush=True)
+
+
+def bench_cpu(args, bnb, timer, results, sections):
+    shapes = QUICK_SHAPES if args.quick else LLAMA_SHAPES[:2]
+    rows = []
+    for n, k in shapes:
+        for quant_type, dq in (("nf4", True), ("nf4", False), ("fp4", True)):
+            _, (packed, state), peer = quantized_pair(n, k, "cpu", bnb, quant_type, dq)
+            ours = timer(lambda: dequantize(packed, state, torch.bfloat16))
+            theirs = timer(lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None
+            row(results, rows, f"dequantize {quant_type}{'+DQ' if dq else ''} -> bf16", (n, k), None, ours,
+                {"bitsandbytes": theirs})  # fmt: skip
+    sections.append(("Dequantize (CPU torch path)", ["op", "weight NxK", "M", "nf4lora", "range",
+                     "bitsandbytes", "bnb / ours"], rows))  # fmt: skip
+
+    rows = []
+    n, k = shapes[0]
+    w, (packed, state), peer = quantized_pair(n, k, "cpu", bnb)
+    w_dense = dequantize(packed, state, torch.bfloat16)
+    for m in (1, 16) if args.quick else (1, 16, 512):
+        x = torch.randn(m, k, dtype=torch.bfloat16)
+        with torch.no_grad():
+            ours = timer(lambda: matmul_4bit(x, packed, state))
+            theirs = timer(lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None
+            dense = timer(lambda: F.linear(x, w_dense))
+        row(results, rows, "forward (no grad)", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense})
+
+        xg = x.clone().requires_grad_()
+        dy = torch.randn(m, n, dtype=torch.bfloat16)
+        ours = timer(lambda: matmul_4bit(xg, packed, state).backward(dy))
+        theirs = timer(lambda: bnb[1](xg, peer[0].t(), peer[1]).backward(dy)) if bnb else None
+        dense = timer(lambda: F.linear(xg, w_dense).backward(dy))
+        row(results, rows, "forward + grad-input", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense})
+    sections.append(("matmul_4bit (CPU torch path), bf16", ["op", "weight NxK", "M", "nf4lora", "range",
+                     "bitsandbytes", "bnb / ours", "dense bf16 (W pre-dequantized)", "dense / ours"], rows))  # fmt: skip
+
+
+def bench_cuda(args, bnb, timer, results, sections):
+    from nf4lora.kernels import gemv, matmul
+
+    name = torch.cuda.get_device_name()
+    peak = args.peak_gbps * 1e9 if args.peak_gbps else next((v for k, v in PEAK_BYTES_PER_S.items() if k in name), None)
+    shapes = QUICK_SHAPES if args.quick else LLAMA_SHAPES
+
+    rows = []
+    for n, k in shapes:
+        _, (packed, state), peer = quantized_pair(n, k, "cuda", bnb)
+        ours = timer(lambda: dequantize(packed, state, torch.bfloat16))
+        theirs = timer(lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None
+        gbps = dequant_bytes(n, k, True) / ours["median"] / 1e9
+        extra = {"GB/s": gbps, "%peak": 100 * gbps * 1e9 / peak if peak else "n/a"}
+        row(results, rows, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs}, extra)
+    sections.append(("Dequantize (Triton)", ["op", "weight NxK", "M", "nf4lora", "p20..p80", "bitsandbytes",
+                     "bnb / ours", "bandwidth"], rows))  # fmt: skip
+
+    rows = []
+    for n, k in shapes:
+        w, (packed, state), peer = quantized_pair(n, k, "cuda", bnb)
+        w_dense = dequantize(packed, state, torch.bfloat16)
+        for m in (1, 16) if args.quick else (1, 16, 64, 512, 2048, 4096):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            with torch.no_grad():
+                ours = timer(lambda: matmul_4bit(x, packed, state))
+                theirs = timer(lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None
+                dense = timer(lambda: F.linear(x, w_dense))
+            extra = {"TFLOP/s": 2 * m * n * k / ours["median"] / 1e12}
+            if m == 1:
+                gbps = (dequant_bytes(n, k, True, out_bytes=0) + 2 * (k + n)) / ours["median"] / 1e9
+                extra.update({"GB/s": gbps, "%peak": 100 * gbps * 1e9 / peak if peak else "n/a"})
+            row(results, rows, "forward", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense}, extra)
+        for m in (16,) if args.quick else (512, 2048, 4096):
+            dy = torch.randn(m, n, dtype=torch.bfloat16, device="cuda")
+            ours = timer(lambda: matmul.matmul_grad_input(dy, *state_args(packed, state)))
+            dense = timer(lambda: dy @ w_dense)
+            row(results, rows, "grad-input dy @ W", (n, k), m, ours, {"bitsandbytes": None, "dense_bf16": dense},
+                {"TFLOP/s": 2 * m * n * k / ours["median"] / 1e12})  # fmt: skip
+    sections.append(("Fused matmul and GEMV (Triton), bf16", ["op", "weight NxK", "M", "nf4lora", "p20..p80",
+                     "bitsandbytes", "bnb / ours", "dense bf16 (W pre-dequantized)", "dense / ours", "rate", ""],
+                     rows))  # fmt: skip
+
+    rows = []
+    n, k = shapes[0]
+    _, (packed, state), _ = quantized_pair(n, k, "cuda", None)
+    for m in (1, 2, 4, 8):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+        fused = timer(lambda: matmul.matmul(x, None, *state_args(packed, state)))
+        small = timer(lambda: gemv.gemv(x, None, *state_args(packed, state))) if m <= gemv.MAX_M else None
+        row(results, rows, "fused kernel vs GEMV kernel", (n, k), m, fused, {"gemv": small})
+    sections.append((f"Dispatch crossover (GEMV used for M <= {gemv.MAX_M})", ["op", "weight NxK", "M",
+                     "fused", "p20..p80", "gemv", "fused / gemv"], rows))  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results/)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script runs, not speed")
+    parser.add_argument("--repeat", type=int, default=7, help="CPU timing repeats (CUDA uses do_bench)")
+    parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth for %% of peak")
+    args = parser.parse_args()
+    if args.out is not None:
+        harness.RESULTS = args.out  # write_results writes into harness.RESULTS
+    torch.manual_seed(0)
+
+    bnb = import_bitsandbytes()
+    timer = Timer(args.device, args.repeat)
+    results, sections = [], []
+    (bench_cuda if args.device == "cuda" else bench_cpu)(args, bnb, timer, results, sections)
+
+    how = ("triton.testing.do_bench: median (p20..p80)" if args.device == "cuda"
+           else f"median of {args.repeat} runs after a warm-up run (range = min..max)")  # fmt: skip
+    parts = [
+        f"# 4-bit kernels on {args.device.upper()}: nf4lora vs bitsandbytes{' (quick shapes)' if args.quick else ''}",
+        "",
+        environment_block("bitsandbytes"),
+        f"Timing: {how}. Weights blocksize 64, NF4 + double quantization unless stated; ratios are peer / ours",
+        "(> 1: ours faster). bitsandbytes " + ("was not available in this run." if bnb is None else "ran in the same process."),
+    ]  # fmt: skip
+    for title, header, rows in sections:
+        parts += ["", f"## {title}", "", markdown_table(header, rows)]
+    name = f"kernels-{args.device}" + ("-quick" if args.quick else "")
+    print(write_results(name, "\n".join(parts), {"device": args.device, "quick": args.quick, "results": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Every GPU test and GPU benchmark of nf4lora in one run (budget: under 8 minutes on one H200-class GPU), with all
+# results written into one folder. GPU time comes in short slots: run this, then commit what it wrote under
+# benchmarks/results/ (see ../shared/PERFORMANCE.md).
+#
+#   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--dry-run]
+#
+#   RESULTS_DIR       created if missing; gets summary.txt, env.txt, one log per step, test reports, benchmark files
+#   --bnb-wheels DIR  install bitsandbytes from the wheels in DIR (pip --no-index: nothing from the network);
+#                     without it an installed bitsandbytes is used, and without one the peer columns stay empty
+#   --python PY       interpreter to use (default: .venv/bin/python if present, else python3)
+#   --dry-run         on the CPU: check the script and its steps work (GPU tests are collected, not run; the
+#                     kernel benchmark runs with tiny shapes on the CPU); installs nothing. CI runs this.
+#
+# Installs nothing from the network. If nf4lora is not importable it is installed from this checkout
+# (pip --no-deps --no-index --no-build-isolation). Every skipped step is named in summary.txt. Exit status is 1 if
+# any step that ran failed.
+set -uo pipefail
+
+usage() { sed -n '6,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+OUT="" WHEELS="" PY="" DRY=0
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --bnb-wheels) WHEELS="${2:?--bnb-wheels needs a directory}"; shift 2 ;;
+        --python) PY="${2:?--python needs an interpreter}"; shift 2 ;;
+        --dry-run) DRY=1; shift ;;
+        -h|--help) usage ;;
+        -*) echo "unknown option $1" >&2; usage ;;
+        *) [[ -z "$OUT" ]] || { echo "one RESULTS_DIR only, got '$OUT' and '$1'" >&2; usage; }; OUT="$1"; shift ;;
+    esac
+done
+[[ -n "$OUT" ]] || usage
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "$PY" ]]; then
+    if [[ -x "$REPO/.venv/bin/python" ]]; then PY="$REPO/.venv/bin/python"; else PY="python3"; fi
+fi
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+FAILED=0
+
+# Never put the checkout on sys.path: its kernels/ and models/ folders shadow unrelated packages (ARCHITECTURE.md).
+# Benchmark scripts run without it (they import harness.py from their own folder, which is safe).
+export PYTHONSAFEPATH=1
+cd "$REPO"
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+skip() { say "SKIPPED  $1: $2"; }
+
+# step NAME TIMEOUT_S CMD...: run with a time cap, log to NAME.log, record status and duration in the summary.
+step() {
+    local name="$1" limit="$2"; shift 2
+    local t0=$SECONDS
+    echo "== $name: $*" | tee "$OUT/$name.log"
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" >> "$OUT/$name.log" 2>&1
+    local rc=$?
+    local took=$((SECONDS - t0))
+    if [[ $rc -eq 0 ]]; then
+        say "OK       $name (${took}s)"
+    elif [[ $rc -eq 124 || $rc -eq 137 ]]; then
+        say "TIMEOUT  $name after ${limit}s (see $name.log)"; FAILED=1
+    else
+        say "FAILED   $name (exit $rc, ${took}s; see $name.log)"; FAILED=1
+    fi
+    tail -n 5 "$OUT/$name.log"
+    return $rc
+}
+
+say "nf4lora gpu_check $( ((DRY)) && echo '(dry run, CPU)' ) $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+say "python: $PY"
+
+# -- environment ------------------------------------------------------------------------------------------------
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    if command -v nvidia-smi > /dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+    "$PY" - <<'EOF'
+import importlib.metadata as md, platform
+import torch
+print("python", platform.python_version())
+for name in ("torch", "triton", "bitsandbytes", "nf4lora", "pytest"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
+print("cuda available:", torch.cuda.is_available(), "| device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "-")
+EOF
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+if ((DRY == 0)) && [[ "$HAS_CUDA" != 1 ]]; then
+    say "FAILED   no CUDA device visible to $PY: nothing to check (use --dry-run on a CPU machine)"
+    exit 1
+fi
+
+# -- installs (local files only) -----------------------------------------------------------------------------------
+if ! "$PY" -c "import nf4lora.kernels" 2> /dev/null; then
+    if ((DRY)); then
+        skip "install nf4lora" "dry run installs nothing, and nf4lora is not importable"; exit 1
+    fi
+    step install-nf4lora 300 "$PY" -m pip install --no-deps --no-index --no-build-isolation -e "$REPO" || exit 1
+fi
+if [[ -n "$WHEELS" ]]; then
+    if ((DRY)); then
+        skip "install bitsandbytes" "dry run: would run pip install --no-index --find-links $WHEELS bitsandbytes"
+    else
+        step install-bitsandbytes 300 "$PY" -m pip install --no-index --find-links "$WHEELS" bitsandbytes
+    fi
+fi
+BNB_OK=$("$PY" -c "import bitsandbytes" > /dev/null 2>&1 && echo 1 || echo 0)
+PYTEST_OK=$("$PY" -c "import pytest" > /dev/null 2>&1 && echo 1 || echo 0)
+((BNB_OK)) || skip "bitsandbytes peer" "not importable: benchmark peer columns are n/a and its GPU test is deselected"
+
+# -- tests ----------------------------------------------------------------------------------------------------------
+PYTEST=("$PY" -m pytest -p no:cacheprovider -q)
+DESELECT=()
+((BNB_OK)) || DESELECT=(-k "not bitsandbytes")
+if ((PYTEST_OK == 0)); then
+    skip "tests" "pytest is not installed for $PY"
+elif ((DRY)); then
+    step gpu-tests-collect 120 "${PYTEST[@]}" -m gpu --collect-only tests/
+    skip "gpu tests" "dry run: collected above, not run (no GPU)"
+else
+    step gpu-tests 200 "${PYTEST[@]}" -m gpu "${DESELECT[@]}" --junitxml="$OUT/gpu-tests.xml" tests/
+fi
+
+# -- benchmarks -----------------------------------------------------------------------------------------------------
+# One entry per GPU benchmark: "name|timeout|script and arguments" (the results folder is appended as --out).
+BENCHES=(
+    "bench-kernels|220|benchmarks/bench_kernels.py --device cuda"
+)
+for entry in "${BENCHES[@]}"; do
+    IFS='|' read -r name limit cmd <<< "$entry"
+    if ((DRY)); then
+        # On the CPU, a quick run of the same script proves it imports and writes its files.
+        step "$name-dry" 240 env -u PYTHONSAFEPATH "$PY" ${cmd/--device cuda/--device cpu --quick --repeat 1} --out "$OUT"
+    else
+        step "$name" "$limit" env -u PYTHONSAFEPATH "$PY" $cmd --out "$OUT"
+    fi
+done
+
+# -- the CPU-interpreter kernel tests, compiled this time (they run on CUDA tensors when a GPU exists) -------------
+if ((DRY)); then
+    skip "compiled kernel tests" "dry run: tests/test_kernels_triton.py runs in CI under the interpreter"
+elif ((PYTEST_OK)); then
+    step triton-tests-compiled 100 "${PYTEST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py
+fi
+
+say "total ${SECONDS}s; results in $OUT"
+((FAILED == 0)) && say "ALL STEPS THAT RAN PASSED" || say "SOME STEPS FAILED"
+exit $FAILED
