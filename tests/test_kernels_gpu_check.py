@@ -1,0 +1,45 @@
+"""benchmarks/gpu_check.sh must not rot between the rare sessions that have a GPU: its dry run (CPU only) runs
+every step that can run here and must write the files the real run writes."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+
+
+def run(*args, timeout=600):
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run_runs_every_step_and_writes_results(tmp_path):
+    out = tmp_path / "gpu-results"
+    proc = run(str(out), "--dry-run", "--python", sys.executable)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    summary = (out / "summary.txt").read_text()
+    assert "OK       gpu-tests-collect" in summary
+    assert "OK       bench-kernels-dry" in summary
+    assert "SKIPPED  gpu tests: dry run" in summary  # says clearly what it did not do
+    assert "ALL STEPS THAT RAN PASSED" in summary
+    assert "torch " in (out / "env.txt").read_text()
+
+    collected = (out / "gpu-tests-collect.log").read_text()
+    assert "test_kernels_gpu.py::test_bf16_fused_forward_and_grad_input" in collected
+
+    data = json.loads((out / "kernels-cpu-quick.json").read_text())
+    assert data["device"] == "cpu" and data["quick"] is True
+    ops = {r["what"] for r in data["results"]}
+    assert {"dequantize nf4+DQ -> bf16", "forward (no grad)", "forward + grad-input"} <= ops
+    assert all(r["ours_s"]["median"] > 0 for r in data["results"])
+    assert "## Dequantize (CPU torch path)" in (out / "kernels-cpu-quick.md").read_text()
+
+
+def test_usage_errors():
+    proc = run(timeout=60)
+    assert proc.returncode == 2 and "RESULTS_DIR" in proc.stdout
+    proc = run("a", "b", timeout=60)
+    assert proc.returncode == 2 and "one RESULTS_DIR only" in proc.stderr
+    proc = run("a", "--frobnicate", timeout=60)
+    assert proc.returncode == 2 and "unknown option --frobnicate" in proc.stderr
