@@ -71,11 +71,11 @@ def load_weight_tile(
 
     W (N, K) is stored row-major: element (n, k) is flat index n*K + k, its code sits in byte idx // 2 (high
     nibble for even idx) and its scale is that of block idx // BLOCKSIZE. rk must be k0 + arange(BLOCK_K), k0 a
-    multiple of BLOCK_K. Two fast cases, chosen at compile time:
+    multiple of BLOCK_K. Fast cases, chosen at compile time:
     - EVEN_K (K % 2 == 0): every row starts on a byte boundary, so the tile is (BLOCK_N, BLOCK_K // 2) bytes,
       each loaded once and split into its two nibbles, instead of a byte load and a nibble select per element;
-    - K_ALIGNED (K % BLOCKSIZE == 0) and BLOCKSIZE % BLOCK_K == 0: the tile's columns lie in one block of each
-      row, so one scale per row instead of one per element.
+    - K_ALIGNED (K % BLOCKSIZE == 0): blocks start at row starts, so one scale per row and block of the tile
+      (BLOCK_K within a block, or whole blocks within BLOCK_K) instead of one scale per element.
     """
     row = rn[:, None].to(tl.int64) * K  # (BLOCK_N, 1) flat index of each row's first element
     if EVEN_K:
@@ -90,17 +90,27 @@ def load_weight_tile(
         idx = row + rk[None, :]
         byte = tl.load(packed_ptr + idx // 2, mask=mask, other=0).to(tl.int32)
         values = tl.load(code_ptr + tl.where(idx % 2 == 0, byte >> 4, byte & 15), mask=mask, other=0.0)
-    if K_ALIGNED and BLOCKSIZE % BLOCK_K == 0:
+    if K_ALIGNED and BLOCKSIZE % BLOCK_K == 0:  # the tile lies in one block of each row
         scales = load_scales(
             absmax_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, (row + k0) // BLOCKSIZE, rn[:, None] < N,
             DOUBLE_QUANT, NESTED_BLOCKSIZE,
         )  # fmt: skip
-    else:
+        tile = values * scales  # (BLOCK_N, BLOCK_K) * (BLOCK_N, 1)
+    elif K_ALIGNED and BLOCK_K % BLOCKSIZE == 0:  # the tile holds BLOCKS whole blocks of each row
+        BLOCKS: tl.constexpr = BLOCK_K // BLOCKSIZE
+        rblock = tl.arange(0, BLOCKS)[None, :]
+        scales = load_scales(
+            absmax_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, (row + k0) // BLOCKSIZE + rblock,
+            (rn[:, None] < N) & (k0 + rblock * BLOCKSIZE < K), DOUBLE_QUANT, NESTED_BLOCKSIZE,
+        )  # fmt: skip
+        tile = tl.reshape(tl.reshape(values, (rn.shape[0], BLOCKS, BLOCKSIZE)) * scales[:, :, None], values.shape)
+    else:  # blocks straddle rows or tiles: one scale per element
         scales = load_scales(
             absmax_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, (row + rk[None, :]) // BLOCKSIZE,
             (rn[:, None] < N) & (rk[None, :] < K), DOUBLE_QUANT, NESTED_BLOCKSIZE,
         )  # fmt: skip
-    return values * scales
+        tile = values * scales
+    return tile
 
 
 @triton.jit
