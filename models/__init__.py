@@ -9,4 +9,7 @@ from .llama import CausalLMOutput, LlamaForCausalLM
 from .loading import load_model
 from .tokenizer import Tokenizer
 
-__all__ = ["LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache", "load_model", "generate", "Tokenizer", "convert_gguf"]
+__all__ = [
+    "LlamaConfig", "LlamaForCausalLM", "CausalLMOutput", "KVCache", "load_model", "generate", "Tokenizer",
+    "convert_gguf",
+]  # fmt: skip

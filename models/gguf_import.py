@@ -10,7 +10,6 @@ tokenizer_config.json. Two format differences are undone:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
