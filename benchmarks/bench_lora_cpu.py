@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 
 import torch
@@ -104,6 +105,7 @@ def main():
     parser.add_argument("--no-write", action="store_true", help="print only (for quick checks)")
     args = parser.parse_args()
 
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     linear = nn.Linear(args.dim, args.dim, bias=False)
     x = torch.randn(args.tokens, args.dim, dtype=torch.bfloat16, requires_grad=True)
@@ -139,6 +141,7 @@ def main():
     }
     piece_times = interleaved(pieces, args.repeat)
     breakdown = profile_breakdown(step_fn(layers["ours (Linear4bit + LoRALinear)"], x, dy))
+    load = (load_before, os.getloadavg()[0])
 
     def spread(t):
         return f"{fmt_ms(t['min'])} .. {fmt_ms(t['max'])}"
@@ -152,7 +155,9 @@ def main():
         f"blocksize 64, compute dtype bf16, LoRA r={args.rank}, alpha={alpha}, adapters float32. One step = forward + "
         f"backward to x and the LoRA weights. Median of {args.repeat} runs after a warm-up, the "
         f"contenders taking turns; spread is min .. max. "
-        f"Output max |ours - peer| = {max_diff:.3g} (bf16).",
+        f"Output max |ours - peer| = {max_diff:.3g} (bf16). 1-minute load average {load[0]:.1f} at the start, "
+        f"{load[1]:.1f} at the end ({os.cpu_count()} cores shared with other jobs: a load above {os.cpu_count()} "
+        "means the contenders did not have the cores to themselves).",
         "",
         markdown_table(["layer", "median", "spread", "speed vs bitsandbytes + PEFT"], rows),
         "",
@@ -174,6 +179,7 @@ def main():
         data = {
             "machine": machine(), "versions": versions(*PEERS), "args": vars(args), "speedup_vs_peer": speedup,
             "timings_s": timings, "pieces_s": piece_times, "profile": breakdown, "max_abs_diff": max_diff,
+            "load_average": load,
         }  # fmt: skip
         print(write_results("lora-cpu", markdown, data))
 
