@@ -31,8 +31,8 @@ def round_to(values, dtype: tl.constexpr):
     """float32 `values` rounded to nearest even in `dtype` (float32, float16 or bfloat16).
 
     bfloat16 is rounded with integer ops on the float32 bits: triton 3.9's interpreter truncates float32 ->
-    bfloat16 casts (the GPU rounds to nearest even), and both must match torch's rounding bit for bit. The
-    weights are finite (quantize_4bit rejects NaN/Inf), so the NaN case of the bit trick does not arise.
+    bfloat16 casts (the GPU rounds to nearest even), and both must match torch's rounding bit for bit. Overflow
+    rounds to inf, and infinities and the quiet NaNs arithmetic produces come through unchanged.
     """
     if dtype == tl.bfloat16:
         bits = values.to(tl.uint32, bitcast=True)

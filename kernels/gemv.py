@@ -77,6 +77,8 @@ def gemv(
     if M > MAX_M:
         raise ValueError(f"gemv takes at most MAX_M={MAX_M} rows of x, got {M}: use matmul.matmul")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y.view(*x.shape[:-1], N)
     double_quant = nested_absmax is not None
     pointers = (offset, nested_absmax, nested_code) if double_quant else (absmax, absmax, absmax)
     args = (

@@ -150,6 +150,8 @@ def matmul(
     x2 = x.reshape(-1, K)  # (M, K); any strides
     M = x2.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y.view(*x.shape[:-1], N)
     pointers, meta = _state_meta(absmax, offset, nested_absmax, nested_code, blocksize, nested_blocksize, K)
     args = (
         x2, packed, absmax, code, *pointers, bias if bias is not None else y, y,
@@ -176,6 +178,8 @@ def matmul_grad_input(
     dy2 = dy.reshape(-1, N)  # (M, N); any strides
     M = dy2.shape[0]
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
+    if M == 0:
+        return dx.view(*dy.shape[:-1], K)
     pointers, meta = _state_meta(absmax, offset, nested_absmax, nested_code, blocksize, nested_blocksize, K)
     args = (
         dy2, packed, absmax, code, *pointers, dx,

@@ -182,6 +182,21 @@ def test_matmul_4bit_routes_and_differentiates(m, monkeypatch):
     torch.testing.assert_close(bias.grad.double(), b64.grad, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("rows", [0, 5])
+def test_empty_and_batched_leading_shapes(rows):
+    """x of shape (..., K), including no rows at all, through the public entry point and its backward."""
+    packed, state = quantized((24, 40), 64, "fp4", False)
+    x = randn(2, rows, 40, dtype=torch.float32, seed=13).requires_grad_()
+    y = matmul_4bit(x, packed, state)
+    assert y.shape == (2, rows, 24)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    w = dequantize_4bit(packed, state, torch.float32).double()
+    torch.testing.assert_close(y.double(), x.detach().double() @ w.T, **TOL[torch.float32])
+    torch.testing.assert_close(x.grad.double(), torch.ones(2, rows, 24, dtype=torch.float64, device=DEVICE) @ w,
+                               **TOL[torch.float32])  # fmt: skip
+
+
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
     packed, state = quantized((8, 16))
     monkeypatch.setattr(dequant, "INTERPRETED", False)
