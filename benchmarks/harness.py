@@ -107,3 +107,28 @@ def write_results(name: str, markdown: str, data: dict | None = None) -> Path:
     if data is not None:
         (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     return md
+
+
+def write_results_in(directory: str | os.PathLike, name: str, markdown: str, data: dict | None = None) -> Path:
+    """write_results into another directory (smoke tests and scratch runs leave benchmarks/results/ alone)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    md = directory / f"{name}.md"
+    md.write_text(markdown.rstrip() + "\n")
+    if data is not None:
+        (directory / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return md
+
+
+def english_text(min_chars: int) -> str:
+    """Real English text on every machine: CPython's documentation topics (pydoc_data.topics, in key order),
+    at least `min_chars` characters (all of it, about 1 MB, if fewer exist)."""
+    from pydoc_data.topics import topics
+
+    parts, n = [], 0
+    for key in sorted(topics):
+        parts.append(topics[key])
+        n += len(topics[key])
+        if n >= min_chars:
+            break
+    return "\n\n".join(parts)

@@ -1,0 +1,438 @@
+"""End-to-end QLoRA training step: ours vs Hugging Face transformers + PEFT + bitsandbytes, same run.
+
+Both sides train the same checkpoint on the same token batches with the same settings: the decoder Linear layers
+in NF4 + double quantization (blocksize 64) with bf16 compute, embeddings and norms in bf16, LoRA r=16, alpha=32,
+dropout 0 on every decoder Linear ("all-linear"), identical LoRA A initialisation (B = 0), bf16 autocast, the same
+AdamW hyper-parameters, gradient checkpointing on or off for both. Each (side, tokens-per-step) point runs in its
+own subprocess so that peak memory (RSS on the CPU; max allocated on CUDA) belongs to that side alone.
+
+    .venv/bin/python benchmarks/bench_qlora_step.py                        # CPU, the built-in SmolLM2-135M
+    .venv/bin/python benchmarks/bench_qlora_step.py --model DIR            # any HF LLaMA checkpoint directory
+    .venv/bin/python benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 \\
+        --tokens-per-step 2048,4096,8192 --grad-ckpt on                    # the GPU check (random-init ~1.1B)
+
+Reports tokens/s (median over the steps after warm-up, with min..max), peak memory and both losses step by step;
+at the default point it adds a torch.profiler table of one step of each side. Writes
+benchmarks/results/qlora-step-<device>.{md,json,png} (or into --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+from harness import RESULTS, english_text, environment_block, machine, markdown_table, peak_rss_mb, versions, write_results_in
+
+PEERS = ("transformers", "peft", "bitsandbytes")
+SIDES = ("ours", "peer")
+LABELS = {"ours": "ours (nf4lora)", "peer": "HF transformers + PEFT + bitsandbytes"}
+LORA = dict(r=16, alpha=32, dropout=0.0)  # QLoRA's usual rank for small models; alpha = 2r
+ADAMW = dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)  # the QLoRA paper's rate, no decay on LoRA
+# Random-init LLaMA-style configurations for --synthetic: "1b" is TinyLlama-1.1B's shape (GQA 32/4), "tiny" is
+# for smoke tests.
+SYNTHETIC = {
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+               num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=4096),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ data
+def make_token_ids(model_dir: str, n_tokens: int, data: str, vocab_size: int) -> torch.Tensor:
+    """n_tokens ids (int64): pydoc text tokenized by our Tokenizer (repeated if short), or seeded random ids."""
+    if data == "random":
+        return torch.randint(0, vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(0))
+    from nf4lora.models import Tokenizer
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    ids = tokenizer.encode(english_text(6 * n_tokens), add_special_tokens=False)  # >= 1 token per 6 chars
+    reps = math.ceil(n_tokens / len(ids))
+    return torch.tensor((ids * reps)[:n_tokens], dtype=torch.int64)
+
+
+def batch_at(ids: torch.Tensor, step: int, batch: int, seq_len: int) -> torch.Tensor:
+    """The (batch, seq_len) window of step `step`, wrapping around the id stream: both sides see the same."""
+    n = batch * seq_len
+    start = (step * n) % (ids.numel() - n + 1)
+    return ids[start : start + n].view(batch, seq_len)
+
+
+def write_synthetic_checkpoint(name: str, out_dir: str) -> str:
+    """A random-init LLaMA-style checkpoint (bf16 safetensors + config.json) saved by transformers."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(**SYNTHETIC[name], rms_norm_eps=1e-5, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+# -------------------------------------------------------------------------------------------- the two sides
+def canonical_lora_name(name: str) -> str:
+    """PEFT's "base_model.model.X.lora_A.default.weight" and our "X.lora_A.weight" -> "X.lora_A.weight"."""
+    return name.removeprefix("base_model.model.").replace(".default.", ".")
+
+
+def init_lora_identically(model: torch.nn.Module) -> int:
+    """Give every lora_A the same values on both sides (kaiming-uniform bound 1/sqrt(fan_in), seeded by the
+    layer's canonical name) and every lora_B zeros; returns the number of trainable parameters."""
+    n = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            n += p.numel()
+            if ".lora_A." in name:
+                g = torch.Generator().manual_seed(zlib.crc32(canonical_lora_name(name).encode()))
+                bound = 1 / math.sqrt(p.shape[1])
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).uniform_(-bound, bound, generator=g))
+            elif ".lora_B." in name:
+                p.zero_()
+            else:
+                raise ValueError(f"unexpected trainable parameter {name!r}: only LoRA A/B should train")
+    return n
+
+
+def build_ours(model_dir: str, device: torch.device, grad_ckpt: bool):
+    from nf4lora.lora import add_lora
+    from nf4lora.models import load_model
+    from nf4lora.train.optim import PagedAdamW
+
+    model = load_model(model_dir, quantize="nf4", double_quant=True, blocksize=64, compute_dtype=torch.bfloat16,
+                       device=device)  # fmt: skip
+    add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules="all-linear")
+    model.gradient_checkpointing = grad_ckpt
+    model.train()
+    init_lora_identically(model)
+    optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
+
+    def loss_fn(ids):
+        return model(ids, labels=ids).loss
+
+    return model, optimizer, loss_fn, "nf4lora PagedAdamW (fp32 state in CPU memory)"
+
+
+def build_peer(model_dir: str, device: torch.device, grad_ckpt: bool):
+    import bitsandbytes as bnb
+    import peft
+    import transformers
+
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                              device_map={"": device})  # fmt: skip
+    model.config.use_cache = False
+    if grad_ckpt:  # non-reentrant, like ours; PEFT's prepare_model_for_kbit_training is not used because it
+        # upcasts norms and embeddings to fp32, which ours does not do (same dtypes on both sides).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                             target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+    model = peft.get_peft_model(model, config)
+    model.train()
+    init_lora_identically(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        optimizer, name = bnb.optim.PagedAdamW32bit(params, **ADAMW), "bitsandbytes PagedAdamW32bit"
+    except (RuntimeError, NotImplementedError):  # builds without paged memory on this device
+        optimizer, name = torch.optim.AdamW(params, **ADAMW), "torch.optim.AdamW (bitsandbytes PagedAdamW unavailable)"
+
+    def loss_fn(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, optimizer, loss_fn, name
+
+
+def profile_step(step, rows: int = 12) -> list[list]:
+    """torch.profiler self-CPU-time table (top `rows` ops) of one call of `step`."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [[e.key, e.count, f"{e.self_cpu_time_total / 1e3:.1f} ms", f"{100 * e.self_cpu_time_total / total:.1f}%"]
+            for e in events[:rows]]  # fmt: skip
+
+
+def run_worker(args) -> dict:
+    """One side at one tokens-per-step point: load, then `warmup + steps` optimizer steps. Runs in its own process."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    t0 = time.perf_counter()
+    build = build_ours if args.worker == "ours" else build_peer
+    model, optimizer, loss_fn, optimizer_name = build(args.model, device, args.grad_ckpt == "on")
+    load_s = time.perf_counter() - t0
+    from safetensors.torch import load_file
+
+    ids = load_file(args.data_file)["ids"]
+    base_params = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(i: int) -> float:
+        batch = batch_at(ids, i, args.batch, args.seq_len).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # .item() synchronises a CUDA device, so the step time is complete
+
+    losses, times = [], []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        losses.append(step(i))
+        times.append(time.perf_counter() - t)
+    result = {
+        "side": args.worker, "optimizer": optimizer_name, "batch": args.batch, "seq_len": args.seq_len,
+        "tokens_per_step": args.batch * args.seq_len, "losses": losses, "step_s": times, "load_s": load_s,
+        "peak_rss_mib": peak_rss_mb(), "base_params": base_params, "trainable_params": trainable,
+    }  # fmt: skip
+    if cuda:
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.profile:  # after the peak was read: the profiler's own memory is not counted
+        result["profile"] = profile_step(lambda: step(args.warmup + args.steps))
+    return result
+
+
+# ------------------------------------------------------------------------------------------ the orchestrator
+def run_side(side: str, args, model_dir: str, data_file: str, batch: int, profile: bool) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model", model_dir,
+           "--data-file", data_file, "--device", args.device, "--batch", str(batch), "--seq-len", str(args.seq_len),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--grad-ckpt", args.grad_ckpt]  # fmt: skip
+    if profile:
+        cmd.append("--profile")
+    print(f"[{side}] batch {batch} x {args.seq_len} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {side} worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(result: dict, warmup: int) -> dict:
+    """Tokens/s over the steps after warm-up: median and min..max."""
+    tps = [result["tokens_per_step"] / t for t in result["step_s"][warmup:]]
+    return {"median": statistics.median(tps), "min": min(tps), "max": max(tps), "n": len(tps)}
+
+
+def plot(points: list[dict], default_tokens: int, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for side, style in (("ours", "o-"), ("peer", "s--")):
+        xs = [p["tokens_per_step"] for p in points]
+        med = [p[side]["tokens_per_s"]["median"] for p in points]
+        lo = [m - p[side]["tokens_per_s"]["min"] for m, p in zip(med, points)]
+        hi = [p[side]["tokens_per_s"]["max"] - m for m, p in zip(med, points)]
+        ax.errorbar(xs, med, yerr=[lo, hi], fmt=style, capsize=4, label=LABELS[side])
+        at_default = next(p for p in points if p["tokens_per_step"] == default_tokens)
+        ax_loss.plot(range(1, len(at_default[side]["losses"]) + 1), at_default[side]["losses"], style, label=LABELS[side])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([p["tokens_per_step"] for p in points], [str(p["tokens_per_step"]) for p in points])
+    ax.set_xlabel("tokens per step")
+    ax.set_ylabel("tokens/s (median, bars: min..max)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax_loss.set_xlabel(f"step (at {default_tokens} tokens per step)")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def load_average() -> float:
+    """The 1-minute load average: above the core count's share of one job, other jobs were running."""
+    return os.getloadavg()[0]
+
+
+def orchestrate(args) -> Path:
+    with tempfile.TemporaryDirectory(prefix="bench-qlora-") as tmp:
+        if args.synthetic:
+            model_dir = write_synthetic_checkpoint(args.synthetic, os.path.join(tmp, f"synthetic-{args.synthetic}"))
+            model_name, data = f"random-init LLaMA ({args.synthetic})", "random"
+        else:
+            from nf4lora.train.resources import resolve_model
+
+            model_dir = resolve_model(args.model)
+            model_name, data = (args.model or "built-in SmolLM2-135M-Instruct"), args.data
+        with open(os.path.join(model_dir, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        sweep = sorted(int(t) for t in args.tokens_per_step.split(","))
+        bad = [t for t in sweep if t % args.seq_len]
+        if bad:
+            raise ValueError(f"--tokens-per-step values {bad} are not multiples of --seq-len {args.seq_len}")
+        default = args.batch * args.seq_len if args.batch * args.seq_len in sweep else sweep[len(sweep) // 2]
+        n_tokens = max(sweep) * (args.warmup + args.steps + 1)
+        ids = make_token_ids(model_dir, n_tokens, data, vocab)
+        from safetensors.torch import save_file
+
+        data_file = os.path.join(tmp, "ids.safetensors")
+        save_file({"ids": ids}, data_file)
+        load_before = load_average()
+        points = []
+        for tokens in sweep:
+            batch = tokens // args.seq_len
+            profile = tokens == default and not args.no_profile
+            point = {"tokens_per_step": tokens, "batch": batch}
+            for side in SIDES:
+                r = run_side(side, args, model_dir, data_file, batch, profile)
+                r["tokens_per_s"] = summarize(r, args.warmup)
+                point[side] = r
+            point["speedup"] = point["ours"]["tokens_per_s"]["median"] / point["peer"]["tokens_per_s"]["median"]
+            mem = "peak_cuda_mib" if args.device.startswith("cuda") else "peak_rss_mib"
+            point["memory_ratio"] = point["ours"][mem] / point["peer"][mem]
+            points.append(point)
+            print(f"  {tokens} tokens/step: {point['speedup']:.2f}x tokens/s, {point['memory_ratio']:.2f}x memory",
+                  flush=True)
+        load_after = load_average()
+
+    name = f"qlora-step-{'cuda' if args.device.startswith('cuda') else 'cpu'}"
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"QLoRA training step, {model_name}: ours vs HF + PEFT + bitsandbytes ({args.device})"
+    plot(points, default, title, out / f"{name}.png")
+    markdown = report(args, points, default, model_name, data, name, (load_before, load_after))
+    print(markdown)
+    data_json = {"machine": machine(), "versions": versions(*PEERS), "args": vars(args), "model": model_name,
+                 "data": data, "default_tokens_per_step": default, "lora": LORA, "adamw": ADAMW,
+                 "load_average": [load_before, load_after], "points": points}  # fmt: skip
+    return write_results_in(out, name, markdown, data_json)
+
+
+def report(args, points, default, model_name, data, name, loads) -> str:
+    cuda = args.device.startswith("cuda")
+    mem_key, mem_name = ("peak_cuda_mib", "peak CUDA allocated") if cuda else ("peak_rss_mib", "peak RSS")
+    at = next(p for p in points if p["tokens_per_step"] == default)
+
+    def tps(r):
+        t = r["tokens_per_s"]
+        return f"{t['median']:.0f} ({t['min']:.0f} .. {t['max']:.0f})"
+
+    rows = []
+    for p in points:
+        for side in SIDES:
+            r = p[side]
+            rows.append([p["tokens_per_step"], f"{p['batch']} x {args.seq_len}", LABELS[side], tps(r),
+                         f"{r[mem_key]:.0f} MiB", f"{r['load_s']:.1f} s",
+                         f"{p['speedup']:.2f}x" if side == "ours" else "", f"{p['memory_ratio']:.2f}x" if side == "ours" else ""])  # fmt: skip
+    if cuda:
+        peak = args.peak_tflops * 1e12
+        for p in points:
+            for side in SIDES:
+                r = p[side]
+                r["mfu"] = 6 * r["base_params"] * r["tokens_per_s"]["median"] / peak
+    loss_rows = [[i + 1, f"{lo:.4f}", f"{lp:.4f}", f"{lo - lp:+.4f}"]
+                 for i, (lo, lp) in enumerate(zip(at["ours"]["losses"], at["peer"]["losses"]))]  # fmt: skip
+    max_rel = max(abs(lo - lp) / abs(lp) for lo, lp in zip(at["ours"]["losses"], at["peer"]["losses"]))
+    target_speed, target_mem = (1.3, None) if cuda else (1.5, 0.7)
+    met = at["speedup"] >= target_speed and (target_mem is None or at["memory_ratio"] <= target_mem)
+    md = [
+        f"# QLoRA training step: ours vs HF transformers + PEFT + bitsandbytes ({args.device})",
+        "",
+        environment_block(*PEERS),
+        f"Load average (1 min) {loads[0]:.2f} before and {loads[1]:.2f} after the run on {os.cpu_count()} cores"
+        + (": the machine was shared with other jobs, so timings are noisy." if max(loads) > 1.5 else "."),
+        "",
+        "## Settings (identical on both sides)",
+        "",
+        f"- Model: {model_name} (`{args.model or 'default'}`); data: "
+        + ("pydoc_data.topics text tokenized by nf4lora's Tokenizer" if data == "text" else "seeded random token ids")
+        + "; labels = inputs (next-token loss over every position).",
+        "- Decoder Linear layers NF4 + double quantization, blocksize 64, compute dtype bf16; embeddings, norms and "
+        "lm_head bf16 (tied when the checkpoint ties them); bf16 autocast around forward and loss.",
+        f"- LoRA r={LORA['r']}, alpha={LORA['alpha']}, dropout {LORA['dropout']}, targets all-linear (q,k,v,o,gate,up,"
+        f"down; not lm_head), adapters fp32, lora_A initialised to the same values on both sides, lora_B = 0.",
+        f"- AdamW lr {ADAMW['lr']}, betas {ADAMW['betas']}, eps {ADAMW['eps']}, weight decay {ADAMW['weight_decay']}. "
+        f"Ours: {at['ours']['optimizer']}; peer: {at['peer']['optimizer']}.",
+        f"- Gradient checkpointing: {args.grad_ckpt} (non-reentrant on both sides). Sequence length {args.seq_len}; "
+        f"{args.warmup} warm-up steps, then {args.steps} timed steps; tokens/s = tokens per step / step time "
+        "(forward + backward + optimizer step), median (min .. max).",
+        f"- Each side and each point runs in its own process; {mem_name} is that process's peak"
+        + (" (RSS includes the Python/torch runtime and, for the peer, transformers + PEFT + bitsandbytes)." if not cuda else "."),
+        "",
+        "## Results",
+        "",
+        markdown_table(["tokens/step", "batch", "side", "tokens/s median (min .. max)", mem_name, "load",
+                        "speed ours/peer", "memory ours/peer"], rows),  # fmt: skip
+        "",
+        f"![tokens/s vs tokens per step]({name}.png)",
+        "",
+        f"**At {default} tokens per step: ours {at['speedup']:.2f}x the peer's tokens/s at {at['memory_ratio']:.2f}x its "
+        f"{mem_name}** (target >= {target_speed}x" + (f" at <= {target_mem}x peak RSS" if target_mem else "") + "): "
+        + ("met." if met else "not met" + _shortfall(at, target_speed, target_mem) + "."),
+    ]
+    if cuda:
+        md += ["", "MFU (6N FLOP per token, N = base parameters, peak "
+               f"{args.peak_tflops} TFLOP/s bf16): " + ", ".join(
+                   f"{p['tokens_per_step']} tokens: ours {p['ours']['mfu']:.1%}, peer {p['peer']['mfu']:.1%}" for p in points)]  # fmt: skip
+    md += [
+        "",
+        f"## Loss over the same steps ({default} tokens per step)",
+        "",
+        f"Largest relative difference: {max_rel:.2%} (different kernels and summation orders in bf16; the quantized "
+        "weights are the same bytes).",
+        "",
+        markdown_table(["step", "ours", "peer", "ours - peer"], loss_rows),
+    ]
+    for side in SIDES:
+        if "profile" in at[side]:
+            md += ["", f"## Where the time goes: one step of {LABELS[side]} ({default} tokens), torch.profiler self CPU time",
+                   "", markdown_table(["op", "calls", "self CPU", "share"], at[side]["profile"])]  # fmt: skip
+    return "\n".join(md)
+
+
+def _shortfall(at: dict, target_speed: float, target_mem: float | None) -> str:
+    parts = []
+    if at["speedup"] < target_speed:
+        parts.append(f"speed is {at['speedup'] / target_speed:.0%} of the target")
+    if target_mem is not None and at["memory_ratio"] > target_mem:
+        parts.append(f"memory is {at['memory_ratio'] / target_mem:.0%} of the allowed")
+    return " (" + "; ".join(parts) + ")" if parts else ""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="HF LLaMA checkpoint directory (default: built-in SmolLM2-135M)")
+    parser.add_argument("--synthetic", choices=sorted(SYNTHETIC), help="benchmark a random-init checkpoint instead")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data", choices=("text", "random"), default="text")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=4, help="batch at the default point (profiled); default 4")
+    parser.add_argument("--tokens-per-step", default="512,1024,2048", help="comma-separated sweep")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per point")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--grad-ckpt", choices=("on", "off"), default="off")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU on CUDA (H200)")
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    # internal: one side in this process
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--data-file", help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+    else:
+        print(orchestrate(args))
+
+
+if __name__ == "__main__":
+    main()
