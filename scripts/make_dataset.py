@@ -20,11 +20,9 @@ from pathlib import Path
 SEED = 20240315
 N_TRAIN, N_VALID = 400, 100
 OUT = Path(__file__).resolve().parent.parent / "train" / "data"
-PHRASINGS = (
-    "Write the date {d} in words.",
-    "Convert {d} (day/month/year) to a written date.",
-    "How is {d} written out in words?",
-)
+# A short system turn: it replaces the chat template's 17-token default one, and every token counts when
+# training on two CPU cores (41 tokens per example instead of 59). The user turn is the bare date.
+SYSTEM = "Write dates in words."
 
 
 def example(rng: random.Random) -> tuple[tuple[int, int, int], dict]:
@@ -34,8 +32,8 @@ def example(rng: random.Random) -> tuple[tuple[int, int, int], dict]:
     date = datetime.date(year, month, day)
     numeric = date.strftime("%d/%m/%Y")
     words = f"{calendar.month_name[month]} {day}, {year}"
-    prompt = rng.choice(PHRASINGS).format(d=numeric)
-    record = {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": words}]}
+    record = {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": numeric},
+                           {"role": "assistant", "content": words}]}  # fmt: skip
     return (year, month, day), record
 
 

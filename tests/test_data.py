@@ -108,3 +108,85 @@ def test_validation_split_is_seeded_and_disjoint():
     assert [id(e) for e in split_validation(examples, 0.2, seed=2)[1]] != [id(e) for e in val]
     with pytest.raises(ValueError, match="val_fraction"):
         split_validation(examples, 1.0, seed=1)
+
+
+# ------------------------------------------------------------------------------- with a real tokenizer and model
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_dir):
+    from transformers import AutoTokenizer
+
+    from nf4lora.models import Tokenizer
+
+    return Tokenizer.from_pretrained(tiny_dir), AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def test_prompt_tokens_are_masked(tokenizers):
+    ours, hf = tokenizers
+    ex = encode_record({"prompt": "Write 01/02/2003:", "completion": " February 1, 2003"}, ours)
+    prompt = hf.encode("Write 01/02/2003:", add_special_tokens=False)
+    completion = hf.encode(" February 1, 2003", add_special_tokens=False) + [hf.eos_token_id]
+    assert ex.input_ids == prompt + completion
+    assert ex.labels == [IGNORE_INDEX] * len(prompt) + completion
+
+
+def test_chat_renders_with_the_template_and_trains_on_assistant_turns_only(tokenizers):
+    ours, hf = tokenizers
+    messages = [{"role": "user", "content": "Write 01/02/2003 in words."},
+                {"role": "assistant", "content": "February 1, 2003"},
+                {"role": "user", "content": "And 05/06/2007?"},
+                {"role": "assistant", "content": "June 5, 2007"}]  # fmt: skip
+    ex = encode_record({"messages": messages}, ours)
+    assert ex.input_ids == hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+    # The unmasked tokens are exactly the assistant turns, each with its end-of-turn marker.
+    runs, current = [], []
+    for tok, label in zip(ex.input_ids, ex.labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == tok
+            current.append(tok)
+    runs.append(current)
+    assert [hf.decode(r) for r in runs] == ["February 1, 2003<|im_end|>\n", "June 5, 2007<|im_end|>\n"]
+
+
+def test_text_records_train_on_every_token_and_end_with_eos(tokenizers):
+    ours, hf = tokenizers
+    ex = encode_record({"text": "the quick brown fox"}, ours)
+    assert ex.input_ids == hf.encode("the quick brown fox") + [hf.eos_token_id]
+    assert ex.labels == ex.input_ids
+
+
+def test_load_examples_rejects_records_longer_than_seq_len(tmp_path, tokenizers):
+    path = write_jsonl(tmp_path / "d.jsonl", date_records(3, seed=0))
+    assert len(load_examples(path, tokenizers[0], 128)) == 3
+    with pytest.raises(ValueError, match=r"record 1 has \d+ tokens, more than seq_len=8"):
+        load_examples(path, tokenizers[0], 8)
+
+
+def test_packed_documents_do_not_attend_to_each_other(tiny_dir, tokenizers):
+    """Logits and loss of a packed row equal those of each example run alone (fp32, unquantized model)."""
+    from nf4lora.models import load_model
+
+    model = load_model(tiny_dir, quantize=None, compute_dtype=torch.float32)
+    examples = [encode_record(r, tokenizers[0]) for r in date_records(5, seed=9)]
+    packed = collate([examples[:3], examples[3:]], pad_id=0, pack=True, seq_len=256)
+    with torch.no_grad():
+        out = model(**packed)
+        alone = [model(torch.tensor([e.input_ids])).logits[0] for e in examples]
+        loss_alone = [model(torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss for e in examples]
+    for row, docs in ((0, examples[:3]), (1, examples[3:])):
+        start = 0
+        for d, ex in enumerate(docs):
+            n = len(ex.input_ids)
+            torch.testing.assert_close(out.logits[row, start : start + n], alone[examples.index(ex)], rtol=1e-5, atol=1e-5)
+            start += n
+    n_targets = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples]
+    expected = sum(l * n for l, n in zip(loss_alone, n_targets)) / sum(n_targets)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)

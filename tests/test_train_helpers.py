@@ -60,8 +60,14 @@ def write_tokenizer(out_dir, vocab_size: int = 300) -> None:
 
 
 def write_tiny_model(out_dir, seed: int = 0, vocab_size: int = 320, **overrides) -> str:
-    """A tiny transformers LlamaForCausalLM (hidden 64, 2 layers, GQA 4/2) saved with its tokenizer."""
-    import transformers
+    """A tiny LLaMA checkpoint directory (hidden 64, 2 layers, GQA 4/2, tied embeddings) with its tokenizer.
+
+    Built with nf4lora's own model class and written as Hugging Face files (config.json + model.safetensors),
+    so the tests that only train need not import transformers; the tests that compare with transformers load
+    these same files with it."""
+    from safetensors.torch import save_file
+
+    from nf4lora.models import LlamaConfig, LlamaForCausalLM
 
     os.makedirs(out_dir, exist_ok=True)
     write_tokenizer(out_dir)
@@ -69,11 +75,13 @@ def write_tiny_model(out_dir, seed: int = 0, vocab_size: int = 320, **overrides)
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)  # fmt: skip
     cfg.update(overrides)
+    config = LlamaConfig.from_dict(cfg)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).eval()
+    model = LlamaForCausalLM(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not name.endswith("norm.weight"):
-                p.normal_(0, 0.08)
-    model.save_pretrained(out_dir)
+            p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.08 * torch.randn_like(p))
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not config.tie_word_embeddings}
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
     return str(out_dir)

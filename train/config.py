@@ -71,6 +71,7 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "newest checkpoints kept on disk")
     seed: int = _f(0, "seed for LoRA init, dropout, the validation split and the data order")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    threads: int = _f(0, "CPU threads for torch (0 = torch's default, one per core)")
     resume: bool = _f(False, "continue from the newest checkpoint in --output-dir")
     progress: bool = _f(True, "show a progress bar")
 
@@ -90,7 +91,7 @@ class TrainConfig:
         need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
         for name in ("lora_r", "seq_len", "batch_size", "micro_batch_size", "blocksize", "keep_checkpoints"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
-        for name in ("warmup_steps", "max_steps", "eval_every", "save_every"):
+        for name in ("warmup_steps", "max_steps", "eval_every", "save_every", "threads"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
         for name in ("lr", "weight_decay", "max_grad_norm", "adam_eps"):
             need(getattr(self, name) >= 0, name, ">= 0")

@@ -201,6 +201,8 @@ def collate(rows: list[list[Example]], pad_id: int, pack: bool, seq_len: int | N
     for b, row in enumerate(rows):
         if not pack and len(row) != 1:
             raise ValueError("unpacked batches hold one example per row")
+        if sum(len(e.input_ids) for e in row) > T:
+            raise ValueError(f"a row of {sum(len(e.input_ids) for e in row)} tokens does not fit seq_len={T}")
         t = 0
         for d, ex in enumerate(row):
             n = len(ex.input_ids)

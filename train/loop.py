@@ -98,6 +98,8 @@ def prepare(config: TrainConfig):
     """Everything before the first step, with every input checked before any training starts.
     Returns (model, tokenizer, train_examples, val_examples, device)."""
     config.validate()
+    if config.threads:
+        torch.set_num_threads(config.threads)
     check_writable_dir(config.output_dir)
     device = resolve_device(config.device)
     data_path, val_path = resolve_data(config.data, config.val_data)

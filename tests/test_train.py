@@ -1,0 +1,121 @@
+"""The training loop in process: schedule, accumulation, loss going down, outputs, atomic checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nf4lora.train import checkpoint as ckpt_mod
+from nf4lora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nf4lora.train.config import TrainConfig
+from nf4lora.train.loop import lr_at, prepare, train
+from nf4lora.train.optim import PagedAdamW
+from test_train_helpers import date_records, write_jsonl, write_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine OpenMP spinning slows them ~10x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = write_tiny_model(root / "model")
+    data = write_jsonl(root / "train.jsonl", date_records(48, seed=2))
+    return root, model, data
+
+
+def _config(setup, out, **kw):
+    root, model, data = setup
+    base = dict(model=model, data=data, output_dir=str(root / out), seq_len=128, batch_size=4, micro_batch_size=2,
+                max_steps=3, warmup_steps=1, lr=1e-2, lora_r=4, eval_every=0, save_every=0, progress=False)  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule_warms_up_then_holds_or_decays(schedule):
+    cfg = TrainConfig(lr=1e-3, warmup_steps=4, schedule=schedule)
+    lrs = [lr_at(s, cfg, total_steps=20) for s in range(20)]
+    assert all(a < b for a, b in zip(lrs[:4], lrs[1:5]))  # linear warmup rises
+    assert max(lrs) <= cfg.lr and lrs[4] == cfg.lr
+    if schedule == "constant":
+        assert all(lr == cfg.lr for lr in lrs[4:])
+    else:
+        assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
+        assert lrs[-1] < 0.01 * cfg.lr
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(setup):
+    """batch 4 as 2 x 2 rows gives the same update as 1 x 4 rows (token-weighted loss; fp32, no dropout)."""
+    # adam_eps=1: the first Adam update lr * g / (|g| + eps) is then ~ lr * g, so it compares gradients; with a
+    # tiny eps it would be lr * sign(g) and round-off on near-zero gradients would flip whole entries.
+    common = dict(max_steps=1, lora_dropout=0.0, bf16=False, compute_dtype="float32", max_grad_norm=0.0, pack=False,
+                  adam_eps=1.0)
+    a = train(_config(setup, "acc2", micro_batch_size=2, **common))
+    b = train(_config(setup, "acc1", micro_batch_size=4, **common))
+    ta = load_file(os.path.join(a.adapter_dir, "adapter_model.safetensors"))
+    tb = load_file(os.path.join(b.adapter_dir, "adapter_model.safetensors"))
+    assert a.metrics[0]["tokens"] == b.metrics[0]["tokens"]
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], rtol=1e-5, atol=1e-6)  # fp32 summation order differs
+    assert any(bool(t.abs().sum()) for k, t in ta.items() if "lora_B" in k)
+
+
+def test_loss_falls_and_outputs_are_written(setup):
+    cfg = _config(setup, "falls", max_steps=12, eval_every=4, save_every=4, lr=2e-2)
+    result = train(cfg)
+    losses = [m["loss"] for m in result.metrics]
+    val = [m["val_loss"] for m in result.metrics if "val_loss" in m]
+    assert len(val) == 3 and val[-1] < val[0] and losses[-1] < losses[0]
+    out = cfg.output_dir
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == list(range(1, 13))
+    with open(os.path.join(out, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest.json", "step-00000004", "step-00000008"]
+    assert os.path.isfile(os.path.join(out, "adapter", "adapter_config.json"))
+    for m in result.metrics:
+        assert m["tokens_per_s"] > 0 and m["grad_norm"] >= 0
+
+
+def test_interrupted_checkpoint_write_keeps_the_previous_one(setup, monkeypatch):
+    cfg = _config(setup, "atomic")
+    model, _, _, _, _ = prepare(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = PagedAdamW(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    save_checkpoint(root, 2, model, opt, {"total_steps": 3, "data": {"epoch": 0, "index": 4, "seed": 0}}, keep=2)
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    real_save_file = ckpt_mod.save_file
+
+    def torn_write(tensors, path, metadata=None):  # writes part of the file, then the "machine dies"
+        real_save_file(tensors, path, metadata=metadata)
+        with open(path, "r+b") as f:
+            f.truncate(16)
+        raise KeyboardInterrupt("killed mid-write")
+
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    monkeypatch.setattr(ckpt_mod, "save_file", torn_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(root, 4, model, opt, {"total_steps": 3, "data": {"epoch": 0, "index": 8, "seed": 0}}, keep=2)
+    monkeypatch.undo()
+
+    assert sorted(os.listdir(root)) == ["latest.json", "step-00000002"]  # no torn step-4, no temporary left
+    state = load_checkpoint(latest_checkpoint(root), model, opt)
+    assert state["step"] == 2 and state["data"]["index"] == 4
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, saved[n]), n
