@@ -68,6 +68,17 @@ def batch_at(ids: torch.Tensor, step: int, batch: int, seq_len: int) -> torch.Te
     return ids[start : start + n].view(batch, seq_len)
 
 
+def checkpoint_params(model_dir: str) -> int:
+    """Parameters stored in a safetensors checkpoint (a tied embedding once): N of the 6N FLOP-per-token rule."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    return total
+
+
 def write_synthetic_checkpoint(name: str, out_dir: str) -> str:
     """A random-init LLaMA-style checkpoint (bf16 safetensors + config.json) saved by transformers."""
     import transformers
@@ -132,7 +143,7 @@ def build_peer(model_dir: str, device: torch.device, grad_ckpt: bool):
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
-                                                              device_map={"": device})  # fmt: skip
+                                                              device_map={"": str(device)})  # fmt: skip
     model.config.use_cache = False
     if grad_ckpt:  # non-reentrant, like ours; PEFT's prepare_model_for_kbit_training is not used because it
         # upcasts norms and embeddings to fp32, which ours does not do (same dtypes on both sides).
@@ -154,14 +165,18 @@ def build_peer(model_dir: str, device: torch.device, grad_ckpt: bool):
     return model, optimizer, loss_fn, name
 
 
-def profile_step(step, rows: int = 12) -> list[list]:
-    """torch.profiler self-CPU-time table (top `rows` ops) of one call of `step`."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+def profile_step(step, cuda: bool, rows: int = 12) -> list[list]:
+    """torch.profiler table of one call of `step`: the top `rows` ops by self time (device time on CUDA)."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
         step()
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    return [[e.key, e.count, f"{e.self_cpu_time_total / 1e3:.1f} ms", f"{100 * e.self_cpu_time_total / total:.1f}%"]
-            for e in events[:rows]]  # fmt: skip
+
+    def self_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    total = sum(self_us(e) for e in events)
+    return [[e.key, e.count, f"{self_us(e) / 1e3:.1f} ms", f"{100 * self_us(e) / total:.1f}%"] for e in events[:rows]]
 
 
 def run_worker(args) -> dict:
@@ -175,7 +190,6 @@ def run_worker(args) -> dict:
     from safetensors.torch import load_file
 
     ids = load_file(args.data_file)["ids"]
-    base_params = sum(p.numel() for n, p in model.named_parameters() if not p.requires_grad)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -197,12 +211,12 @@ def run_worker(args) -> dict:
     result = {
         "side": args.worker, "optimizer": optimizer_name, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_step": args.batch * args.seq_len, "losses": losses, "step_s": times, "load_s": load_s,
-        "peak_rss_mib": peak_rss_mb(), "base_params": base_params, "trainable_params": trainable,
+        "peak_rss_mib": peak_rss_mb(), "trainable_params": trainable,
     }  # fmt: skip
     if cuda:
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if args.profile:  # after the peak was read: the profiler's own memory is not counted
-        result["profile"] = profile_step(lambda: step(args.warmup + args.steps))
+        result["profile"] = profile_step(lambda: step(args.warmup + args.steps), cuda)
     return result
 
 
@@ -275,6 +289,7 @@ def orchestrate(args) -> Path:
             model_name, data = (args.model or "built-in SmolLM2-135M-Instruct"), args.data
         with open(os.path.join(model_dir, "config.json")) as f:
             vocab = json.load(f)["vocab_size"]
+        n_params = checkpoint_params(model_dir)
         sweep = sorted(int(t) for t in args.tokens_per_step.split(","))
         bad = [t for t in sweep if t % args.seq_len]
         if bad:
@@ -309,15 +324,15 @@ def orchestrate(args) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     title = f"QLoRA training step, {model_name}: ours vs HF + PEFT + bitsandbytes ({args.device})"
     plot(points, default, title, out / f"{name}.png")
-    markdown = report(args, points, default, model_name, data, name, (load_before, load_after))
+    markdown = report(args, points, default, model_name, data, name, (load_before, load_after), n_params)
     print(markdown)
     data_json = {"machine": machine(), "versions": versions(*PEERS), "args": vars(args), "model": model_name,
-                 "data": data, "default_tokens_per_step": default, "lora": LORA, "adamw": ADAMW,
+                 "data": data, "params": n_params, "default_tokens_per_step": default, "lora": LORA, "adamw": ADAMW,
                  "load_average": [load_before, load_after], "points": points}  # fmt: skip
     return write_results_in(out, name, markdown, data_json)
 
 
-def report(args, points, default, model_name, data, name, loads) -> str:
+def report(args, points, default, model_name, data, name, loads, n_params) -> str:
     cuda = args.device.startswith("cuda")
     mem_key, mem_name = ("peak_cuda_mib", "peak CUDA allocated") if cuda else ("peak_rss_mib", "peak RSS")
     at = next(p for p in points if p["tokens_per_step"] == default)
@@ -338,7 +353,7 @@ def report(args, points, default, model_name, data, name, loads) -> str:
         for p in points:
             for side in SIDES:
                 r = p[side]
-                r["mfu"] = 6 * r["base_params"] * r["tokens_per_s"]["median"] / peak
+                r["mfu"] = 6 * n_params * r["tokens_per_s"]["median"] / peak
     loss_rows = [[i + 1, f"{lo:.4f}", f"{lp:.4f}", f"{lo - lp:+.4f}"]
                  for i, (lo, lp) in enumerate(zip(at["ours"]["losses"], at["peer"]["losses"]))]  # fmt: skip
     max_rel = max(abs(lo - lp) / abs(lp) for lo, lp in zip(at["ours"]["losses"], at["peer"]["losses"]))
@@ -366,7 +381,9 @@ def report(args, points, default, model_name, data, name, loads) -> str:
         f"{args.warmup} warm-up steps, then {args.steps} timed steps; tokens/s = tokens per step / step time "
         "(forward + backward + optimizer step), median (min .. max).",
         f"- Each side and each point runs in its own process; {mem_name} is that process's peak"
-        + (" (RSS includes the Python/torch runtime and, for the peer, transformers + PEFT + bitsandbytes)." if not cuda else "."),
+        + (" (RSS includes the Python/torch runtime and, for the peer, transformers + PEFT + bitsandbytes)." if not cuda
+           else " (torch's CUDA allocator; neither side's paged optimizer state is in it: ours lives in CPU memory, "
+           "bitsandbytes' in CUDA managed memory)."),
         "",
         "## Results",
         "",
@@ -380,7 +397,7 @@ def report(args, points, default, model_name, data, name, loads) -> str:
         + ("met." if met else "not met" + _shortfall(at, target_speed, target_mem) + "."),
     ]
     if cuda:
-        md += ["", "MFU (6N FLOP per token, N = base parameters, peak "
+        md += ["", f"MFU (6N FLOP per token, N = {n_params / 1e6:.0f}M checkpoint parameters, peak "
                f"{args.peak_tflops} TFLOP/s bf16): " + ", ".join(
                    f"{p['tokens_per_step']} tokens: ours {p['ours']['mfu']:.1%}, peer {p['peer']['mfu']:.1%}" for p in points)]  # fmt: skip
     md += [
@@ -394,8 +411,9 @@ def report(args, points, default, model_name, data, name, loads) -> str:
     ]
     for side in SIDES:
         if "profile" in at[side]:
-            md += ["", f"## Where the time goes: one step of {LABELS[side]} ({default} tokens), torch.profiler self CPU time",
-                   "", markdown_table(["op", "calls", "self CPU", "share"], at[side]["profile"])]  # fmt: skip
+            kind = "self CUDA time" if cuda else "self CPU time"
+            md += ["", f"## Where the time goes: one step of {LABELS[side]} ({default} tokens), torch.profiler {kind}",
+                   "", markdown_table(["op", "calls", kind, "share"], at[side]["profile"])]  # fmt: skip
     return "\n".join(md)
 
 

@@ -13,7 +13,7 @@ All forwards run in float32 (compute dtype float32 on both sides), so the differ
 weights, not from bf16 rounding. Then a per-layer report: SQNR (nf4lora.nf4.sqnr_db) of every decoder Linear
 under NF4 and FP4 (blocksize 64, DQ), as a table and a plot.
 
-    .venv/bin/python benchmarks/quality.py [--model DIR] [--tokens 2048] [--seq-len 512] [--stride 512]
+    .venv/bin/python benchmarks/quality.py [--model DIR] [--tokens 1024] [--seq-len 512] [--stride 512]
 
 Writes benchmarks/results/quality.{md,json}, quality-sqnr.png and quality-ppl.png (or into --out).
 """
@@ -230,7 +230,7 @@ def run(args) -> Path:
         from nf4lora.train.resources import default_model_dir
 
         model_dir, model_name = default_model_dir(), "built-in SmolLM2-135M-Instruct (from its Q4_1 GGUF)"
-    blocksizes = [int(b) for b in args.blocksizes.split(",")]
+    blocksizes = sorted({int(b) for b in args.blocksizes.split(",")} | {PEER_BLOCKSIZE})  # 64: the peer comparison
     ids = text_ids(model_dir, args.tokens)
     t_start = time.perf_counter()
     results = []
@@ -392,7 +392,7 @@ def report(args, model_name, results, base, same_bytes, sqnr_rows, elapsed) -> s
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF LLaMA checkpoint directory (default: built-in SmolLM2-135M)")
-    parser.add_argument("--tokens", type=int, default=2048, help="length of the text slice in tokens")
+    parser.add_argument("--tokens", type=int, default=1024, help="length of the text slice in tokens (1024: ~15 min on 2 busy cores)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--stride", type=int, default=512)
     parser.add_argument("--blocksizes", default=",".join(str(b) for b in BLOCKSIZES if 32 <= b <= 256))
