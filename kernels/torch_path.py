@@ -5,8 +5,12 @@ for speed instead of clarity:
 
 - one gather per packed byte from a 256-entry table whose entries are the byte's two float32 values viewed as
   one int64, instead of a gather per element;
-- the per-block scale is applied in place to a chunk of CHUNK_ELEMENTS float32 values that stays in L2 cache,
-  and the chunk is then cast into the output, so nothing of the size of the whole weight is ever float32.
+- the weight is decoded in chunks of CHUNK_ELEMENTS: gather, scale in place, cast into the output, all in cache,
+  so nothing of the size of the whole weight is ever float32;
+- every op works on less than torch's parallel grain (32768 elements), so none opens an OpenMP parallel region.
+  On the shared 2-core CI VM each region cost ~10 ms (a worker thread waiting for a core; profiled: copy_ and
+  mul_ at ~11 ms per call whatever their size), i.e. 0.3-0.6 s for a 4096x4096 weight. The chunks are spread
+  over torch.get_num_threads() Python threads instead (torch ops release the GIL): one wake-up per call.
 
 Arguments are the fields of a QuantState as plain tensors and ints (see ops.py): the custom ops cannot take the
 dataclass itself.
@@ -15,16 +19,26 @@ dataclass itself.
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
-# 1M elements per chunk (4 MiB of float32, in L3). Measured on the 2-core CI VM, 4096x4096 NF4+DQ -> bf16, one
-# thread, CPU time: 2**15 -> 33.6 ms, 2**18 -> 25.8 ms, 2**20 -> 25.8 ms (bitsandbytes' AVX-512 kernel: 15.7 ms, of
-# which ~14 ms are first-touch page faults of the fresh 32 MiB output that every implementation pays). Fewer,
-# larger chunks mean fewer parallel regions (thread barriers), which cost most when the cores are shared.
-# Must be a multiple of every blocksize (4096).
-CHUNK_ELEMENTS = 1 << 20
+# Elements per chunk: below torch's parallel grain (2**15) so that no op forks threads, a multiple of every
+# blocksize (4096). Measured one-threaded on the CI VM, 4096x4096 NF4+DQ -> bf16, CPU time: 2**13 -> 61 ms,
+# 2**14 -> 45 ms, 28672 -> ~37 ms, 2**18 -> 30 ms (per-op overhead dominates small chunks).
+CHUNK_ELEMENTS = 7 * 4096
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="nf4lora-dequant")
+        return _pools[workers]
 
 
 def block_scales(
@@ -37,13 +51,21 @@ def block_scales(
     """The float32 scale of every 4-bit block (n_blocks,), decoding double quantization when nested_absmax is set.
 
     With double quantization absmax holds uint8 codes: scale = float32(map[code] * nested_absmax[b // 256]),
-    then + offset as a separate float32 add (FORMATS.md 3.4).
+    then + offset as a separate float32 add (FORMATS.md 3.4). Computed CHUNK_ELEMENTS blocks at a time.
     """
     if nested_absmax is None:
         return absmax
     n = absmax.numel()
-    values = nested_code[absmax.long()]  # (n_blocks,) float32
-    return values * nested_absmax.repeat_interleave(nested_blocksize)[:n] + offset
+    scales = torch.empty(n, dtype=torch.float32, device=absmax.device)
+    for first in range(0, n, CHUNK_ELEMENTS):
+        count = min(CHUNK_ELEMENTS, n - first)
+        values = nested_code.index_select(0, absmax[first : first + count].to(torch.int32))  # (count,) float32
+        nested_first = first // nested_blocksize
+        nested = nested_absmax[nested_first : (first + count - 1) // nested_blocksize + 1]
+        skip = first - nested_first * nested_blocksize
+        chunk = torch.mul(values, nested.repeat_interleave(nested_blocksize)[skip : skip + count], out=scales[first : first + count])
+        chunk.add_(offset)
+    return scales
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -51,6 +73,22 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     b = torch.arange(256, device=code.device)
     pairs = torch.stack([code[b >> 4], code[b & 15]], dim=1)  # (256, 2) float32
     return pairs.contiguous().view(torch.int64).view(256)
+
+
+def _dequantize_span(src, table, scales, blocksize, out, lo, hi) -> None:
+    """out[lo:hi] from the packed bytes src (flat), chunk by chunk; lo is a multiple of CHUNK_ELEMENTS."""
+    pairs_buf = torch.empty(min(CHUNK_ELEMENTS, hi - lo + 1) // 2 + 1, dtype=torch.int64, device=src.device)
+    for start in range(lo, hi, CHUNK_ELEMENTS):
+        stop = min(start + CHUNK_ELEMENTS, hi)
+        idx = src[start // 2 : (stop + 1) // 2].to(torch.int32)
+        pairs = torch.index_select(table, 0, idx, out=pairs_buf[: idx.numel()])  # (c/2,) int64
+        values = pairs.view(torch.float32)[: stop - start]  # (c,) float32, element order preserved
+        first = start // blocksize  # chunks start on a block boundary
+        full = (stop - start) - (stop - start) % blocksize
+        values[:full].view(-1, blocksize).mul_(scales[first : first + full // blocksize, None])
+        if full < stop - start:  # the tensor's last, partial block
+            values[full:].mul_(scales[first + full // blocksize])
+        out[start:stop] = values
 
 
 def dequantize(
@@ -67,23 +105,20 @@ def dequantize(
 ) -> torch.Tensor:
     """y = float32(code[c] * scale[block]) cast to `dtype`, of `shape`. packed: uint8, (numel + 1) // 2 bytes."""
     n = math.prod(shape)
-    scales = block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize)
-    table = _pair_table(code)
-    src = packed.reshape(-1)
     out = torch.empty(n, dtype=dtype, device=packed.device)
-    # One chunk buffer reused by every chunk: a fresh allocation per chunk pays page faults again each time.
-    pairs_buf = torch.empty(min(CHUNK_ELEMENTS, n + 1) // 2 + 1, dtype=torch.int64, device=packed.device)
-    for start in range(0, n, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, n)
-        idx = src[start // 2 : (stop + 1) // 2].to(torch.int32)
-        pairs = torch.index_select(table, 0, idx, out=pairs_buf[: idx.numel()])  # (c/2,) int64
-        values = pairs.view(torch.float32)[: stop - start]  # (c,) float32, element order preserved
-        first = start // blocksize  # chunks start on a block boundary
-        full = (stop - start) - (stop - start) % blocksize
-        values[:full].view(-1, blocksize).mul_(scales[first : first + full // blocksize, None])
-        if full < stop - start:  # the tensor's last, partial block
-            values[full:].mul_(scales[first + full // blocksize])
-        out[start:stop] = values
+    args = (
+        packed.reshape(-1), _pair_table(code), block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize),
+        blocksize, out,
+    )  # fmt: skip
+    chunks = -(-n // CHUNK_ELEMENTS)
+    workers = min(torch.get_num_threads(), chunks)
+    if workers <= 1:
+        _dequantize_span(*args, 0, n)
+    else:  # contiguous spans of whole chunks, one per thread
+        per = -(-chunks // workers) * CHUNK_ELEMENTS
+        futures = [_pool(workers).submit(_dequantize_span, *args, lo, min(lo + per, n)) for lo in range(0, n, per)]
+        for f in futures:
+            f.result()
     return out.view(shape)
 
 

@@ -31,7 +31,9 @@ def quantized(shape, blocksize=64, quant_type="nf4", double_quant=True, seed=0):
 # Awkward shapes: one element, odd sizes, partial last blocks, a tensor spanning two chunks of the torch path.
 SHAPES_AND_BLOCKSIZES = [
     ((1,), 64), ((7,), 32), ((33, 65), 128), ((300, 77), 256), ((1023,), 512), ((130, 130), 1024),
-    ((5, 2049), 2048), ((3, 4097), 4096), ((torch_path.CHUNK_ELEMENTS + 4096 + 33,), 64),
+    ((5, 2049), 2048), ((3, 4097), 4096),
+    # Many chunks (spread over threads) and more blocks than one chunk of block scales.
+    ((torch_path.CHUNK_ELEMENTS * 40 + 33,), 32),
 ]  # fmt: skip
 
 
