@@ -60,10 +60,12 @@ def test_help_lists_every_command_and_every_config_field(capsys):
 
 def test_flags_fill_the_dataclass_and_demo_settings_apply_only_to_the_builtin_run():
     parser = build_parser()
-    args = parser.parse_args(["finetune", "--model", "m", "--data", "d.jsonl", "--lora-r", "8", "--no-pack", "--lr", "1e-3"])
+    argv = ["finetune", "--model", "m", "--data", "d.jsonl", "--lora-r", "8", "--no-pack", "--lr", "1e-3"]
+    args = parser.parse_args(argv)
     cfg = config_from_args(args)
     assert (cfg.model, cfg.data, cfg.lora_r, cfg.pack, cfg.lr) == ("m", "d.jsonl", 8, False, 1e-3)
-    assert (cfg.quant_type, cfg.double_quant, cfg.blocksize, cfg.lora_alpha, cfg.max_grad_norm) == ("nf4", True, 64, 32.0, 0.3)
+    qlora = (cfg.quant_type, cfg.double_quant, cfg.blocksize, cfg.lora_alpha, cfg.max_grad_norm)
+    assert qlora == ("nf4", True, 64, 32.0, 0.3)
     assert cfg.max_steps == TrainConfig.max_steps  # the demo's settings are not applied to a user's run
     demo = config_from_args(parser.parse_args(["finetune", "--lr", "5e-4"]))
     assert demo.lr == 5e-4 and demo.max_steps > 0
@@ -112,7 +114,8 @@ def test_merged_checkpoint_loads_in_transformers_with_our_logits(files, adapter,
     out = str(tmp_path / "merged")
     assert main(["merge", "--model", files["model"], "--adapter", adapter, "--out", out, "--dtype", "float32"]) == 0
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert AutoTokenizer.from_pretrained(out).encode("hello") == AutoTokenizer.from_pretrained(files["model"]).encode("hello")
+    copied, original = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(files["model"])
+    assert copied.encode("hello 12/05/2020") == original.encode("hello 12/05/2020")
     ours = load_model(files["model"], quantize="nf4", compute_dtype=torch.float32)
     load_adapter(ours, adapter)
     ours.eval()  # load_adapter adds LoRA modules in training mode (dropout on)
@@ -147,7 +150,8 @@ def test_eval_perplexity_matches_transformers_and_peft(capsys, files, adapter, t
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"{r['messages'][0]['content']} {r['messages'][1]['content']}" for r in date_records(12, 1)))
+    records = date_records(12, seed=1)
+    text.write_text(" ".join(f"{r['messages'][0]['content']} {r['messages'][1]['content']}" for r in records))
     common = ["--model", files["model"], "--data", str(text), "--seq-len", "64", "--quant-type", "none",
               "--compute-dtype", "float32"]  # fmt: skip
     ours = _eval(capsys, ["eval", *common])

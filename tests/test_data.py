@@ -185,7 +185,8 @@ def test_packed_documents_do_not_attend_to_each_other(tiny_dir, tokenizers):
         start = 0
         for d, ex in enumerate(docs):
             n = len(ex.input_ids)
-            torch.testing.assert_close(out.logits[row, start : start + n], alone[examples.index(ex)], rtol=1e-5, atol=1e-5)
+            got = out.logits[row, start : start + n]
+            torch.testing.assert_close(got, alone[examples.index(ex)], rtol=1e-5, atol=1e-5)  # fp32
             start += n
     n_targets = [sum(label != IGNORE_INDEX for label in e.labels[1:]) for e in examples]
     expected = sum(l * n for l, n in zip(loss_alone, n_targets)) / sum(n_targets)

@@ -73,7 +73,8 @@ def write_tiny_model(out_dir, seed: int = 0, vocab_size: int = 320, **overrides)
     write_tokenizer(out_dir)
     cfg = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-               rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)  # fmt: skip
+               rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+               pad_token_id=2)  # fmt: skip
     cfg.update(overrides)
     config = LlamaConfig.from_dict(cfg)
     torch.manual_seed(seed)
@@ -81,7 +82,8 @@ def write_tiny_model(out_dir, seed: int = 0, vocab_size: int = 320, **overrides)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.08 * torch.randn_like(p))
-    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not config.tie_word_embeddings}
+    tied = config.tie_word_embeddings
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out_dir)
     return str(out_dir)

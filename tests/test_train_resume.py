@@ -49,7 +49,8 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", date_records(40, seed=5))
     common = ["finetune", "--model", model, "--data", data, "--seq-len", "128", "--batch-size", "4",
               "--micro-batch-size", "2", "--max-steps", "5", "--save-every", "2", "--eval-every", "2",
-              "--warmup-steps", "1", "--lr", "5e-3", "--lora-r", "4", "--lora-dropout", "0.1", "--no-progress"]  # fmt: skip
+              "--warmup-steps", "1", "--lr", "5e-3", "--lora-r", "4", "--lora-dropout", "0.1",
+              "--no-progress"]  # fmt: skip
 
     full = _run(CLI, [*common, "--output-dir", str(tmp_path / "full")], tmp_path)
     assert full.returncode == 0, full.stderr

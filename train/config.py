@@ -28,7 +28,7 @@ class TrainConfig:
     val_data: str | None = _f(None, "validation JSONL; default: the bundled held-out split when --data is not "
                                     "given, else --val-fraction of --data")  # fmt: skip
     val_fraction: float = _f(0.05, "share of --data held out for validation loss when --val-data is not given")
-    output_dir: str = _f("nf4lora-out", "where the adapter, checkpoints, metrics.jsonl and loss.png go")
+    output_dir: str = _f("runs/finetune", "where the adapter, checkpoints, metrics.jsonl and loss.png go")
 
     # -- quantization (QLoRA paper defaults) -------------------------------------------------------------------
     quant_type: str = _f("nf4", "4-bit data type of the frozen base: nf4, fp4, or none for a 16-bit base")

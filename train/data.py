@@ -222,7 +222,9 @@ class DataStream:
     position (epoch, index) is the whole state: `state_dict()` / `load_state_dict()` resume the same order.
     """
 
-    def __init__(self, examples: list[Example], micro_batch_size: int, seq_len: int, pack: bool, pad_id: int, seed: int):
+    def __init__(
+        self, examples: list[Example], micro_batch_size: int, seq_len: int, pack: bool, pad_id: int, seed: int
+    ):
         if not examples:
             raise ValueError("DataStream needs at least one training example")
         self.examples, self.micro_batch_size, self.seq_len = examples, micro_batch_size, seq_len

@@ -42,7 +42,9 @@ def file_examples(path: str, tokenizer, seq_len: int) -> list[Example]:
 
 
 @torch.no_grad()
-def loss_and_perplexity(model, examples: list[Example], pad_id: int, batch_size: int = 8, autocast: bool = False) -> dict:
+def loss_and_perplexity(
+    model, examples: list[Example], pad_id: int, batch_size: int = 8, autocast: bool = False
+) -> dict:
     """Token-weighted mean cross-entropy over all target tokens (each example on its own row, padded) and exp()."""
     device = model.device
     model.eval()
@@ -62,7 +64,9 @@ def loss_and_perplexity(model, examples: list[Example], pad_id: int, batch_size:
 
 
 @torch.no_grad()
-def exact_match(model, examples: list[Example], pad_id: int, eos_ids, batch_size: int = 16, autocast: bool = False) -> list[bool]:
+def exact_match(
+    model, examples: list[Example], pad_id: int, eos_ids, batch_size: int = 16, autocast: bool = False
+) -> list[bool]:
     """Per example: does greedy decoding after the prompt reproduce the target up to its first EOS token?"""
     device = model.device
     eos = {eos_ids} if isinstance(eos_ids, int) else set(eos_ids)

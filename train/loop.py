@@ -113,7 +113,9 @@ def prepare(config: TrainConfig):
         train_ex, val_ex = examples, load_examples(val_path, tokenizer, config.seq_len)
     else:
         train_ex, val_ex = split_validation(examples, config.val_fraction, config.seed)
-    targets = [t.strip() for t in config.lora_targets.split(",")] if config.lora_targets != "all-linear" else "all-linear"
+    targets = config.lora_targets
+    if targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",")]
     add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     model.gradient_checkpointing = config.gradient_checkpointing
     return model, tokenizer, train_ex, val_ex, device
@@ -156,8 +158,8 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
     _write_metrics(metrics_path, metrics)
 
     n_trainable = sum(p.numel() for p in params)
-    print(f"training {n_trainable:,} LoRA parameters for {total_steps} steps "
-          f"({len(train_ex)} examples, {accum} micro-batches of {config.micro_batch_size} rows per step) on {device}")  # fmt: skip
+    print(f"training {n_trainable:,} LoRA parameters for {total_steps} steps ({len(train_ex)} examples, "
+          f"{accum} micro-batches of {config.micro_batch_size} rows per step) on {device}")  # fmt: skip
     bar = _progress(config.progress, total_steps, start)
     model.train()
     t0, tokens_done = time.perf_counter(), 0
