@@ -128,6 +128,7 @@ def cmd_finetune(args) -> None:
     print("config:", {k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig, k, v)} or "defaults")
     t_start = time.perf_counter()
     prepared = prepare(config)  # every input is checked here, before any training
+    report = report and bool(prepared[3])  # needs validation examples
     if report:
         model, tokenizer, _, val_ex, _ = prepared  # LoRA B = 0: the model still computes the base exactly
         before = _accuracy(model, tokenizer, val_ex, config, exact_match)

@@ -196,7 +196,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
             "data_epoch": position["epoch"], "data_index": position["index"], "batch_sha1": _batch_fingerprint(batches),
         }  # fmt: skip
         done = step + 1
-        if done == total_steps or (config.eval_every and done % config.eval_every == 0):
+        if val_batches and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
             record["val_loss"] = evaluate_loss(model, val_batches, device, autocast)
         metrics.append(record)
         _append_metrics(metrics_path, record)
