@@ -19,6 +19,7 @@ dataclass itself.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,6 +40,15 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         if workers not in _pools:
             _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="nf4lora-dequant")
         return _pools[workers]
+
+
+def _forget_pools_after_fork() -> None:
+    # A forked child has none of the parent's threads: its copies of the pools would never run a task.
+    global _pools, _pools_lock
+    _pools, _pools_lock = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def block_scales(
