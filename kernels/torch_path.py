@@ -9,8 +9,9 @@ for speed instead of clarity:
   so nothing of the size of the whole weight is ever float32;
 - every op works on less than torch's parallel grain (32768 elements), so none opens an OpenMP parallel region.
   On the shared 2-core CI VM each region cost ~10 ms (a worker thread waiting for a core; profiled: copy_ and
-  mul_ at ~11 ms per call whatever their size), i.e. 0.3-0.6 s for a 4096x4096 weight. The chunks are spread
-  over torch.get_num_threads() Python threads instead (torch ops release the GIL): one wake-up per call.
+  mul_ at ~11 ms per call whatever their size): 0.3-0.6 s for a 4096x4096 weight, against 28 ms for this
+  one-threaded loop. Spreading the chunks over two Python threads was slower still (35 ms: GIL hand-offs between
+  ~10 us ops).
 
 Arguments are the fields of a QuantState as plain tensors and ints (see ops.py): the custom ops cannot take the
 dataclass itself.
@@ -19,36 +20,14 @@ dataclass itself.
 from __future__ import annotations
 
 import math
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
-# Elements per chunk: below torch's parallel grain (2**15) so that no op forks threads, a multiple of every
-# blocksize (4096). Measured one-threaded on the CI VM, 4096x4096 NF4+DQ -> bf16, CPU time: 2**13 -> 61 ms,
-# 2**14 -> 45 ms, 28672 -> ~37 ms, 2**18 -> 30 ms (per-op overhead dominates small chunks).
+# Elements per chunk: below torch's parallel grain (2**15) so that no op forks threads, and a multiple of every
+# blocksize (4096). 4096x4096 NF4+DQ -> bf16 on the CI VM: 28 ms (bitsandbytes' AVX-512 kernel: 16 ms; both pay
+# ~14 ms of first-touch page faults for the fresh 32 MiB output).
 CHUNK_ELEMENTS = 7 * 4096
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    with _pools_lock:
-        if workers not in _pools:
-            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="nf4lora-dequant")
-        return _pools[workers]
-
-
-def _forget_pools_after_fork() -> None:
-    # A forked child has none of the parent's threads: its copies of the pools would never run a task.
-    global _pools, _pools_lock
-    _pools, _pools_lock = {}, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def block_scales(
@@ -85,20 +64,36 @@ def _pair_table(code: torch.Tensor) -> torch.Tensor:
     return pairs.contiguous().view(torch.int64).view(256)
 
 
-def _dequantize_span(src, table, scales, blocksize, out, lo, hi) -> None:
-    """out[lo:hi] from the packed bytes src (flat), chunk by chunk; lo is a multiple of CHUNK_ELEMENTS."""
-    pairs_buf = torch.empty(min(CHUNK_ELEMENTS, hi - lo + 1) // 2 + 1, dtype=torch.int64, device=src.device)
-    for start in range(lo, hi, CHUNK_ELEMENTS):
-        stop = min(start + CHUNK_ELEMENTS, hi)
-        idx = src[start // 2 : (stop + 1) // 2].to(torch.int32)
-        pairs = torch.index_select(table, 0, idx, out=pairs_buf[: idx.numel()])  # (c/2,) int64
-        values = pairs.view(torch.float32)[: stop - start]  # (c,) float32, element order preserved
-        first = start // blocksize  # chunks start on a block boundary
-        full = (stop - start) - (stop - start) % blocksize
-        values[:full].view(-1, blocksize).mul_(scales[first : first + full // blocksize, None])
-        if full < stop - start:  # the tensor's last, partial block
-            values[full:].mul_(scales[first + full // blocksize])
-        out[start:stop] = values
+def _decode_into(out: torch.Tensor, src: torch.Tensor, table: torch.Tensor, scales: torch.Tensor, blocksize: int):
+    """out (n,) from the packed bytes src ((n + 1) // 2,), chunk by chunk.
+
+    Whole chunks go through fixed views of reused buffers, four torch calls each: at ~10 us of work per call,
+    Python-side slicing and allocation would otherwise cost as much as the work (measured 37 -> 28 ms).
+    """
+    n, c, per_chunk = out.numel(), CHUNK_ELEMENTS, CHUNK_ELEMENTS // blocksize
+    idx_buf = torch.empty(c // 2, dtype=torch.int32, device=src.device)
+    pairs_buf = torch.empty(c // 2, dtype=torch.int64, device=src.device)
+    values = pairs_buf.view(torch.float32)  # (c,) float32: the two values of byte j at 2j, 2j + 1
+    values_by_block = values.view(per_chunk, blocksize)
+    whole = n // c
+    src_chunks = src[: whole * c // 2].view(whole, c // 2)
+    out_chunks = out[: whole * c].view(whole, c)
+    scale_chunks = scales[: whole * per_chunk].view(whole, per_chunk, 1)
+    for i in range(whole):
+        idx_buf.copy_(src_chunks[i])
+        torch.index_select(table, 0, idx_buf, out=pairs_buf)
+        values_by_block.mul_(scale_chunks[i])
+        out_chunks[i].copy_(values)
+
+    start = whole * c
+    if start < n:  # the last, partial chunk (odd length and a partial last block allowed)
+        idx = src[start // 2 :].to(torch.int32)
+        tail = torch.index_select(table, 0, idx, out=pairs_buf[: idx.numel()]).view(torch.float32)[: n - start]
+        first, full = start // blocksize, (n - start) - (n - start) % blocksize
+        tail[:full].view(-1, blocksize).mul_(scales[first : first + full // blocksize, None])
+        if full < n - start:
+            tail[full:].mul_(scales[first + full // blocksize])
+        out[start:] = tail
 
 
 def dequantize(
@@ -116,19 +111,8 @@ def dequantize(
     """y = float32(code[c] * scale[block]) cast to `dtype`, of `shape`. packed: uint8, (numel + 1) // 2 bytes."""
     n = math.prod(shape)
     out = torch.empty(n, dtype=dtype, device=packed.device)
-    args = (
-        packed.reshape(-1), _pair_table(code), block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize),
-        blocksize, out,
-    )  # fmt: skip
-    chunks = -(-n // CHUNK_ELEMENTS)
-    workers = min(torch.get_num_threads(), chunks)
-    if workers <= 1:
-        _dequantize_span(*args, 0, n)
-    else:  # contiguous spans of whole chunks, one per thread
-        per = -(-chunks // workers) * CHUNK_ELEMENTS
-        futures = [_pool(workers).submit(_dequantize_span, *args, lo, min(lo + per, n)) for lo in range(0, n, per)]
-        for f in futures:
-            f.result()
+    scales = block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize)
+    _decode_into(out, packed.reshape(-1), _pair_table(code), scales, blocksize)
     return out.view(shape)
 
 
