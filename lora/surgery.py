@@ -139,7 +139,11 @@ def add_lora(
     names = select_targets(model, target_modules)  # validates everything before the model is touched
     model.requires_grad_(False)
     for name in names:
-        _set_submodule(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora, init))
+        base = model.get_submodule(name)
+        # The wrapper takes the mode of the layer it replaces: adding LoRA to a model in eval mode must not switch
+        # its dropout on.
+        wrapped = LoRALinear(base, r, alpha, dropout, use_rslora, init).train(base.training)
+        _set_submodule(model, name, wrapped)
     return names
 
 

@@ -101,6 +101,18 @@ def test_quantize_model_and_only_lora_trains():
     assert all(torch.count_nonzero(model.get_submodule(n).lora_B.weight.grad) > 0 for n in names)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_add_lora_keeps_the_model_mode(training):
+    """LoRA added to a model in eval mode must not switch dropout on (and in train mode it is on)."""
+    model = _mlp().train(training)
+    add_lora(model, r=4, alpha=8, dropout=0.5)
+    _randomize_b(model)
+    assert all(m.training == training for m in model.modules())
+    x = torch.randn(8, 64)
+    same = torch.equal(model(x), model(x))
+    assert same != training  # eval: deterministic; train: dropout draws differ
+
+
 def test_targets_by_suffix_and_regex():
     model = _mlp()
     assert add_lora(copy.deepcopy(model), 2, 2, target_modules=["1", "lm_head"]) == ["block.1", "lm_head"]
