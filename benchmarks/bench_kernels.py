@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import harness
-from harness import environment_block, fmt_ms, markdown_table, time_fn, write_results
+from harness import environment_block, fmt_ms, markdown_table, time_fn, write_results, write_results_in
 
 from nf4lora.kernels import dequantize, matmul_4bit
 from nf4lora.kernels.dispatch import state_args
@@ -32,6 +31,13 @@ from nf4lora.nf4 import quantize_4bit
 # (out_features N, in_features K) of LLaMA-7B's projections: q/k/v/o, gate/up, down.
 LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 QUICK_SHAPES = [(512, 512), (768, 512)]
+TARGETS = {
+    "cpu": "dequantize NF4+DQ -> bf16 >= 1.0x bitsandbytes (CPU); Linear4bit forward+backward >= 1.3x bitsandbytes + "
+    "PEFT is measured by bench_lora_cpu.py.",
+    "cuda": "dequantize >= 85% of HBM bandwidth and >= 1.2x bitsandbytes; GEMV (M = 1) >= 75% of HBM bandwidth and "
+    ">= 1.3x bitsandbytes; fused matmul at M = 16..64 >= 1.2x bitsandbytes; at M >= 2048 time <= 1.1x the dense "
+    "bf16 matmul (dense / ours >= 0.91).",
+}
 PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # HBM, vendor data sheets
 
 
@@ -90,8 +96,8 @@ def row(results: list, rows: list, what: str, shape, m, ours: dict, peers: dict[
         else:
             entry[f"ratio_{name}"] = peer["median"] / ours["median"]
             cells += [fmt_ms(peer["median"]), f"{peer['median'] / ours['median']:.2f}x"]
-    for key, fmtd in (extra or {}).items():
-        cells.append(f"{key}={fmtd:.3g}" if isinstance(fmtd, float) else f"{key}={fmtd}")
+    if extra:
+        cells.append(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()))
     results.append(entry)
     rows.append(cells)
     print(" | ".join(str(c) for c in cells), flush=True)
@@ -172,7 +178,7 @@ def bench_cuda(args, bnb, timer, results, sections):
             row(results, rows, "grad-input dy @ W", (n, k), m, ours, {"bitsandbytes": None, "dense_bf16": dense},
                 {"TFLOP/s": 2 * m * n * k / ours["median"] / 1e12})  # fmt: skip
     sections.append(("Fused matmul and GEMV (Triton), bf16", ["op", "weight NxK", "M", "nf4lora", "p20..p80",
-                     "bitsandbytes", "bnb / ours", "dense bf16 (W pre-dequantized)", "dense / ours", "rate", ""],
+                     "bitsandbytes", "bnb / ours", "dense bf16 (W pre-dequantized)", "dense / ours", "rate"],
                      rows))  # fmt: skip
 
     rows = []
@@ -184,7 +190,7 @@ def bench_cuda(args, bnb, timer, results, sections):
         small = timer(lambda: gemv.gemv(x, None, *state_args(packed, state))) if m <= gemv.MAX_M else None
         row(results, rows, "fused kernel vs GEMV kernel", (n, k), m, fused, {"gemv": small})
     sections.append((f"Dispatch crossover (GEMV used for M <= {gemv.MAX_M})", ["op", "weight NxK", "M",
-                     "fused", "p20..p80", "gemv", "fused / gemv"], rows))  # fmt: skip
+                     "fused", "p20..p80", "gemv", "gemv / fused"], rows))  # fmt: skip
 
 
 def main():
@@ -195,8 +201,6 @@ def main():
     parser.add_argument("--repeat", type=int, default=7, help="CPU timing repeats (CUDA uses do_bench)")
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth for %% of peak")
     args = parser.parse_args()
-    if args.out is not None:
-        harness.RESULTS = args.out  # write_results writes into harness.RESULTS
     torch.manual_seed(0)
 
     bnb = import_bitsandbytes()
@@ -212,11 +216,17 @@ def main():
         environment_block("bitsandbytes"),
         f"Timing: {how}. Weights blocksize 64, NF4 + double quantization unless stated; ratios are peer / ours",
         "(> 1: ours faster). bitsandbytes " + ("was not available in this run." if bnb is None else "ran in the same process."),
+        "",
+        "Targets (../shared/PERFORMANCE.md): " + TARGETS[args.device],
     ]  # fmt: skip
     for title, header, rows in sections:
         parts += ["", f"## {title}", "", markdown_table(header, rows)]
     name = f"kernels-{args.device}" + ("-quick" if args.quick else "")
-    print(write_results(name, "\n".join(parts), {"device": args.device, "quick": args.quick, "results": results}))
+    data = {"device": args.device, "quick": args.quick, "results": results}
+    if args.out is None:
+        print(write_results(name, "\n".join(parts), data))
+    else:
+        print(write_results_in(args.out, name, "\n".join(parts), data))
 
 
 if __name__ == "__main__":

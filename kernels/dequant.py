@@ -138,6 +138,18 @@ def _dequantize_kernel(
     tl.store(out_ptr + elem, round_to(values, out_ptr.dtype.element_ty), mask=elem < n)
 
 
+def tile_launch_args(absmax, offset, nested_absmax, nested_code, blocksize: int, nested_blocksize: int, K: int):
+    """For kernels that call load_weight_tile: the block-constant pointers (offset, nested absmax, nested map;
+    dummies without double quantization) and the constexprs that describe the weight's layout."""
+    double_quant = nested_absmax is not None
+    pointers = (offset, nested_absmax, nested_code) if double_quant else (absmax, absmax, absmax)
+    meta = dict(
+        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize,
+        EVEN_K=K % 2 == 0, K_ALIGNED=K % blocksize == 0,
+    )  # fmt: skip
+    return pointers, meta
+
+
 def check_triton_device(t: torch.Tensor, name: str) -> None:
     """The Triton kernels run on CUDA tensors, or on CPU tensors when the interpreter is on."""
     if t.is_cuda or (t.device.type == "cpu" and INTERPRETED):

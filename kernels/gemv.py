@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import INTERPRETED, check_triton_device, load_weight_tile, round_to
+from .dequant import INTERPRETED, check_triton_device, load_weight_tile, round_to, tile_launch_args
 
 # Batches up to MAX_M rows take this kernel; larger ones take the fused tl.dot kernel (matmul.py). The crossover
 # has not been measured on a GPU yet: bench_kernels.py times both at M = 1, 2, 4, 8 so gpu_check.sh can settle it.
@@ -79,16 +79,12 @@ def gemv(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*x.shape[:-1], N)
-    double_quant = nested_absmax is not None
-    pointers = (offset, nested_absmax, nested_code) if double_quant else (absmax, absmax, absmax)
+    pointers, meta = tile_launch_args(absmax, offset, nested_absmax, nested_code, blocksize, nested_blocksize, K)
     args = (
         x2, packed, absmax, code, *pointers, bias if bias is not None else y, y,
         M, N, K, x2.stride(0), x2.stride(1), y.stride(0),
     )  # fmt: skip
-    meta = dict(
-        HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize,
-        EVEN_K=K % 2 == 0, K_ALIGNED=K % blocksize == 0, BLOCK_M=triton.next_power_of_2(M),
-    )  # fmt: skip
+    meta.update(HAS_BIAS=bias is not None, BLOCK_M=triton.next_power_of_2(M))
     if config is None and not INTERPRETED:
         _gemv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **meta, enable_fp_fusion=False)
     else:

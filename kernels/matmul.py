@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dequant import INTERPRETED, check_triton_device, load_weight_tile, round_to
+from .dequant import INTERPRETED, check_triton_device, load_weight_tile, round_to, tile_launch_args
 
 # Autotune candidates, kept few so first calls stay short. Small BLOCK_M serves decode-sized batches (the weight
 # read dominates); 128x128 and 128x256 tiles serve training shapes (compute bound). BLOCK_K = 64 keeps one scale
@@ -126,17 +126,6 @@ def _launch(tuned, plain, grid_fn, args: tuple, meta: dict, config: triton.Confi
     plain[grid](*args, **meta, **kw, enable_fp_fusion=False)
 
 
-def _state_meta(absmax, offset, nested_absmax, nested_code, blocksize, nested_blocksize, K):
-    """Pointer arguments for the block constants (dummies where unused) and the matching constexprs."""
-    double_quant = nested_absmax is not None
-    pointers = (offset, nested_absmax, nested_code) if double_quant else (absmax, absmax, absmax)
-    meta = dict(
-        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize,
-        EVEN_K=K % 2 == 0, K_ALIGNED=K % blocksize == 0,
-    )  # fmt: skip
-    return pointers, meta
-
-
 def matmul(
     x: torch.Tensor,
     bias: torch.Tensor | None,
@@ -152,7 +141,7 @@ def matmul(
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*x.shape[:-1], N)
-    pointers, meta = _state_meta(absmax, offset, nested_absmax, nested_code, blocksize, nested_blocksize, K)
+    pointers, meta = tile_launch_args(absmax, offset, nested_absmax, nested_code, blocksize, nested_blocksize, K)
     args = (
         x2, packed, absmax, code, *pointers, bias if bias is not None else y, y,
         M, N, K, min(triton.next_power_of_2(M), M_BUCKET_CAP), x2.stride(0), x2.stride(1), y.stride(0),
@@ -180,7 +169,7 @@ def matmul_grad_input(
     dx = torch.empty((M, K), dtype=dy.dtype, device=dy.device)
     if M == 0:
         return dx.view(*dy.shape[:-1], K)
-    pointers, meta = _state_meta(absmax, offset, nested_absmax, nested_code, blocksize, nested_blocksize, K)
+    pointers, meta = tile_launch_args(absmax, offset, nested_absmax, nested_code, blocksize, nested_blocksize, K)
     args = (
         dy2, packed, absmax, code, *pointers, dx,
         M, N, K, min(triton.next_power_of_2(M), M_BUCKET_CAP), dy2.stride(0), dy2.stride(1), dx.stride(0),
