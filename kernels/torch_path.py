@@ -9,9 +9,11 @@ for speed instead of clarity:
   so nothing of the size of the whole weight is ever float32;
 - every op works on less than torch's parallel grain (32768 elements), so none opens an OpenMP parallel region.
   On the shared 2-core CI VM each region cost ~10 ms (a worker thread waiting for a core; profiled: copy_ and
-  mul_ at ~11 ms per call whatever their size): 0.3-0.6 s for a 4096x4096 weight, against 28 ms for this
-  one-threaded loop. Spreading the chunks over two Python threads was slower still (35 ms: GIL hand-offs between
-  ~10 us ops).
+  mul_ at ~11 ms per call whatever their size): 0.3-0.6 s for a 4096x4096 weight. Instead the chunks are split
+  into torch.get_num_threads() contiguous spans decoded by Python threads (torch ops release the GIL): one
+  thread wake-up per call. 4096x4096 NF4+DQ -> bf16, 2 cores: 30 ms on one thread, 19 ms on two when the
+  cores are free; bitsandbytes' AVX-512 kernel: 11 ms (quiet) to 35-60 ms (cores shared with other jobs),
+  where this path measured 28-49 ms (benchmarks/results/kernels-cpu.md).
 
 Arguments are the fields of a QuantState as plain tensors and ints (see ops.py): the custom ops cannot take the
 dataclass itself.
@@ -20,14 +22,36 @@ dataclass itself.
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 # Elements per chunk: below torch's parallel grain (2**15) so that no op forks threads, and a multiple of every
-# blocksize (4096). 4096x4096 NF4+DQ -> bf16 on the CI VM: 28 ms (bitsandbytes' AVX-512 kernel: 16 ms; both pay
-# ~14 ms of first-touch page faults for the fresh 32 MiB output).
+# blocksize (4096). About half of the one-threaded time above is first-touch page faults of the fresh output
+# (14 ms for 32 MiB on the CI VM), which every implementation pays.
 CHUNK_ELEMENTS = 7 * 4096
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if workers not in _pools:
+            _pools[workers] = ThreadPoolExecutor(workers, thread_name_prefix="nf4lora-dequant")
+        return _pools[workers]
+
+
+def _forget_pools_after_fork() -> None:
+    # A forked child has none of the parent's threads: its copies of the pools would never run a task.
+    global _pools, _pools_lock
+    _pools, _pools_lock = {}, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
 def block_scales(
@@ -111,8 +135,21 @@ def dequantize(
     """y = float32(code[c] * scale[block]) cast to `dtype`, of `shape`. packed: uint8, (numel + 1) // 2 bytes."""
     n = math.prod(shape)
     out = torch.empty(n, dtype=dtype, device=packed.device)
+    src, table = packed.reshape(-1), _pair_table(code)
     scales = block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize)
-    _decode_into(out, packed.reshape(-1), _pair_table(code), scales, blocksize)
+    workers = min(torch.get_num_threads(), n // CHUNK_ELEMENTS)
+    if workers <= 1:
+        _decode_into(out, src, table, scales, blocksize)
+        return out.view(shape)
+    per = -(-(n // CHUNK_ELEMENTS) // workers) * CHUNK_ELEMENTS  # whole chunks per span; the last takes the tail
+    spans = [(lo, min(lo + per, n)) for lo in range(0, n, per)]
+    pool = _pool(len(spans))
+    futures = [
+        pool.submit(_decode_into, out[lo:hi], src[lo // 2 : (hi + 1) // 2], table, scales[lo // blocksize :], blocksize)
+        for lo, hi in spans
+    ]
+    for future in futures:
+        future.result()
     return out.view(shape)
 
 

@@ -2,6 +2,10 @@
 matmul_4bit and its gradients against dense F.linear, what backward saves, torch.compile without graph breaks,
 backend selection and bad input. The Triton kernels themselves are tested in test_kernels_triton.py."""
 
+import os
+import signal
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +36,7 @@ def quantized(shape, blocksize=64, quant_type="nf4", double_quant=True, seed=0):
 SHAPES_AND_BLOCKSIZES = [
     ((1,), 64), ((7,), 32), ((33, 65), 128), ((300, 77), 256), ((1023,), 512), ((130, 130), 1024),
     ((5, 2049), 2048), ((3, 4097), 4096),
-    # Many chunks, and more blocks than one chunk of block scales.
+    # Many chunks (decoded by several threads), and more blocks than one chunk of block scales.
     ((torch_path.CHUNK_ELEMENTS * 40 + 33,), 32),
 ]  # fmt: skip
 
@@ -48,6 +52,31 @@ def test_dequantize_bit_identical_to_reference(shape, blocksize, quant_type, dou
         assert ours.shape == ref.shape and ours.dtype == dtype
         assert torch.equal(bits(ours), bits(ref)), (shape, blocksize, quant_type, double_quant, dtype)
     assert dequantize(packed, state).dtype == state.dtype  # default: the original dtype
+
+
+def test_dequantize_in_a_forked_child():
+    """The torch path's worker threads do not survive fork(); a child (e.g. a DataLoader worker) gets new ones."""
+    packed, state = quantized((torch_path.CHUNK_ELEMENTS * 4,), 64)
+    expected = dequantize_4bit(packed, state, torch.bfloat16)
+    assert torch.equal(bits(dequantize(packed, state, torch.bfloat16)), bits(expected))  # the parent's threads
+    pid = os.fork()
+    if pid == 0:  # child: exit status 0 if it computed the same bits, 1 otherwise; never return into pytest
+        ok = False
+        try:
+            # Compared in numpy: an OpenMP parallel region (torch.equal) would hang in a forked child of a
+            # process that used OpenMP threads (a GNU OpenMP limitation, why DataLoader workers use 1 thread).
+            y = dequantize(packed, state, torch.bfloat16)
+            ok = bits(y).numpy().tobytes() == bits(expected).numpy().tobytes()
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert done[0] == pid, "the forked child hung in dequantize"
+    assert os.waitstatus_to_exitcode(done[1]) == 0, "the forked child computed different values"
 
 
 def dense_reference(x, packed, state, bias):
