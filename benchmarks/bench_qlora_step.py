@@ -36,6 +36,7 @@ from harness import RESULTS, english_text, environment_block, machine, markdown_
 PEERS = ("transformers", "peft", "bitsandbytes")
 SIDES = ("ours", "peer")
 LABELS = {"ours": "ours (nf4lora)", "peer": "HF transformers + PEFT + bitsandbytes"}
+LOSS_CHUNK_TOKENS = 128  # as TrainConfig.loss_chunk_tokens: the loss without the full logits
 LORA = dict(r=16, alpha=32, dropout=0.0)  # QLoRA's usual rank for small models; alpha = 2r
 ADAMW = dict(lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)  # the QLoRA paper's rate, no decay on LoRA
 # Random-init LLaMA-style configurations for --synthetic: "1b" is TinyLlama-1.1B's shape (GQA 32/4), "tiny" is
@@ -125,6 +126,7 @@ def build_ours(model_dir: str, device: torch.device, grad_ckpt: bool):
                        device=device)  # fmt: skip
     add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules="all-linear")
     model.gradient_checkpointing = grad_ckpt
+    model.loss_chunk_tokens = LOSS_CHUNK_TOKENS
     model.train()
     init_lora_identically(model)
     optimizer = PagedAdamW([p for p in model.parameters() if p.requires_grad], **ADAMW)
@@ -380,6 +382,9 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         f"- Gradient checkpointing: {args.grad_ckpt} (non-reentrant on both sides). Sequence length {args.seq_len}; "
         f"{args.warmup} warm-up steps, then {args.steps} timed steps; tokens/s = tokens per step / step time "
         "(forward + backward + optimizer step), median (min .. max).",
+        f"- Loss: the same shifted cross-entropy on both sides. Ours computes lm_head + loss {LOSS_CHUNK_TOKENS} "
+        "positions at a time (nf4lora's default, `loss_chunk_tokens`), never holding the full (tokens, vocab) "
+        "logits; the peer materialises them, as transformers does.",
         f"- Each side and each point runs in its own process; {mem_name} is that process's peak"
         + (" (RSS includes the Python/torch runtime and, for the peer, transformers + PEFT + bitsandbytes)." if not cuda
            else " (torch's CUDA allocator; neither side's paged optimizer state is in it: ours lives in CPU memory, "

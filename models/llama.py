@@ -26,7 +26,7 @@ IGNORE_INDEX = -100  # label value that takes no part in the loss (HF / PyTorch 
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, logits_to_keep, V)
+    logits: torch.Tensor | None  # (B, T, V), or (B, logits_to_keep, V); None when the loss was computed in chunks
     loss: torch.Tensor | None = None  # scalar float32: mean shifted cross-entropy over labels != -100
 
 
@@ -108,6 +108,12 @@ class LlamaForCausalLM(nn.Module):
 
     Set `model.gradient_checkpointing = True` to recompute each decoder block in backward (non-reentrant
     torch.utils.checkpoint) instead of keeping its activations; it only acts in training mode with grad enabled.
+
+    Set `model.loss_chunk_tokens = N` (> 0) to compute the training loss without materialising the (B, T, V)
+    logits: lm_head and the cross-entropy run over N positions at a time and are recomputed in backward. With a
+    49K vocabulary and 1,024 tokens per step the full logits and their gradients cost ~0.8 GB of float32, more
+    than a 135M model's 4-bit weights and activations together; chunks of 128 positions cost ~90 MB for ~5% more
+    compute. It acts only when labels are given in training mode with grad enabled; `logits` is then None.
     """
 
     def __init__(self, config: LlamaConfig):
@@ -118,6 +124,7 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.loss_chunk_tokens = 0
         self.apply(self._init_weights)
 
     @staticmethod
@@ -178,20 +185,43 @@ class LlamaForCausalLM(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = base.norm(x)
-        if logits_to_keep > 0:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)  # (B, T, V)
-
-        loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels has shape {tuple(labels.shape)}, expected {tuple(input_ids.shape)}")
             if logits_to_keep > 0:
                 raise ValueError("labels cannot be combined with logits_to_keep")
+            if self.loss_chunk_tokens > 0 and self.training and torch.is_grad_enabled():
+                return CausalLMOutput(logits=None, loss=chunked_lm_loss(x, labels, self.lm_head, self.loss_chunk_tokens))
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if labels is not None:
             loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )
         return CausalLMOutput(logits=logits, loss=loss)
+
+
+def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_tokens: int) -> torch.Tensor:
+    """Mean shifted cross-entropy of lm_head(hidden) against labels, `chunk_tokens` positions at a time.
+
+    hidden (B, T, H), labels (B, T). Each chunk's logits live only inside a non-reentrant checkpoint, so neither
+    forward nor backward ever holds more than (chunk_tokens, V) of them. Equals F.cross_entropy(mean) of the full
+    logits up to float32 summation order.
+    """
+    h = hidden[:, :-1].flatten(0, 1)  # (N, H), N = B * (T - 1)
+    y = labels[:, 1:].flatten()  # (N,)
+
+    def chunk_loss_sum(h_chunk, y_chunk):
+        logits = lm_head(h_chunk).float()  # (chunk, V)
+        return F.cross_entropy(logits, y_chunk, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_tokens):
+        stop = start + chunk_tokens
+        total = total + checkpoint(chunk_loss_sum, h[start:stop], y[start:stop], use_reentrant=False)
+    return total / (y != IGNORE_INDEX).sum()  # NaN when nothing is labelled, as F.cross_entropy's mean
 
 
 def _default_positions(B: int, T: int, past: int, doc_ids, device) -> torch.Tensor:

@@ -103,6 +103,33 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_loss_matches_the_full_loss_and_gradients(chunk):
+    """loss_chunk_tokens: same loss and gradients as the full-logits loss (and transformers' loss), no logits kept."""
+    config = CONFIGS["mha_tied"]
+    hf = hf_model(config)
+    ours = our_model_from_hf(hf, config).train()
+    ids = _inputs(config)
+    labels = ids.clone()
+    labels[0, :5] = -100  # a masked prompt
+
+    def run(chunk_tokens):
+        ours.zero_grad(set_to_none=True)
+        ours.loss_chunk_tokens = chunk_tokens
+        out = ours(ids, labels=labels)
+        out.loss.backward()
+        return out, {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    (full, full_grads), (chunked, chunked_grads) = run(0), run(chunk)
+    assert chunked.logits is None and full.logits is not None
+    torch.testing.assert_close(chunked.loss, full.loss, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(chunked.loss, hf(ids, labels=labels).loss, atol=1e-5, rtol=1e-5)
+    for name in full_grads:
+        torch.testing.assert_close(chunked_grads[name], full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # outside training with grad, logits come back as usual
+        assert ours(ids, labels=labels).logits is not None
+
+
 def test_checkpointing_recomputes_blocks_in_backward():
     """With checkpointing on, each block's forward runs twice per step (forward + recompute)."""
     config = CONFIGS["gqa_untied"]

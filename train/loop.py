@@ -118,6 +118,7 @@ def prepare(config: TrainConfig):
         targets = [t.strip() for t in targets.split(",")]
     add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
     model.gradient_checkpointing = config.gradient_checkpointing
+    model.loss_chunk_tokens = config.loss_chunk_tokens
     return model, tokenizer, train_ex, val_ex, device
 
 
