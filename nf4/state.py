@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .codebooks import BLOCKSIZES, DYNAMIC_MAP, NESTED_BLOCKSIZE, QUANT_TYPES, code_table
+from .codebooks import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code_table
 
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -89,13 +89,10 @@ class QuantState:
 
     def absmax_float32(self) -> torch.Tensor:
         """The per-block float32 scales, decoding double quantization if present (n_blocks,)."""
-        if self.nested is None:
+        nested = self.nested
+        if nested is None:
             return self.absmax
-        n, bs = self.absmax.numel(), self.nested.blocksize
-        values = self.nested.code[self.absmax.long()]  # (n_blocks,) float32
-        scales = self.nested.absmax.repeat_interleave(bs)[:n]
-        # Two separate float32 roundings, product then sum, as bitsandbytes does (FORMATS.md 3.4).
-        return values * scales + self.offset
+        return decode_absmax(self.absmax, self.offset, nested.absmax, nested.code, nested.blocksize)
 
     # -- validation ----------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -217,8 +214,15 @@ class QuantState:
         )
 
 
-def dynamic_map(device=None) -> torch.Tensor:
-    return DYNAMIC_MAP.to(device) if device is not None else DYNAMIC_MAP.clone()
+def decode_absmax(
+    codes: torch.Tensor, offset: torch.Tensor, nested_absmax: torch.Tensor, nested_code: torch.Tensor, nested_blocksize: int
+) -> torch.Tensor:
+    """Double quantization undone: scale[b] = float32(map[codes[b]] * nested_absmax[b // 256]) + offset.
+
+    Two separate float32 roundings, product then sum, as bitsandbytes does (FORMATS.md 3.4). (n_blocks,) float32.
+    """
+    values = nested_code[codes.long()]  # (n_blocks,) float32
+    return values * nested_absmax.repeat_interleave(nested_blocksize)[: codes.numel()] + offset
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
