@@ -125,19 +125,22 @@ elif ((DRY)); then
     step gpu-tests-collect 120 "${PYTEST[@]}" -m gpu --collect-only tests/
     skip "gpu tests" "dry run: collected above, not run (no GPU)"
 else
-    step gpu-tests 200 "${PYTEST[@]}" -m gpu "${DESELECT[@]}" --junitxml="$OUT/gpu-tests.xml" tests/
+    step gpu-tests 150 "${PYTEST[@]}" -m gpu "${DESELECT[@]}" --junitxml="$OUT/gpu-tests.xml" tests/
 fi
 
 # -- benchmarks -----------------------------------------------------------------------------------------------------
-# One entry per GPU benchmark: "name|timeout|script and arguments" (the results folder is appended as --out).
+# One entry per GPU benchmark: "name|timeout|script and GPU arguments|arguments of the CPU dry run" (the results
+# folder is appended as --out). The dry run is a quick CPU run of the same script: it proves it imports and writes
+# its files.
 BENCHES=(
-    "bench-kernels|220|benchmarks/bench_kernels.py --device cuda"
+    "bench-kernels|180|benchmarks/bench_kernels.py --device cuda|--device cpu --quick --repeat 1"
+    "bench-qlora-step|150|benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 --batch 2 --tokens-per-step 2048,4096,8192 --grad-ckpt on --steps 5 --warmup 2|--device cpu --synthetic tiny --seq-len 32 --batch 2 --tokens-per-step 64 --steps 1 --warmup 1 --no-profile"
 )
 for entry in "${BENCHES[@]}"; do
-    IFS='|' read -r name limit cmd <<< "$entry"
+    IFS='|' read -r name limit cmd dry_args <<< "$entry"
+    script=${cmd%% *}
     if ((DRY)); then
-        # On the CPU, a quick run of the same script proves it imports and writes its files.
-        step "$name-dry" 240 env -u PYTHONSAFEPATH "$PY" ${cmd/--device cuda/--device cpu --quick --repeat 1} --out "$OUT"
+        step "$name-dry" 240 env -u PYTHONSAFEPATH "$PY" $script $dry_args --out "$OUT"
     else
         step "$name" "$limit" env -u PYTHONSAFEPATH "$PY" $cmd --out "$OUT"
     fi
@@ -147,7 +150,7 @@ done
 if ((DRY)); then
     skip "compiled kernel tests" "dry run: tests/test_kernels_triton.py runs in CI under the interpreter"
 elif ((PYTEST_OK)); then
-    step triton-tests-compiled 100 "${PYTEST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py
+    step triton-tests-compiled 80 "${PYTEST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py
 fi
 
 say "total ${SECONDS}s; results in $OUT"

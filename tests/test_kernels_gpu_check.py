@@ -21,6 +21,7 @@ def test_dry_run_runs_every_step_and_writes_results(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert "OK       gpu-tests-collect" in summary
     assert "OK       bench-kernels-dry" in summary
+    assert "OK       bench-qlora-step-dry" in summary  # the end-to-end QLoRA step benchmark is part of the check
     assert "SKIPPED  gpu tests: dry run" in summary  # says clearly what it did not do
     assert "ALL STEPS THAT RAN PASSED" in summary
     assert "torch " in (out / "env.txt").read_text()
@@ -34,6 +35,8 @@ def test_dry_run_runs_every_step_and_writes_results(tmp_path):
     assert {"dequantize nf4+DQ -> bf16", "forward (no grad)", "forward + grad-input"} <= ops
     assert all(r["ours_s"]["median"] > 0 for r in data["results"])
     assert "## Dequantize (CPU torch path)" in (out / "kernels-cpu-quick.md").read_text()
+    step = json.loads((out / "qlora-step-cpu.json").read_text())
+    assert step["points"] and all(p[side]["tokens_per_s"]["median"] > 0 for p in step["points"] for side in ("ours", "peer"))
 
 
 def test_usage_errors():
