@@ -21,12 +21,13 @@ import torch
 from .config import TrainConfig, check_writable_dir
 
 # The built-in run, sized for 2 CPU cores and well under 10 minutes. It applies only to fields not given on the
-# command line and only when neither --model nor --data is given. Measured (docs/finetune-demo.md): the loss per
+# command line and only when neither --model nor --data is given. Measured (docs/finetune-demo/): the loss per
 # answer token falls below 0.05 within ~8 steps of 4 packed rows, so 16 steps at a high rate suffice; a 135M base
-# needs no gradient checkpointing to fit in memory, and recomputation would cost ~30% of the time; one thread,
-# because on a shared 2-core machine OpenMP's spinning made two threads 5-10x slower than one.
+# needs no gradient checkpointing to fit in memory, and recomputation would cost ~30% of the time. Threads stay
+# torch's default: on an idle 2-core machine two threads ran the demo in 133 s against 165 s for one (when other
+# jobs share the cores, OpenMP's spinning can make two threads far slower: pass --threads 1 there).
 DEMO_OVERRIDES = dict(seq_len=256, batch_size=4, micro_batch_size=4, max_steps=16, warmup_steps=2, lr=2e-3,
-                      gradient_checkpointing=False, eval_every=4, save_every=8, threads=1)  # fmt: skip
+                      gradient_checkpointing=False, eval_every=4, save_every=8)  # fmt: skip
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")  # fmt: skip
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
