@@ -46,11 +46,14 @@ def _pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _forget_pools_after_fork() -> None:
-    # A forked child has none of the parent's threads: its copies of the pools would never run a task.
-    global _pools, _pools_lock
-    _pools, _pools_lock = {}, threading.Lock()
+    # A forked child has none of the parent's threads: its copies of the pools would never run a task. Nor may
+    # it start new ones for torch work: once the parent has used OpenMP, a torch op in a new thread of the child can
+    # fail torch's "Invalid thread pool" assertion (seen with index_select). The child decodes on its own thread.
+    global _pools, _pools_lock, _single_threaded
+    _pools, _pools_lock, _single_threaded = {}, threading.Lock(), True
 
 
+_single_threaded = False  # set in forked children (see above)
 os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
@@ -137,7 +140,7 @@ def dequantize(
     out = torch.empty(n, dtype=dtype, device=packed.device)
     src, table = packed.reshape(-1), _pair_table(code)
     scales = block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize)
-    workers = min(torch.get_num_threads(), n // CHUNK_ELEMENTS)
+    workers = 1 if _single_threaded else min(torch.get_num_threads(), n // CHUNK_ELEMENTS)
     if workers <= 1:
         _decode_into(out, src, table, scales, blocksize)
         return out.view(shape)

@@ -55,7 +55,8 @@ def test_dequantize_bit_identical_to_reference(shape, blocksize, quant_type, dou
 
 
 def test_dequantize_in_a_forked_child():
-    """The torch path's worker threads do not survive fork(); a child (e.g. a DataLoader worker) gets new ones."""
+    """The torch path's worker threads do not survive fork(); a child (e.g. a DataLoader worker) decodes on its own
+    thread (new threads there can trip torch's OpenMP pool assertion) and gets the same bits."""
     packed, state = quantized((torch_path.CHUNK_ELEMENTS * 4,), 64)
     expected = dequantize_4bit(packed, state, torch.bfloat16)
     assert torch.equal(bits(dequantize(packed, state, torch.bfloat16)), bits(expected))  # the parent's threads
