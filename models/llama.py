@@ -19,9 +19,9 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import LlamaConfig
 from .kv_cache import KVCache
+from .loss import IGNORE_INDEX, chunked_lm_loss
 from .rope import apply_rope, rope_cos_sin, rope_inv_freq
 
-IGNORE_INDEX = -100  # label value that takes no part in the loss (HF / PyTorch convention)
 
 
 @dataclass
@@ -201,27 +201,6 @@ class LlamaForCausalLM(nn.Module):
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )
         return CausalLMOutput(logits=logits, loss=loss)
-
-
-def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module, chunk_tokens: int) -> torch.Tensor:
-    """Mean shifted cross-entropy of lm_head(hidden) against labels, `chunk_tokens` positions at a time.
-
-    hidden (B, T, H), labels (B, T). Each chunk's logits live only inside a non-reentrant checkpoint, so neither
-    forward nor backward ever holds more than (chunk_tokens, V) of them. Equals F.cross_entropy(mean) of the full
-    logits up to float32 summation order.
-    """
-    h = hidden[:, :-1].flatten(0, 1)  # (N, H), N = B * (T - 1)
-    y = labels[:, 1:].flatten()  # (N,)
-
-    def chunk_loss_sum(h_chunk, y_chunk):
-        logits = lm_head(h_chunk).float()  # (chunk, V)
-        return F.cross_entropy(logits, y_chunk, ignore_index=IGNORE_INDEX, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, h.shape[0], chunk_tokens):
-        stop = start + chunk_tokens
-        total = total + checkpoint(chunk_loss_sum, h[start:stop], y[start:stop], use_reentrant=False)
-    return total / (y != IGNORE_INDEX).sum()  # NaN when nothing is labelled, as F.cross_entropy's mean
 
 
 def _default_positions(B: int, T: int, past: int, doc_ids, device) -> torch.Tensor:

@@ -103,12 +103,17 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trainable_head", "frozen_head"])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_chunked_loss_matches_the_full_loss_and_gradients(chunk):
-    """loss_chunk_tokens: same loss and gradients as the full-logits loss (and transformers' loss), no logits kept."""
+def test_chunked_loss_matches_the_full_loss_and_gradients(chunk, frozen_head):
+    """loss_chunk_tokens: same loss and gradients as the full-logits loss (and transformers' loss), no logits kept.
+
+    A trainable head takes the checkpointed path; a frozen one (QLoRA) the fused one that computes dL/dh forward.
+    """
     config = CONFIGS["mha_tied"]
     hf = hf_model(config)
     ours = our_model_from_hf(hf, config).train()
+    ours.lm_head.weight.requires_grad_(not frozen_head)  # tied: freezes the embeddings too
     ids = _inputs(config)
     labels = ids.clone()
     labels[0, :5] = -100  # a masked prompt
@@ -118,16 +123,36 @@ def test_chunked_loss_matches_the_full_loss_and_gradients(chunk):
         ours.loss_chunk_tokens = chunk_tokens
         out = ours(ids, labels=labels)
         out.loss.backward()
-        return out, {n: p.grad.clone() for n, p in ours.named_parameters()}
+        return out, {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
 
     (full, full_grads), (chunked, chunked_grads) = run(0), run(chunk)
     assert chunked.logits is None and full.logits is not None
     torch.testing.assert_close(chunked.loss, full.loss, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(chunked.loss, hf(ids, labels=labels).loss, atol=1e-5, rtol=1e-5)
+    assert full_grads.keys() == chunked_grads.keys() and len(full_grads) > 0
     for name in full_grads:
         torch.testing.assert_close(chunked_grads[name], full_grads[name], atol=1e-6, rtol=1e-5, msg=name)
     with torch.no_grad():  # outside training with grad, logits come back as usual
         assert ours(ids, labels=labels).logits is not None
+
+
+def test_chunked_loss_under_bf16_autocast():
+    """The fused frozen-head path computes the head in the autocast dtype, like the full path: bf16 tolerance."""
+    config = CONFIGS["mha_tied"]
+    ours = our_model_from_hf(hf_model(config), config).train()
+    ours.lm_head.weight.requires_grad_(False)
+    ids = _inputs(config)
+    losses, grads = [], []
+    for chunk_tokens in (0, 7):
+        ours.zero_grad(set_to_none=True)
+        ours.loss_chunk_tokens = chunk_tokens
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ours(ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss)
+        grads.append(ours.model.layers[0].mlp.down_proj.weight.grad.clone())
+    torch.testing.assert_close(losses[1], losses[0], atol=2e-3, rtol=2e-3)  # bf16 logits, float32 sums
+    torch.testing.assert_close(grads[1], grads[0], atol=2e-2, rtol=5e-2)
 
 
 def test_checkpointing_recomputes_blocks_in_backward():
