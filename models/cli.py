@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from .loading import resolve_device
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -58,7 +60,7 @@ def run_generate(args: argparse.Namespace, out=None) -> str:
     out = out or sys.stdout
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     dtype = DTYPES.get(args.compute_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = _resolve_model(args.model)
     quantize = None if args.quant_type == "none" else args.quant_type
@@ -112,15 +114,6 @@ class _StreamPrinter:
         self.out.write(text[len(self.printed) :] + "\n")
         self.out.flush()
         return text
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={name!r} but CUDA is not available")
-    return device
 
 
 def _resolve_model(model: str | None) -> str:

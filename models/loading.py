@@ -101,6 +101,16 @@ class Checkpoint:
         return self.files[key].path
 
 
+def resolve_device(name: str) -> torch.device:
+    """torch.device for a --device value: "auto" is CUDA when available, else the CPU; CUDA without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name!r}, but CUDA is not available on this machine")
+    return device
+
+
 def load_model(
     path: str | os.PathLike,
     quantize: str | None = "nf4",

@@ -122,7 +122,9 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_finetune(args) -> None:
     from .evaluate import exact_match, prompt_and_answer
-    from .loop import prepare, resolve_device, train
+    from nf4lora.models.loading import resolve_device
+
+    from .loop import prepare, train
 
     config = config_from_args(args)
     report = args.exact_match if args.exact_match is not None else config.data is None
@@ -210,8 +212,9 @@ def cmd_merge(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    from nf4lora.models.loading import resolve_device
+
     from .evaluate import file_examples, loss_and_perplexity
-    from .loop import resolve_device
     from .resources import DEFAULT_VALID
 
     if args.seq_len <= 0 or args.batch_size <= 0:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from nf4lora.lora import add_lora, save_adapter
+from nf4lora.models.loading import resolve_device
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, check_writable_dir
@@ -47,15 +48,6 @@ def lr_at(step: int, config: TrainConfig, total_steps: int) -> float:
         return config.lr
     span = max(1, total_steps - config.warmup_steps)
     return config.lr * 0.5 * (1.0 + math.cos(math.pi * (step - config.warmup_steps) / span))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={name!r}, but CUDA is not available on this machine")
-    return device
 
 
 def _to(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
