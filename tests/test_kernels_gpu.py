@@ -15,8 +15,8 @@ pytestmark = [
 from nf4lora.kernels import backend_for, dequantize, matmul_4bit  # noqa: E402
 
 if torch.cuda.is_available():
-    # Only with a GPU: importing the kernel modules fixes triton.jit's compiled-or-interpreted choice, which on a
-    # CPU machine test_kernels_triton.py makes (TRITON_INTERPRET=1) when it is collected after this file.
+    # Only with a GPU: the kernel modules are not needed here without one (tests/conftest.py sets
+    # TRITON_INTERPRET=1 on CPU machines before any of them is imported).
     from nf4lora.kernels import gemv, matmul
 from nf4lora.nf4 import QuantState, dequantize_4bit, quantize_4bit  # noqa: E402
 from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE  # noqa: E402

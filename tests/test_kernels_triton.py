@@ -3,21 +3,17 @@ CUDA where a GPU exists. Shapes are small (the interpreter runs each program in 
 partial blocks and tiles, K and N not multiples of the tile sizes. bfloat16 matmuls are tested only on a GPU
 (test_kernels_gpu.py): triton 3.9's interpreter returns garbage for tl.dot on bfloat16 operands."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    # Read by triton.jit when the kernel modules are first imported (below, and lazily by nf4lora.kernels.ops).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-DEVICE = "cuda" if CUDA else "cpu"
+from nf4lora.kernels import dequant, dequantize, gemv, matmul, matmul_4bit
+from nf4lora.nf4 import dequantize_4bit, quantize_4bit
+from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE
 
-from nf4lora.kernels import dequant, dequantize, gemv, matmul, matmul_4bit  # noqa: E402
-from nf4lora.nf4 import dequantize_4bit, quantize_4bit  # noqa: E402
-from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE  # noqa: E402
+# Without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 before any kernel module was imported.
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
 
 # The kernels accumulate in float32 and round once to the output dtype: up to half an ulp of the dtype relative
 # (rtol), plus float32 summation error over K <= 128 terms of size ~1 (atol).
