@@ -228,3 +228,17 @@ def test_rejects_bad_state_dict(quantized):
     # round trip of a good one
     back = QuantState.from_state_dict(sd, "w.")
     assert torch.equal(dequantize_4bit(packed, back), dequantize_4bit(packed, state))
+
+
+def test_rejects_packed_on_another_device(quantized):
+    packed, state = quantized
+    with pytest.raises(ValueError, match="packed is on meta but the state is on cpu"):
+        dequantize_4bit(packed.to("meta"), state)
+
+
+def test_rejects_state_dict_whose_key_and_json_disagree(quantized):
+    _, state = quantized
+    sd = state.to_state_dict("w.")
+    renamed = {k.replace("bitsandbytes__nf4", "bitsandbytes__fp4"): v for k, v in sd.items()}
+    with pytest.raises(ValueError, match=r"w.quant_state.bitsandbytes__fp4 says quant_type 'nf4'"):
+        QuantState.from_state_dict(renamed, "w.")
