@@ -236,10 +236,23 @@ def run_side(side: str, args, model_dir: str, data_file: str, batch: int, profil
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def summarize(result: dict, warmup: int) -> dict:
-    """Tokens/s over the steps after warm-up: median and min..max."""
-    tps = [result["tokens_per_step"] / t for t in result["step_s"][warmup:]]
-    return {"median": statistics.median(tps), "min": min(tps), "max": max(tps), "n": len(tps)}
+def merge_rounds(runs: list[dict], warmup: int) -> dict:
+    """One side's result at one point from its rounds (one process each): the first round's losses and profile,
+    tokens/s over the timed steps of every round (median, min..max, and each round's median, which shows drift
+    of the machine between rounds), and the largest peak memory."""
+    merged = dict(runs[0])
+    tps = [[r["tokens_per_step"] / t for t in r["step_s"][warmup:]] for r in runs]
+    pooled = [x for round_tps in tps for x in round_tps]
+    merged["tokens_per_s"] = {
+        "median": statistics.median(pooled), "min": min(pooled), "max": max(pooled), "n": len(pooled),
+        "round_medians": [statistics.median(round_tps) for round_tps in tps],
+    }  # fmt: skip
+    merged["step_s_rounds"] = [r["step_s"] for r in runs]
+    merged["load_s"] = statistics.median(r["load_s"] for r in runs)
+    for key in ("peak_rss_mib", "peak_cuda_mib"):
+        if key in merged:
+            merged[key] = max(r[key] for r in runs)
+    return merged
 
 
 def plot(points: list[dict], default_tokens: int, title: str, path: Path) -> None:
@@ -309,10 +322,12 @@ def orchestrate(args) -> Path:
             batch = tokens // args.seq_len
             profile = tokens == default and not args.no_profile
             point = {"tokens_per_step": tokens, "batch": batch}
+            runs = {side: [] for side in SIDES}
+            for round_ in range(args.rounds):  # sides take turns, the first alternating, so drift hits both
+                for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
+                    runs[side].append(run_side(side, args, model_dir, data_file, batch, profile and round_ == 0))
             for side in SIDES:
-                r = run_side(side, args, model_dir, data_file, batch, profile)
-                r["tokens_per_s"] = summarize(r, args.warmup)
-                point[side] = r
+                point[side] = merge_rounds(runs[side], args.warmup)
             point["speedup"] = point["ours"]["tokens_per_s"]["median"] / point["peer"]["tokens_per_s"]["median"]
             mem = "peak_cuda_mib" if args.device.startswith("cuda") else "peak_rss_mib"
             point["memory_ratio"] = point["ours"][mem] / point["peer"][mem]
@@ -341,7 +356,8 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
 
     def tps(r):
         t = r["tokens_per_s"]
-        return f"{t['median']:.0f} ({t['min']:.0f} .. {t['max']:.0f})"
+        rounds = ", ".join(f"{m:.0f}" for m in t.get("round_medians", []))
+        return f"{t['median']:.0f} ({t['min']:.0f} .. {t['max']:.0f})" + (f"; rounds {rounds}" if rounds else "")
 
     rows = []
     for p in points:
@@ -380,8 +396,10 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         f"- AdamW lr {ADAMW['lr']}, betas {ADAMW['betas']}, eps {ADAMW['eps']}, weight decay {ADAMW['weight_decay']}. "
         f"Ours: {at['ours']['optimizer']}; peer: {at['peer']['optimizer']}.",
         f"- Gradient checkpointing: {args.grad_ckpt} (non-reentrant on both sides). Sequence length {args.seq_len}; "
-        f"{args.warmup} warm-up steps, then {args.steps} timed steps; tokens/s = tokens per step / step time "
-        "(forward + backward + optimizer step), median (min .. max).",
+        f"{args.warmup} warm-up steps, then {args.steps} timed steps, in each of {args.rounds} rounds (one fresh "
+        "process per side and round, the sides taking turns); tokens/s = tokens per step / step time "
+        "(forward + backward + optimizer step), median (min .. max) over all rounds' timed steps; the rounds' own "
+        "medians are listed to show drift of the machine. Peak memory is the largest of the rounds.",
         f"- Loss: the same shifted cross-entropy on both sides. Ours computes lm_head + loss {LOSS_CHUNK_TOKENS} "
         "positions at a time (nf4lora's default, `loss_chunk_tokens`), never holding the full (tokens, vocab) "
         "logits; the peer materialises them, as transformers does.",
@@ -442,6 +460,8 @@ def main(argv=None):
     parser.add_argument("--tokens-per-step", default="512,1024,2048", help="comma-separated sweep")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per point")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="processes per side and point, the sides taking turns (pooled; default 2)")
     parser.add_argument("--grad-ckpt", choices=("on", "off"), default="off")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU on CUDA (H200)")
     parser.add_argument("--no-profile", action="store_true")

@@ -134,7 +134,7 @@ fi
 # its files.
 BENCHES=(
     "bench-kernels|180|benchmarks/bench_kernels.py --device cuda|--device cpu --quick --repeat 1"
-    "bench-qlora-step|150|benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 --batch 2 --tokens-per-step 2048,4096,8192 --grad-ckpt on --steps 5 --warmup 2|--device cpu --synthetic tiny --seq-len 32 --batch 2 --tokens-per-step 64 --steps 1 --warmup 1 --no-profile"
+    "bench-qlora-step|150|benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 --batch 2 --tokens-per-step 2048,4096,8192 --grad-ckpt on --steps 5 --warmup 2 --rounds 1|--device cpu --synthetic tiny --seq-len 32 --batch 2 --tokens-per-step 64 --steps 1 --warmup 1 --rounds 1 --no-profile"
 )
 for entry in "${BENCHES[@]}"; do
     IFS='|' read -r name limit cmd dry_args <<< "$entry"

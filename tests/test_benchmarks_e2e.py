@@ -30,7 +30,7 @@ def run_script(name: str, *args: str) -> None:
 
 def test_bench_qlora_step_writes_both_sides(tiny_model, tmp_path):
     run_script("bench_qlora_step.py", "--model", tiny_model, "--seq-len", "32", "--batch", "2",
-               "--tokens-per-step", "32,64", "--steps", "2", "--warmup", "1", "--out", str(tmp_path))  # fmt: skip
+               "--tokens-per-step", "32,64", "--steps", "2", "--warmup", "1", "--rounds", "2", "--out", str(tmp_path))  # fmt: skip
     data = json.loads((tmp_path / "qlora-step-cpu.json").read_text())
     assert [p["tokens_per_step"] for p in data["points"]] == [32, 64]
     for point in data["points"]:
@@ -38,7 +38,9 @@ def test_bench_qlora_step_writes_both_sides(tiny_model, tmp_path):
             r = point[side]
             assert len(r["losses"]) == len(r["step_s"]) == 3
             assert all(math.isfinite(x) for x in r["losses"])
-            assert r["tokens_per_s"]["n"] == 2 and r["tokens_per_s"]["min"] <= r["tokens_per_s"]["median"]
+            # 2 rounds (processes) x 2 timed steps, pooled; each round's own median is kept
+            assert r["tokens_per_s"]["n"] == 4 and r["tokens_per_s"]["min"] <= r["tokens_per_s"]["median"]
+            assert len(r["tokens_per_s"]["round_medians"]) == len(r["step_s_rounds"]) == 2
             assert r["peak_rss_mib"] > 0
             assert r["trainable_params"] == point["ours"]["trainable_params"]  # same LoRA on both sides
         # Same quantized weights and the same LoRA init (B = 0): the first loss differs only by bf16 rounding.
