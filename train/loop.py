@@ -23,6 +23,7 @@ import torch
 from nf4lora.lora import add_lora, save_adapter
 from nf4lora.models.loading import resolve_device
 
+from .allocator import keep_freed_memory
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, check_writable_dir
 from .data import DataStream, Example, eval_batches, load_examples, split_validation
@@ -94,6 +95,8 @@ def prepare(config: TrainConfig):
         torch.set_num_threads(config.threads)
     check_writable_dir(config.output_dir)
     device = resolve_device(config.device)
+    if config.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()
     data_path, val_path = resolve_data(config.data, config.val_data)
     torch.manual_seed(config.seed)
     model, tokenizer = load_base(config.model, config, device)
