@@ -185,6 +185,10 @@ def run_worker(args) -> dict:
     """One side at one tokens-per-step point: load, then `warmup + steps` optimizer steps. Runs in its own process."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if args.malloc == "kept" and not cuda:
+        from nf4lora.train.allocator import keep_freed_memory
+
+        keep_freed_memory()
     t0 = time.perf_counter()
     build = build_ours if args.worker == "ours" else build_peer
     model, optimizer, loss_fn, optimizer_name = build(args.model, device, args.grad_ckpt == "on")
@@ -213,7 +217,7 @@ def run_worker(args) -> dict:
     result = {
         "side": args.worker, "optimizer": optimizer_name, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_step": args.batch * args.seq_len, "losses": losses, "step_s": times, "load_s": load_s,
-        "peak_rss_mib": peak_rss_mb(), "trainable_params": trainable,
+        "peak_rss_mib": peak_rss_mb(), "trainable_params": trainable, "malloc": args.malloc,
     }  # fmt: skip
     if cuda:
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -223,13 +227,19 @@ def run_worker(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the orchestrator
-def run_side(side: str, args, model_dir: str, data_file: str, batch: int, profile: bool) -> dict:
+# How each side runs its process: ours as nf4lora's training loop does (glibc malloc keeps freed memory,
+# train/allocator.py), the peer with the C library's defaults, as the Hugging Face Trainer leaves them.
+MALLOC = {"ours": "kept", "peer": "default"}
+
+
+def run_side(side: str, args, model_dir: str, data_file: str, batch: int, profile: bool, malloc: str | None = None) -> dict:
+    malloc = malloc or MALLOC[side]
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model", model_dir,
            "--data-file", data_file, "--device", args.device, "--batch", str(batch), "--seq-len", str(args.seq_len),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--grad-ckpt", args.grad_ckpt]  # fmt: skip
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--grad-ckpt", args.grad_ckpt, "--malloc", malloc]  # fmt: skip
     if profile:
         cmd.append("--profile")
-    print(f"[{side}] batch {batch} x {args.seq_len} ...", flush=True)
+    print(f"[{side}, malloc {malloc}] batch {batch} x {args.seq_len} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the {side} worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
@@ -328,6 +338,12 @@ def orchestrate(args) -> Path:
                     runs[side].append(run_side(side, args, model_dir, data_file, batch, profile and round_ == 0))
             for side in SIDES:
                 point[side] = merge_rounds(runs[side], args.warmup)
+            if tokens == default and not args.device.startswith("cuda") and not args.no_ablation:
+                # Each side with the other side's malloc settings: how much of the gap is the allocator.
+                point["swapped_malloc"] = {
+                    side: merge_rounds([run_side(side, args, model_dir, data_file, batch, False, malloc)], args.warmup)
+                    for side, malloc in (("ours", "default"), ("peer", "kept"))
+                }  # fmt: skip
             point["speedup"] = point["ours"]["tokens_per_s"]["median"] / point["peer"]["tokens_per_s"]["median"]
             mem = "peak_cuda_mib" if args.device.startswith("cuda") else "peak_rss_mib"
             point["memory_ratio"] = point["ours"][mem] / point["peer"][mem]
@@ -403,7 +419,9 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         f"- Loss: the same shifted cross-entropy on both sides. Ours computes lm_head + loss {LOSS_CHUNK_TOKENS} "
         "positions at a time (nf4lora's default, `loss_chunk_tokens`), never holding the full (tokens, vocab) "
         "logits; the peer materialises them, as transformers does.",
-        f"- Each side and each point runs in its own process; {mem_name} is that process's peak"
+        ("- Processes: ours with glibc malloc keeping freed memory, as nf4lora's training loop sets it; the peer "
+         "with the C library's defaults (see \"The allocator's share\" below).\n" if not cuda else "")
+        + f"- Each side and each point runs in its own process; {mem_name} is that process's peak"
         + (" (RSS includes the Python/torch runtime and, for the peer, transformers + PEFT + bitsandbytes)." if not cuda
            else " (torch's CUDA allocator; neither side's paged optimizer state is in it: ours lives in CPU memory, "
            "bitsandbytes' in CUDA managed memory)."),
@@ -423,6 +441,29 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         md += ["", f"MFU (6N FLOP per token, N = {n_params / 1e6:.0f}M checkpoint parameters, peak "
                f"{args.peak_tflops} TFLOP/s bf16): " + ", ".join(
                    f"{p['tokens_per_step']} tokens: ours {p['ours']['mfu']:.1%}, peer {p['peer']['mfu']:.1%}" for p in points)]  # fmt: skip
+    if "swapped_malloc" in at:
+        swapped = at["swapped_malloc"]
+        ours_default = swapped["ours"]["tokens_per_s"]["median"]
+        peer_kept = swapped["peer"]["tokens_per_s"]["median"]
+        md += [
+            "",
+            f"## The allocator's share ({default} tokens per step, one extra process per row)",
+            "",
+            "Ours runs as nf4lora's training loop does: glibc malloc keeps freed memory for the next step "
+            "(`keep_freed_memory`, train/allocator.py; the peer's process keeps the C library's defaults, as the "
+            "Hugging Face Trainer leaves them). The default settings return freed activations to the OS, and each "
+            "step faults them in again. Each side with the other's settings:",
+            "",
+            markdown_table(["side", "malloc", "tokens/s median (min .. max)", "peak RSS"], [
+                [LABELS["ours"], "kept (as in the table above)", tps(at["ours"]), f"{at['ours'][mem_key]:.0f} MiB"],
+                [LABELS["ours"], "glibc defaults", tps(swapped["ours"]), f"{swapped['ours'][mem_key]:.0f} MiB"],
+                [LABELS["peer"], "glibc defaults (as in the table above)", tps(at["peer"]), f"{at['peer'][mem_key]:.0f} MiB"],
+                [LABELS["peer"], "kept", tps(swapped["peer"]), f"{swapped['peer'][mem_key]:.0f} MiB"],
+            ]),  # fmt: skip
+            "",
+            f"Both with glibc defaults: ours {ours_default / at['peer']['tokens_per_s']['median']:.2f}x the peer. "
+            f"Both with freed memory kept: ours {at['ours']['tokens_per_s']['median'] / peer_kept:.2f}x the peer.",
+        ]
     md += [
         "",
         f"## Loss over the same steps ({default} tokens per step)",
@@ -465,11 +506,14 @@ def main(argv=None):
     parser.add_argument("--grad-ckpt", choices=("on", "off"), default="off")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU on CUDA (H200)")
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--no-ablation", action="store_true",
+                        help="CPU: skip the extra run of each side with the other's malloc settings")
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     # internal: one side in this process
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--data-file", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--malloc", choices=("kept", "default"), default="default", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(run_worker(args)))

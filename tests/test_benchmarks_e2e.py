@@ -47,9 +47,15 @@ def test_bench_qlora_step_writes_both_sides(tiny_model, tmp_path):
         assert point["ours"]["losses"][0] == pytest.approx(point["peer"]["losses"][0], rel=2e-2)
     default = next(p for p in data["points"] if p["tokens_per_step"] == 64)
     assert default["ours"]["profile"] and default["peer"]["profile"]
+    # ours runs with nf4lora's malloc settings, the peer with the defaults; the ablation swaps them, once
+    assert (default["ours"]["malloc"], default["peer"]["malloc"]) == ("kept", "default")
+    swapped = default["swapped_malloc"]
+    assert (swapped["ours"]["malloc"], swapped["peer"]["malloc"]) == ("default", "kept")
+    assert swapped["ours"]["tokens_per_s"]["n"] == 2 and "swapped_malloc" not in data["points"][0]
     md = (tmp_path / "qlora-step-cpu.md").read_text()
-    assert md.count("| ours (nf4lora) |") == 2 and md.count("| HF transformers + PEFT + bitsandbytes |") == 2
-    assert "Where the time goes" in md
+    # one row per point and side, plus two per side in the allocator table
+    assert md.count("| ours (nf4lora) |") == 4 and md.count("| HF transformers + PEFT + bitsandbytes |") == 4
+    assert "Where the time goes" in md and "The allocator's share" in md
     assert (tmp_path / "qlora-step-cpu.png").stat().st_size > 0
 
 
