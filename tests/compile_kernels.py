@@ -1,0 +1,386 @@
+"""Compile every Triton kernel of nf4lora ahead of time for a CUDA architecture, on a machine without a GPU.
+
+The kernel tests run the kernels in Triton's interpreter, which accepts programs the GPU compiler rejects (layout
+conversions, reshapes, dot shapes) and knows nothing of registers or shared memory. Triton's compiler itself runs
+without a GPU (ptxas ships in the triton wheel), so this script compiles each kernel to PTX and cubin for the
+target arch, over the launch variants the launchers produce:
+
+- _dequantize_kernel: output dtype, double quantization, blocksize (64, and the smallest and largest allowed:
+  ROWS = ELEMENTS_PER_PROGRAM // blocksize goes from 128 to 1), n a multiple of 16 or odd;
+- _matmul_kernel, _grad_input_kernel: every matmul.CONFIGS entry, activation dtype and dot precision (tf32 only
+  for float32, as the launcher picks it), double quantization, bias (forward only), and the weight layouts
+  load_weight_tile tells apart (EVEN_K and K_ALIGNED; a blocksize on each side of BLOCK_K);
+- _gemv_kernel: the same over every gemv.CONFIGS entry and BLOCK_M = next_power_of_2(M) for M <= gemv.MAX_M.
+
+Each variant is specialized as a launch with those arguments would be (Triton specializes runtime arguments: an
+int equal to 1 becomes a constant, a multiple of 16 gets a divisibility hint that enables wide loads), and
+compiled with the launchers' options (num_warps, num_stages, enable_fp_fusion=False). Failures:
+- a variant does not compile;
+- a launch none of whose configs fits the arch's shared memory per block (Triton raises OutOfResources when it
+  launches a kernel that needs more; the autotuner skips such a config, so one that does not fit is listed but
+  fails only when no candidate of the launch fits);
+- a fused multiply-add (fma.rn.f32) in the PTX of a kernel without tl.dot: the double-quantization scale must be
+  a float32 multiply then a separately rounded add (dequant.py).
+Registers and spills per variant (what Triton reports as n_regs and n_spills on a GPU, read from the cubin with
+the bundled cuobjdump) are printed and summarized per config, for tuning.
+
+    python tests/compile_kernels.py [--arch 90] [--quick] [--jobs N]
+
+--quick compiles a baseline variant per kernel and, from it, each other value of each axis changed alone (every
+config, dtype, layout, ... appears once): 45 variants in 20-25 s on one core; tests/test_kernels_compile.py runs
+it. Without --quick every combination is compiled: 1080 variants, 21 minutes on one core (triton 3.9), 12 minutes
+with --jobs 2 (triton 3.6). Exit status 1 lists every failure with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import math
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+
+# triton.jit reads TRITON_INTERPRET when a kernel is defined: with it set, the kernel modules would hold
+# interpreted functions, which cannot be compiled. (tests/conftest.py sets it for the CPU test run.)
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from nf4lora.kernels import dequant, gemv, matmul  # noqa: E402
+from nf4lora.nf4.codebooks import BLOCKSIZES, NESTED_BLOCKSIZE  # noqa: E402
+
+DEFAULT_BLOCKSIZE = 64  # quantize_4bit's default and what HF/bitsandbytes checkpoints use
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # first is the baseline: the usual training dtype
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8"}
+
+# (M, N, K) of the launches in each weight layout: everything a multiple of 16 (divisibility hints, EVEN_K,
+# K_ALIGNED); K a multiple of 16 but of no blocksize (EVEN_K only); everything odd (no hints, rows start mid-byte).
+SHAPES = {"aligned": (512, 4096, 4096), "k-unaligned": (512, 4096, 4112), "odd": (509, 4093, 4095)}
+
+# Largest dynamic shared memory one block may use, in bytes (CUDA C++ Programming Guide, compute capabilities
+# table, opt-in maximum per block). Triton refuses to launch a kernel that needs more.
+MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+# Kernels whose float arithmetic has no tl.dot: their PTX must hold no fma.rn.f32 at all. (A tl.dot on float32
+# ieee operands is itself a chain of FMAs, so the matmul kernels cannot be checked this way.)
+FMA_FREE = {"dequant", "gemv"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compilation of `fn_name` ("module.function"): a launch (the arguments, as a label) with one autotune
+    config (a label; "" for the dequantization kernel, which has none). args are the runtime arguments (a torch
+    dtype stands for a 16-byte-aligned tensor of that dtype, an int for itself), meta the constexprs."""
+
+    kernel: str
+    config: str
+    launch: str
+    fn_name: str
+    args: tuple
+    meta: dict
+    options: dict
+
+    @property
+    def label(self) -> str:
+        return f"{self.config} {self.launch}".strip()
+
+
+@dataclass
+class Result:
+    variant: Variant
+    seconds: float
+    error: str | None = None  # compile error or a failed check
+    n_regs: int | None = None
+    n_spills: int | None = None
+    shared: int | None = None  # bytes of dynamic shared memory per block
+    fits: bool = True  # shared fits the arch's per-block limit
+
+
+# -- the launch variants ------------------------------------------------------------------------------------------
+def precisions(dtype: torch.dtype) -> list[str]:
+    """The tl.dot input precisions matmul's launcher picks for `dtype`, under both torch fp32 matmul settings."""
+    saved = torch.get_float32_matmul_precision()
+    try:
+        found = []
+        for setting in ("highest", "high"):
+            torch.set_float32_matmul_precision(setting)
+            found.append(matmul._input_precision(dtype))
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    return list(dict.fromkeys(found))
+
+
+def blocksizes_for(block_k: int) -> list[int]:
+    """64, and the blocksize nearest to it on the other side of BLOCK_K: load_weight_tile has one K_ALIGNED
+    branch for a tile inside one block (blocksize >= BLOCK_K) and one for whole blocks inside a tile."""
+    other = [b for b in BLOCKSIZES if (b >= block_k) != (DEFAULT_BLOCKSIZE >= block_k)]
+    return [DEFAULT_BLOCKSIZE] + ([min(other, key=lambda b: abs(math.log2(b / DEFAULT_BLOCKSIZE)))] if other else [])
+
+
+def state_dtypes(double_quant: bool) -> tuple:
+    """Stand-ins for the launchers' absmax, offset, nested absmax and nested map: absmax holds uint8 codes into
+    the nested map with double quantization, float32 scales without (and the other three are then None)."""
+    if double_quant:
+        return torch.uint8, torch.float32, torch.float32, torch.float32
+    return torch.float32, None, None, None
+
+
+def config_label(config: triton.Config) -> str:
+    sizes = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
+    return f"{sizes} w{config.num_warps} s{config.num_stages}"
+
+
+def launch_options(config: triton.Config) -> dict:
+    """What an autotuned launch passes to the compiler besides the config's constexprs."""
+    options = {k: v for k, v in config.all_kwargs().items() if k not in config.kwargs}
+    return {**options, "enable_fp_fusion": False}
+
+
+def axes(kernel: str) -> dict[str, list]:
+    """The values each launch axis of `kernel` takes; the first of each is the quick sweep's baseline."""
+    if kernel == "dequant":
+        return {
+            "dtype": list(DTYPES),
+            "double_quant": [True, False],
+            "layout": [("aligned", DEFAULT_BLOCKSIZE), ("aligned", min(BLOCKSIZES)), ("aligned", max(BLOCKSIZES)),
+                       ("odd", DEFAULT_BLOCKSIZE)],
+        }  # fmt: skip
+    common = {
+        "dtype": [(dtype, p) for dtype in DTYPES for p in precisions(dtype)],
+        "double_quant": [True, False],
+        # A blocksize index into blocksizes_for(BLOCK_K): 1 only for aligned K (elsewhere it changes no branch).
+        "layout": [("aligned", 0), ("aligned", 1), ("k-unaligned", 0), ("odd", 0)],
+    }
+    if kernel == "matmul":
+        return {"config": matmul.CONFIGS, **common, "bias": [True, False]}
+    if kernel == "grad_input":
+        return {"config": matmul.CONFIGS, **common}
+    block_ms = sorted({triton.next_power_of_2(m) for m in range(1, gemv.MAX_M + 1)})
+    common["dtype"] = list(DTYPES)  # no tl.dot, so no precision
+    return {"config": gemv.CONFIGS, "block_m": block_ms, **common, "bias": [True, False]}
+
+
+def make_variant(kernel: str, point: dict) -> Variant | None:
+    """The arguments, constexprs and options of `kernel`'s launch at `point` (one value per axis), built as its
+    launcher builds them; None where the point names a blocksize that does not exist for this config."""
+    if kernel == "dequant":
+        dtype, (shape, blocksize) = point["dtype"], point["layout"]
+        _, n_rows, n_cols = SHAPES[shape]
+        dq = point["double_quant"]
+        absmax, *nested = state_dtypes(dq)
+        # As dequant.dequantize passes them: without double quantization absmax stands in for the nested pointers.
+        args = (torch.uint8, absmax, torch.float32, *(nested if dq else [absmax] * 3), dtype, n_rows * n_cols)
+        rows = max(1, dequant.ELEMENTS_PER_PROGRAM // blocksize)
+        meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ROWS=rows)
+        launch = f"{TRITON_DTYPES[dtype]} {'dq' if dq else 'no-dq'} {shape} bs{blocksize}"
+        options = {"num_warps": 4, "enable_fp_fusion": False}  # as dequant.dequantize launches
+        return Variant(kernel, "", launch, "dequant._dequantize_kernel", args, meta, options)
+
+    config = point["config"]
+    shape, bs_index = point["layout"]
+    sizes = blocksizes_for(config.kwargs["BLOCK_K"])
+    if bs_index >= len(sizes):
+        return None
+    blocksize, dq = sizes[bs_index], point["double_quant"]
+    M, N, K = SHAPES[shape]
+    if kernel == "gemv":
+        M, dtype, precision = point["block_m"], point["dtype"], None
+    else:
+        dtype, precision = point["dtype"]
+    absmax, *nested = state_dtypes(dq)
+    pointers, meta = dequant.tile_launch_args(absmax, *nested, blocksize, NESTED_BLOCKSIZE, K)
+    state = (torch.uint8, absmax, torch.float32, *pointers)  # packed, absmax, code, the block-constant pointers
+    m_bucket = min(triton.next_power_of_2(M), matmul.M_BUCKET_CAP)
+    # Contiguous activations: (M, K) strides (K, 1), outputs (M, N) or (M, K) strides (row length, 1).
+    if kernel == "matmul":
+        args = (dtype, *state, dtype, dtype, M, N, K, m_bucket, K, 1, N)  # bias (or the output as dummy), y
+        meta.update(HAS_BIAS=point["bias"], INPUT_PRECISION=precision)
+        fn_name = "matmul._matmul_kernel"
+    elif kernel == "grad_input":
+        args = (dtype, *state, dtype, M, N, K, m_bucket, N, 1, K)
+        meta.update(INPUT_PRECISION=precision)
+        fn_name = "matmul._grad_input_kernel"
+    else:
+        args = (dtype, *state, dtype, dtype, M, N, K, K, 1, N)
+        meta.update(HAS_BIAS=point["bias"], BLOCK_M=M)
+        fn_name = "gemv._gemv_kernel"
+    meta.update(config.kwargs)
+    parts = [f"M{M}" if kernel == "gemv" else "", TRITON_DTYPES[dtype], precision or "", "dq" if dq else "no-dq",
+             {True: "bias", False: "no-bias", None: ""}[point.get("bias")], shape, f"bs{blocksize}"]  # fmt: skip
+    launch = " ".join(p for p in parts if p)
+    return Variant(kernel, config_label(config), launch, fn_name, args, meta, launch_options(config))
+
+
+def variants(kernel: str, quick: bool) -> list[Variant]:
+    """Every combination of `kernel`'s axes, or (quick) the baseline and each other axis value changed alone."""
+    ax = axes(kernel)
+    baseline = {name: values[0] for name, values in ax.items()}
+    if quick:
+        points = [baseline] + [{**baseline, name: v} for name, values in ax.items() for v in values[1:]]
+    else:
+        points = [dict(zip(ax, combo)) for combo in itertools.product(*ax.values())]
+    found = [make_variant(kernel, p) for p in points]
+    return [v for v in found if v is not None]
+
+
+# -- compiling -----------------------------------------------------------------------------------------------------
+def specialize(fn, args: tuple, meta: dict, target: GPUTarget) -> ASTSource:
+    """The source Triton's launcher would compile for these arguments. Its specialization rules: a tensor is a
+    typed pointer, with a divisibility-16 hint when its address is 16-byte aligned (torch's allocations are); an
+    int equal to 1 becomes a constexpr; another int is i32, hinted when a multiple of 16; parameters marked
+    do_not_specialize get neither hint nor constant."""
+    assert len(args) + len(meta) == len(fn.params), f"{fn.__name__}: arguments do not match its parameters"
+    divisible = triton.compiler.make_backend(target).parse_attr("D")  # [["tt.divisibility", 16]]
+    signature, constexprs, attrs = {}, dict(meta), {}
+    for i, (param, value) in enumerate(zip(fn.params, args)):
+        name = param.name
+        if isinstance(value, torch.dtype):
+            signature[name] = "*" + TRITON_DTYPES[value]
+            attrs[(i,)] = divisible
+        elif value == 1 and not param.do_not_specialize:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        else:
+            assert -(2**31) <= value < 2**31, (name, value)
+            signature[name] = "i32"
+            if value % 16 == 0 and not param.do_not_specialize:
+                attrs[(i,)] = divisible
+    signature.update({name: "constexpr" for name in meta})
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, spilled 32-bit words) per thread of a one-kernel cubin, read with the cuobjdump bundled in
+    triton. Spills are the stack frame (where ptxas spills) plus local memory, in words: the driver's local size
+    per thread, which Triton divides by 4 for its n_spills."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    usage = re.search(r"REG:(\d+) STACK:(\d+) .*LOCAL:(\d+)", out)
+    return int(usage[1]), (int(usage[2]) + int(usage[3])) // 4
+
+
+def shorten(error: str, lines: int = 20) -> str:
+    """The first `lines` lines of an error (a ptxas failure repeats one message per PTX line)."""
+    head = error.splitlines()[:lines]
+    more = len(error.splitlines()) - len(head)
+    return "\n".join(head) + (f"\n... ({more} more lines)" if more else "")
+
+
+def compile_variant(v: Variant, arch: int) -> Result:
+    """Compile one variant and check it; a compile error becomes the result's error."""
+    target = GPUTarget("cuda", arch, 32)
+    module, name = v.fn_name.split(".")
+    fn = getattr({"dequant": dequant, "matmul": matmul, "gemv": gemv}[module], name)
+    t0 = time.perf_counter()
+    try:
+        # On a ptxas error Triton prints the whole PTX to stdout; the exception already holds ptxas' messages.
+        with contextlib.redirect_stdout(io.StringIO()):
+            compiled = triton.compile(specialize(fn, v.args, v.meta, target), target=target, options=v.options)
+    except Exception as e:  # noqa: BLE001: the error is the result, reported with the variant
+        return Result(v, time.perf_counter() - t0, error=shorten(f"{type(e).__name__}: {e}"))
+    result = Result(v, time.perf_counter() - t0, shared=compiled.metadata.shared)
+    result.n_regs, result.n_spills = resource_usage(compiled.asm["cubin"])
+    result.fits = result.shared <= MAX_SHARED.get(arch, math.inf)
+    if v.kernel in FMA_FREE and "fma.rn.f32" in compiled.asm["ptx"]:
+        result.error = "fma.rn.f32 in the PTX: a multiply and an add were fused despite enable_fp_fusion=False"
+    return result
+
+
+def fma_check_is_blind(arch: int) -> str | None:
+    """The FMA check must be able to fail: the double-quantization dequantization compiled with fp fusion
+    allowed contracts the scale's multiply and add into fma.rn.f32. An error message if that is not seen
+    (nothing if the kernel does not compile at all: the sweep reports that)."""
+    v = variants("dequant", quick=True)[0]
+    assert v.meta["DOUBLE_QUANT"]
+    result = compile_variant(replace(v, options={**v.options, "enable_fp_fusion": True}), arch)
+    if result.error is None:
+        return "the FMA check is blind: with enable_fp_fusion=True the dequantization PTX has no fma.rn.f32 either"
+    return None
+
+
+def compile_all(todo: list[Variant], arch: int, jobs: int):
+    """compile_variant over `todo`, results in order; in `jobs` worker processes when jobs > 1 (spawned, not
+    forked: forking a process whose torch thread pools are running can hang)."""
+    if jobs == 1:
+        yield from map(compile_variant, todo, itertools.repeat(arch))
+        return
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(compile_variant, todo, itertools.repeat(arch))
+
+
+def unlaunchable(results: list[Result]) -> list[str]:
+    """Launches none of whose compiled configs fits in shared memory: the autotuner skips a config that does not
+    fit (OutOfResources at launch), so a launch fails on the GPU only when no candidate fits."""
+    fitting: dict[tuple[str, str], bool] = {}
+    for r in results:
+        if r.shared is not None:  # compiled (a compile error is a failure of its own)
+            key = (r.variant.kernel, r.variant.launch)
+            fitting[key] = fitting.get(key, False) or r.fits
+    return [f"{kernel} {launch}" for (kernel, launch), fits in fitting.items() if not fits]
+
+
+def print_by_config(title: str, results: list[Result], value) -> None:
+    """One line per (kernel, config) of `results`: how many of its variants, and the range of value(r)."""
+    groups: dict[tuple[str, str], list] = {}
+    for r in results:
+        groups.setdefault((r.variant.kernel, r.variant.config), []).append(value(r))
+    print(f"{title}: {len(results)} variants" + ("" if results else " (none)"))
+    for (kernel, config), values in groups.items():
+        print(f"  {kernel:10s} {config:22s} {len(values):4d} variants, {min(values)}..{max(values)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (90: H100/H200)")
+    parser.add_argument("--quick", action="store_true", help="each axis value once instead of every combination")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    args = parser.parse_args(argv)
+    limit = MAX_SHARED.get(args.arch)
+    print(f"triton {triton.__version__}, target sm_{args.arch}, {'quick' if args.quick else 'full'} sweep, "
+          f"shared memory limit {limit if limit else 'unknown (not checked)'}")  # fmt: skip
+
+    t0 = time.perf_counter()
+    todo = [v for kernel in ("dequant", "matmul", "grad_input", "gemv") for v in variants(kernel, args.quick)]
+    results = []
+    for r in compile_all(todo, args.arch, args.jobs):
+        results.append(r)
+        status = "FAIL" if r.error else "ok" if r.fits else "SMEM"
+        usage = "" if r.n_regs is None else f"regs {r.n_regs:3d} spills {r.n_spills:4d} shared {r.shared:6d}"
+        print(f"{status:4s} {r.variant.kernel:10s} {r.variant.label:52s} {r.seconds:5.1f}s {usage}", flush=True)
+
+    failures = [(f"{r.variant.kernel} {r.variant.label}", r.error) for r in results if r.error]
+    failures += [(launch, f"no config fits in {limit} bytes of shared memory") for launch in unlaunchable(results)]
+    blind = fma_check_is_blind(args.arch)
+    if blind:
+        failures.append(("FMA check", blind))
+
+    print(f"\n{len(results)} variants compiled for sm_{args.arch} in {time.perf_counter() - t0:.0f}s, "
+          f"{len(failures)} failures")  # fmt: skip
+    print_by_config("Too large for shared memory (SMEM; the autotuner skips them), shared bytes",
+                    [r for r in results if not r.fits], lambda r: r.shared)  # fmt: skip
+    print_by_config("Spilling registers, spilled words per thread", [r for r in results if r.n_spills],
+                    lambda r: r.n_spills)  # fmt: skip
+    for what, error in failures:
+        print(f"\nFAILED {what}:\n{error}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
