@@ -2,10 +2,12 @@
 
 A training step allocates and frees its activations afresh (hundreds of MiB on the 135M default model). With
 glibc's defaults, large blocks come from mmap and the heap top is trimmed when freed, so the next step touches
-new pages: ~85-100 thousand minor page faults per step, each zeroing 4 KiB with a trip through the hypervisor on
-a VM. Measured on the 2-core CI VM (SmolLM2-135M, 4 x 256 tokens): 3.38 s per step with the defaults, 2.81 s
-with the settings below, 13 faults per step, and the same peak RSS (1633 MiB): memory already used at the
-peak is reused rather than handed back and faulted in again.
+new pages: 80-100 thousand minor page faults per step, each zeroing 4 KiB with a trip through the hypervisor on
+a VM. With the settings below: 13 per step, at the same peak RSS (1633 MiB; memory already used at the peak is
+reused rather than handed back and faulted in again). Measured on the 2-core CI VM (SmolLM2-135M, 4 x 256
+tokens), the step got 3-18% faster depending on the VM's state (3.45 -> 2.84 s and 3.30 -> 3.26 s in two
+rounds); in benchmarks/results/qlora-step-cpu.md ours went from 340 to 351 tokens/s and the HF + PEFT +
+bitsandbytes peer, given the same settings, from 315 to 347.
 
 This is a process-wide setting, so only the training loop (and the benchmark that mirrors it) applies it, and
 `--no-keep-freed-memory` turns it off.
