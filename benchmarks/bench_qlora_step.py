@@ -232,11 +232,15 @@ def run_worker(args) -> dict:
 MALLOC = {"ours": "kept", "peer": "default"}
 
 
-def run_side(side: str, args, model_dir: str, data_file: str, batch: int, profile: bool, malloc: str | None = None) -> dict:
+def run_side(
+    side: str, args, model_dir: str, data_file: str, batch: int, profile: bool, malloc: str | None = None
+) -> dict:
+    """One worker process of `side`; malloc overrides the side's MALLOC setting (the ablation)."""
     malloc = malloc or MALLOC[side]
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model", model_dir,
            "--data-file", data_file, "--device", args.device, "--batch", str(batch), "--seq-len", str(args.seq_len),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--grad-ckpt", args.grad_ckpt, "--malloc", malloc]  # fmt: skip
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--grad-ckpt", args.grad_ckpt,
+           "--malloc", malloc]  # fmt: skip
     if profile:
         cmd.append("--profile")
     print(f"[{side}, malloc {malloc}] batch {batch} x {args.seq_len} ...", flush=True)

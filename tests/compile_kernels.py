@@ -7,9 +7,9 @@ target arch, over the launch variants the launchers produce:
 
 - _dequantize_kernel: output dtype, double quantization, blocksize (64, and the smallest and largest allowed:
   ROWS = ELEMENTS_PER_PROGRAM // blocksize goes from 128 to 1), n a multiple of 16 or odd;
-- _matmul_kernel, _grad_input_kernel: every matmul.CONFIGS entry, activation dtype and dot precision (tf32 only
-  for float32, as the launcher picks it), double quantization, bias (forward only), and the weight layouts
-  load_weight_tile tells apart (EVEN_K and K_ALIGNED; a blocksize on each side of BLOCK_K);
+- _matmul_kernel, _grad_input_kernel: every matmul.CONFIGS (GRAD_INPUT_CONFIGS) entry, activation dtype and dot
+  precision (tf32 only for float32, as the launcher picks it), double quantization, bias (forward only), and the
+  weight layouts load_weight_tile tells apart (EVEN_K and K_ALIGNED; a blocksize on each side of BLOCK_K);
 - _gemv_kernel: the same over every gemv.CONFIGS entry and BLOCK_M = next_power_of_2(M) for M <= gemv.MAX_M.
 
 Each variant is specialized as a launch with those arguments would be (Triton specializes runtime arguments: an
@@ -166,7 +166,7 @@ def axes(kernel: str) -> dict[str, list]:
     if kernel == "matmul":
         return {"config": matmul.CONFIGS, **common, "bias": [True, False]}
     if kernel == "grad_input":
-        return {"config": matmul.CONFIGS, **common}
+        return {"config": matmul.GRAD_INPUT_CONFIGS, **common}
     block_ms = sorted({triton.next_power_of_2(m) for m in range(1, gemv.MAX_M + 1)})
     common["dtype"] = list(DTYPES)  # no tl.dot, so no precision
     return {"config": gemv.CONFIGS, "block_m": block_ms, **common, "bias": [True, False]}

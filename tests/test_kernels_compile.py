@@ -30,7 +30,7 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert {kernel for _, kernel, _ in results} == {"dequant", "matmul", "grad_input", "gemv"}
     assert not [r for r in results if r[0] == "FAIL"]
     # Every autotune candidate of each kernel was compiled (a label starts with the config's tile sizes).
-    for kernel, configs in (("matmul", matmul.CONFIGS), ("grad_input", matmul.CONFIGS), ("gemv", gemv.CONFIGS)):
+    for kernel, configs in (("matmul", matmul.CONFIGS), ("grad_input", matmul.GRAD_INPUT_CONFIGS), ("gemv", gemv.CONFIGS)):
         for config in configs:
             sizes = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
             assert any(k == kernel and label.startswith(sizes + " ") for _, k, label in results), (kernel, config)
