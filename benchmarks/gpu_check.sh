@@ -6,18 +6,19 @@
 #   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--dry-run]
 #
 #   RESULTS_DIR       created if missing; gets summary.txt, env.txt, one log per step, test reports, benchmark files
-#   --bnb-wheels DIR  install bitsandbytes from the wheels in DIR (pip --no-index: nothing from the network);
-#                     without it an installed bitsandbytes is used, and without one the peer columns stay empty
+#   --bnb-wheels DIR  install bitsandbytes from the wheels in DIR (pip --no-index: nothing from the network), and
+#                     build nf4lora with a setuptools wheel from DIR if nf4lora needs installing; without it an
+#                     installed bitsandbytes is used, and without one the peer columns stay empty
 #   --python PY       interpreter to use (default: .venv/bin/python if present, else python3)
 #   --dry-run         on the CPU: check the script and its steps work (GPU tests are collected, not run; the
 #                     kernel benchmark runs with tiny shapes on the CPU); installs nothing. CI runs this.
 #
-# Installs nothing from the network. If nf4lora is not importable it is installed from this checkout
-# (pip --no-deps --no-index --no-build-isolation). Every skipped step is named in summary.txt. Exit status is 1 if
-# any step that ran failed.
+# Installs nothing from the network. If nf4lora is not importable it is installed from this checkout (pip --no-deps
+# --no-index; with --bnb-wheels the build runs isolated, with DIR's setuptools). Every skipped step is named in
+# summary.txt. Exit status is 1 if any step that ran failed.
 set -uo pipefail
 
-usage() { sed -n '6,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '6,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 OUT="" WHEELS="" PY="" DRY=0
 while [[ $# -gt 0 ]]; do
@@ -102,7 +103,11 @@ if ! "$PY" -c "import nf4lora.kernels" 2> /dev/null; then
     if ((DRY)); then
         skip "install nf4lora" "dry run installs nothing, and nf4lora is not importable"; exit 1
     fi
-    step install-nf4lora 300 "$PY" -m pip install --no-deps --no-index --no-build-isolation -e "$REPO" || exit 1
+    if [[ -n "$WHEELS" ]]; then  # build in isolation with the setuptools wheel from DIR (pyproject needs >= 77)
+        step install-nf4lora 300 "$PY" -m pip install --no-deps --no-index --find-links "$WHEELS" -e "$REPO" || exit 1
+    else
+        step install-nf4lora 300 "$PY" -m pip install --no-deps --no-index --no-build-isolation -e "$REPO" || exit 1
+    fi
 fi
 if [[ -n "$WHEELS" ]]; then
     if ((DRY)); then
