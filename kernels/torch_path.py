@@ -12,10 +12,13 @@ for speed instead of clarity. Per chunk of CHUNK_ELEMENTS elements, three torch 
    cost the same and read worse).
 
 Chunks bound the float32 temporaries (4 MiB) and are large enough for torch's own intra-op threads to split
-each call. Measured on the 2-core CI VM (idle), NF4+DQ -> bf16: 576x576 in 0.16 ms, 1536x576 in 0.38 ms,
-4096x4096 in 11-17 ms; the earlier design (28672-element chunks spread over Python threads, to keep every op
-below torch's parallel grain) took 0.85, 1.34 and 18-20 ms, and bitsandbytes' AVX-512 kernel 0.54, 1.27 and
-22-31 ms through its Python entry point.
+each call. Measured on the 2-core CI VM (idle), NF4+DQ -> bf16: 576x576 in 0.16-0.25 ms, 1536x576 in 0.38-0.48
+ms, 4096x4096 in 11-19 ms; the earlier design (28672-element chunks spread over Python threads, to keep every op
+below torch's parallel grain) took 0.85, 1.34 and 18-28 ms, and bitsandbytes' AVX-512 kernel 0.54, 1.27 and
+22-34 ms through its Python entry point. In the QLoRA training step (SmolLM2-135M, 417 dequantizations per
+step), 0.37 s per step against 0.46 s for the earlier design, alternating in one process. The cost of waking
+OpenMP's worker thread varies on a shared VM, and for minutes at a time 4096x4096 took 34-51 ms here against a
+steady 28 ms for the earlier design, which opened no OpenMP region.
 
 A forked child of a process that has used OpenMP threads hangs in its first parallel region (a GNU OpenMP
 limitation; DataLoader workers set one thread for that reason). A child that dequantizes with more than one
