@@ -376,8 +376,8 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
 
     def tps(r):
         t = r["tokens_per_s"]
-        rounds = ", ".join(f"{m:.0f}" for m in t.get("round_medians", []))
-        return f"{t['median']:.0f} ({t['min']:.0f} .. {t['max']:.0f})" + (f"; rounds {rounds}" if rounds else "")
+        rounds = ", ".join(f"{m:.0f}" for m in t["round_medians"])  # merge_rounds always sets them
+        return f"{t['median']:.0f} ({t['min']:.0f} .. {t['max']:.0f}); rounds {rounds}"
 
     rows = []
     for p in points:
