@@ -100,6 +100,7 @@ def row(results: list, rows: list, what: str, shape, m, ours: dict, peers: dict[
         cells.append(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()))
     results.append(entry)
     rows.append(cells)
+    print(" | ".join(str(c) for c in cells), flush=True)  # the log keeps every row even if the run is cut short
     print(" | ".join(str(c) for c in cells), flush=True)
 
 

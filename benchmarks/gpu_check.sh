@@ -123,6 +123,9 @@ PYTEST_OK=$("$PY" -c "import pytest" > /dev/null 2>&1 && echo 1 || echo 0)
 # -- tests ----------------------------------------------------------------------------------------------------------
 PYTEST=("$PY" -m pytest -p no:cacheprovider -q)
 DESELECT=()
+# pytest-xdist (if installed) compiles the kernel variants of different tests on several cores at once
+XDIST=()
+"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 4)
 ((BNB_OK)) || DESELECT=(-k "not bitsandbytes")
 if ((PYTEST_OK == 0)); then
     skip "tests" "pytest is not installed for $PY"
@@ -130,7 +133,7 @@ elif ((DRY)); then
     step gpu-tests-collect 120 "${PYTEST[@]}" -m gpu --collect-only tests/
     skip "gpu tests" "dry run: collected above, not run (no GPU)"
 else
-    step gpu-tests 150 "${PYTEST[@]}" -m gpu "${DESELECT[@]}" --junitxml="$OUT/gpu-tests.xml" tests/
+    step gpu-tests 200 "${PYTEST[@]}" "${XDIST[@]}" -m gpu "${DESELECT[@]}" --junitxml="$OUT/gpu-tests.xml" tests/
 fi
 
 # -- benchmarks -----------------------------------------------------------------------------------------------------
@@ -155,7 +158,7 @@ done
 if ((DRY)); then
     skip "compiled kernel tests" "dry run: tests/test_kernels_triton.py runs in CI under the interpreter"
 elif ((PYTEST_OK)); then
-    step triton-tests-compiled 80 "${PYTEST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py
+    step triton-tests-compiled 80 "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py
 fi
 
 say "total ${SECONDS}s; results in $OUT"
