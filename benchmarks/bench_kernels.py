@@ -5,10 +5,12 @@
 Same weights, same inputs, same run. Ratios are peer time / ours (> 1: ours faster).
 - CPU: the torch path (what nf4lora.kernels runs for CPU tensors) vs bitsandbytes' CPU dequantize_4bit and
   matmul_4bit (its AVX-512 dequantize, then F.linear), bf16.
-- CUDA: the Triton kernels. Dequantize (GB/s moved, % of peak bandwidth) vs bitsandbytes dequantize_4bit; batch-1
-  GEMV vs bitsandbytes matmul_4bit at M = 1 (its GEMV kernel); the fused matmul at M in {1, 16, 64, 512, 2048,
-  4096} on the LLaMA-7B shapes vs bitsandbytes matmul_4bit and vs F.linear with the dequantized bf16 weight; the
-  grad-input product; GEMV vs fused kernel for M = 1..8 (where the dispatch crossover should be).
+- CUDA: GPU time of the kernels (CUDA-graph replay), plus a per-call table for what a Python caller pays.
+  Dequantize (GB/s moved, % of peak bandwidth) vs bitsandbytes dequantize_4bit; matmul_4bit (its dispatch: batch-1
+  GEMV, fused kernel or dequantize + cuBLAS, ops.FUSED_MAX_M) at M in {1, 16, 64, 512, 2048, 4096} on the
+  LLaMA-7B shapes vs bitsandbytes matmul_4bit and vs F.linear with the dequantized bf16 weight; the grad-input
+  product; the fused kernel alone at the same sizes; fused vs GEMV vs dequantize + cuBLAS for M = 1..16 (where
+  the dispatch crossovers should be). Prints which config autotuning chose per key.
 Writes kernels-<device>.md and .json into DIR (default benchmarks/results/). --quick uses tiny shapes (the dry run
 of gpu_check.sh). Targets are in ../shared/PERFORMANCE.md.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -53,18 +56,44 @@ def import_bitsandbytes():
 
 
 class Timer:
-    """Median and spread in seconds: triton.testing.do_bench on CUDA, harness.time_fn on the CPU."""
+    """Median and spread in seconds. On CUDA, two clocks:
+
+    - `timer(fn)`: GPU time of the kernels alone (triton.testing.do_bench_cudagraph: fn captured in a CUDA graph
+      and replayed, so no Python or launch cost between kernels). What the bandwidth and FLOP/s targets are about.
+    - `timer.per_call(fn)`: wall time per call of 200 back-to-back eager calls (then one synchronize): what a
+      Python caller pays, the larger of the host-side cost (argument checks, dispatch, launch) and the GPU time.
+    On the CPU both are harness.time_fn.
+    """
 
     def __init__(self, device: str, repeat: int):
         self.device, self.repeat = device, repeat
 
-    def __call__(self, fn) -> dict:
-        if self.device == "cuda":
-            import triton.testing
+    def __call__(self, fn) -> dict | None:
+        if self.device != "cuda":
+            return time_fn(fn, warmup=1, repeat=self.repeat)
+        import triton.testing
 
+        try:
+            median, low, high = triton.testing.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
+        except Exception as e:  # noqa: BLE001 - reported, then timed without a graph
+            print(f"CUDA graph capture failed ({type(e).__name__}: {e}); timed with do_bench", file=sys.stderr)
             median, low, high = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-            return {"median": median / 1e3, "min": low / 1e3, "max": high / 1e3}
-        return time_fn(fn, warmup=1, repeat=self.repeat)
+        return {"median": median / 1e3, "min": low / 1e3, "max": high / 1e3}
+
+    def per_call(self, fn, calls: int = 200) -> dict:
+        if self.device != "cuda":
+            return time_fn(fn, warmup=1, repeat=self.repeat)
+        times = []
+        for _ in range(5):
+            fn()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) / calls)
+        times.sort()
+        return {"median": times[2], "min": times[0], "max": times[-1]}
 
 
 def quantized_pair(n: int, k: int, device: str, bnb, quant_type="nf4", double_quant=True):
@@ -101,7 +130,6 @@ def row(results: list, rows: list, what: str, shape, m, ours: dict, peers: dict[
     results.append(entry)
     rows.append(cells)
     print(" | ".join(str(c) for c in cells), flush=True)  # the log keeps every row even if the run is cut short
-    print(" | ".join(str(c) for c in cells), flush=True)
 
 
 def bench_cpu(args, bnb, timer, results, sections):
@@ -139,59 +167,90 @@ def bench_cpu(args, bnb, timer, results, sections):
                      "bitsandbytes", "bnb / ours", "dense bf16 (W pre-dequantized)", "dense / ours"], rows))  # fmt: skip
 
 
-def bench_cuda(args, bnb, timer, results, sections):
-    from nf4lora.kernels import gemv, matmul
+def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
+    """device: "cuda"; "cpu" only to smoke-test this function under TRITON_INTERPRET=1 with a stub timer."""
+    from nf4lora.kernels import gemv, matmul, ops
 
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = args.peak_gbps * 1e9 if args.peak_gbps else next((v for k, v in PEAK_BYTES_PER_S.items() if k in name), None)
     shapes = QUICK_SHAPES if args.quick else LLAMA_SHAPES
 
-    rows = []
+    def bandwidth(nbytes, t):
+        gbps = nbytes / t["median"] / 1e9
+        return {"GB/s": gbps, "%peak": 100 * gbps * 1e9 / peak if peak else "n/a"}
+
+    rows, overhead = [], []
     for n, k in shapes:
-        _, (packed, state), peer = quantized_pair(n, k, "cuda", bnb)
+        _, (packed, state), peer = quantized_pair(n, k, device, bnb)
         ours = timer(lambda: dequantize(packed, state, torch.bfloat16))
         theirs = timer(lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None
-        gbps = dequant_bytes(n, k, True) / ours["median"] / 1e9
-        extra = {"GB/s": gbps, "%peak": 100 * gbps * 1e9 / peak if peak else "n/a"}
-        row(results, rows, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs}, extra)
-    sections.append(("Dequantize (Triton)", ["op", "weight NxK", "M", "nf4lora", "p20..p80", "bitsandbytes",
-                     "bnb / ours", "bandwidth"], rows))  # fmt: skip
+        row(results, rows, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs},
+            bandwidth(dequant_bytes(n, k, True), ours))  # fmt: skip
+        if (n, k) == shapes[0]:
+            ours = timer.per_call(lambda: dequantize(packed, state, torch.bfloat16))
+            theirs = timer.per_call(lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None
+            row(results, overhead, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs})
+    sections.append(("Dequantize (Triton), GPU time", ["op", "weight NxK", "M", "nf4lora", "p20..p80",
+                     "bitsandbytes", "bnb / ours", "bandwidth"], rows))  # fmt: skip
 
-    rows = []
+    rows, fused_rows = [], []
     for n, k in shapes:
-        w, (packed, state), peer = quantized_pair(n, k, "cuda", bnb)
+        w, (packed, state), peer = quantized_pair(n, k, device, bnb)
         w_dense = dequantize(packed, state, torch.bfloat16)
+        args_ = state_args(packed, state)
         for m in (1, 16) if args.quick else (1, 16, 64, 512, 2048, 4096):
-            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
             with torch.no_grad():
                 ours = timer(lambda: matmul_4bit(x, packed, state))
                 theirs = timer(lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None
                 dense = timer(lambda: F.linear(x, w_dense))
-            extra = {"TFLOP/s": 2 * m * n * k / ours["median"] / 1e12}
+                fused = timer(lambda: matmul.matmul(x, None, *args_)) if m > gemv.MAX_M else None
+            path = "gemv" if m <= gemv.MAX_M else "fused" if m <= ops.FUSED_MAX_M else "dequant + cuBLAS"
+            extra = {"path": path, "TFLOP/s": 2 * m * n * k / ours["median"] / 1e12}
             if m == 1:
-                gbps = (dequant_bytes(n, k, True, out_bytes=0) + 2 * (k + n)) / ours["median"] / 1e9
-                extra.update({"GB/s": gbps, "%peak": 100 * gbps * 1e9 / peak if peak else "n/a"})
+                extra.update(bandwidth(dequant_bytes(n, k, True, out_bytes=0) + 2 * (k + n), ours))
             row(results, rows, "forward", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense}, extra)
+            if fused is not None:
+                row(results, fused_rows, "fused forward kernel", (n, k), m, fused, {"dispatch": ours,
+                    "dense_bf16": dense}, {"TFLOP/s": 2 * m * n * k / fused["median"] / 1e12})  # fmt: skip
+            if m == 1 and (n, k) == shapes[0]:
+                with torch.no_grad():
+                    ours = timer.per_call(lambda: matmul_4bit(x, packed, state))
+                    theirs = timer.per_call(lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None
+                row(results, overhead, "forward (no grad)", (n, k), m, ours, {"bitsandbytes": theirs})
         for m in (16,) if args.quick else (512, 2048, 4096):
-            dy = torch.randn(m, n, dtype=torch.bfloat16, device="cuda")
-            ours = timer(lambda: matmul.matmul_grad_input(dy, *state_args(packed, state)))
+            dy = torch.randn(m, n, dtype=torch.bfloat16, device=device)
+            ours = timer(lambda: ops.grad_input_impl(dy, *args_))
+            fused = timer(lambda: matmul.matmul_grad_input(dy, *args_))
             dense = timer(lambda: dy @ w_dense)
             row(results, rows, "grad-input dy @ W", (n, k), m, ours, {"bitsandbytes": None, "dense_bf16": dense},
                 {"TFLOP/s": 2 * m * n * k / ours["median"] / 1e12})  # fmt: skip
-    sections.append(("Fused matmul and GEMV (Triton), bf16", ["op", "weight NxK", "M", "nf4lora", "p20..p80",
-                     "bitsandbytes", "bnb / ours", "dense bf16 (W pre-dequantized)", "dense / ours", "rate"],
-                     rows))  # fmt: skip
+            row(results, fused_rows, "fused grad-input kernel", (n, k), m, fused, {"dispatch": ours,
+                "dense_bf16": dense}, {"TFLOP/s": 2 * m * n * k / fused["median"] / 1e12})  # fmt: skip
+    sections.append(("matmul_4bit (the dispatch: GEMV, fused or dequantize + cuBLAS), bf16, GPU time", ["op",
+                     "weight NxK", "M", "nf4lora", "p20..p80", "bitsandbytes", "bnb / ours",
+                     "dense bf16 (W pre-dequantized)", "dense / ours", "path, rate"], rows))  # fmt: skip
+    sections.append(("The fused kernel alone (matmul.py), bf16, GPU time", ["op", "weight NxK", "M", "fused",
+                     "p20..p80", "dispatch", "dispatch / fused", "dense bf16", "dense / fused", "rate"],
+                     fused_rows))  # fmt: skip
+    sections.append(("Per call from Python (200 eager calls back to back: host cost or GPU time, the larger)",
+                     ["op", "weight NxK", "M", "nf4lora", "min..max", "bitsandbytes", "bnb / ours"], overhead))
 
     rows = []
     n, k = shapes[0]
-    _, (packed, state), _ = quantized_pair(n, k, "cuda", None)
-    for m in (1, 2, 4, 8):
-        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        fused = timer(lambda: matmul.matmul(x, None, *state_args(packed, state)))
-        small = timer(lambda: gemv.gemv(x, None, *state_args(packed, state))) if m <= gemv.MAX_M else None
-        row(results, rows, "fused kernel vs GEMV kernel", (n, k), m, fused, {"gemv": small})
-    sections.append((f"Dispatch crossover (GEMV used for M <= {gemv.MAX_M})", ["op", "weight NxK", "M",
-                     "fused", "p20..p80", "gemv", "gemv / fused"], rows))  # fmt: skip
+    _, (packed, state), _ = quantized_pair(n, k, device, None)
+    args_ = state_args(packed, state)
+    for m in (1, 2, 4, 8, 16):
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+        fused = timer(lambda: matmul.matmul(x, None, *args_))
+        small = timer(lambda: gemv.gemv(x, None, *args_)) if m <= gemv.MAX_M else None
+        unfused = timer(lambda: F.linear(x, dequantize(packed, state, torch.bfloat16)))
+        row(results, rows, "fused kernel vs GEMV kernel", (n, k), m, fused, {"gemv": small, "dequant_cublas": unfused})
+    sections.append((f"Dispatch crossover, GPU time (GEMV used for M <= {gemv.MAX_M})", ["op", "weight NxK", "M",
+                     "fused", "p20..p80", "gemv", "gemv / fused", "dequant + cuBLAS", "dequant+cuBLAS / fused"],
+                     rows))  # fmt: skip
+    for tuned in (matmul._matmul_tuned, matmul._grad_input_tuned, gemv._gemv_tuned):  # what autotuning chose
+        print(f"{tuned.fn.__name__} autotune choices:", {str(k): str(c) for k, c in tuned.cache.items()}, flush=True)
 
 
 def main():
@@ -209,7 +268,8 @@ def main():
     results, sections = [], []
     (bench_cuda if args.device == "cuda" else bench_cpu)(args, bnb, timer, results, sections)
 
-    how = ("triton.testing.do_bench: median (p20..p80)" if args.device == "cuda"
+    how = ("GPU time from triton.testing.do_bench_cudagraph (median, p20..p80) unless a table says per call"
+           if args.device == "cuda"
            else f"median of {args.repeat} runs after a warm-up run (range = min..max)")  # fmt: skip
     parts = [
         f"# 4-bit kernels on {args.device.upper()}: nf4lora vs bitsandbytes{' (quick shapes)' if args.quick else ''}",

@@ -352,8 +352,10 @@ def orchestrate(args) -> Path:
             mem = "peak_cuda_mib" if args.device.startswith("cuda") else "peak_rss_mib"
             point["memory_ratio"] = point["ours"][mem] / point["peer"][mem]
             points.append(point)
-            print(f"  {tokens} tokens/step: {point['speedup']:.2f}x tokens/s, {point['memory_ratio']:.2f}x memory",
-                  flush=True)
+            print(f"  {tokens} tokens/step: {point['speedup']:.2f}x tokens/s, {point['memory_ratio']:.2f}x memory "
+                  f"(tokens/s ours {point['ours']['tokens_per_s']['median']:.0f}, peer "
+                  f"{point['peer']['tokens_per_s']['median']:.0f}; {mem} ours {point['ours'][mem]:.0f}, peer "
+                  f"{point['peer'][mem]:.0f})", flush=True)  # the log keeps each point if the run is cut short
         load_after = load_average()
 
     name = f"qlora-step-{'cuda' if args.device.startswith('cuda') else 'cpu'}"

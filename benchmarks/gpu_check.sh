@@ -125,7 +125,7 @@ PYTEST=("$PY" -m pytest -p no:cacheprovider -q)
 DESELECT=()
 # pytest-xdist (if installed) compiles the kernel variants of different tests on several cores at once
 XDIST=()
-"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 4)
+"$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 8)
 ((BNB_OK)) || DESELECT=(-k "not bitsandbytes")
 if ((PYTEST_OK == 0)); then
     skip "tests" "pytest is not installed for $PY"
@@ -133,7 +133,7 @@ elif ((DRY)); then
     step gpu-tests-collect 120 "${PYTEST[@]}" -m gpu --collect-only tests/
     skip "gpu tests" "dry run: collected above, not run (no GPU)"
 else
-    step gpu-tests 200 "${PYTEST[@]}" "${XDIST[@]}" -m gpu "${DESELECT[@]}" --junitxml="$OUT/gpu-tests.xml" tests/
+    step gpu-tests 150 "${PYTEST[@]}" "${XDIST[@]}" -m gpu "${DESELECT[@]}" --junitxml="$OUT/gpu-tests.xml" tests/
 fi
 
 # -- benchmarks -----------------------------------------------------------------------------------------------------
@@ -141,8 +141,8 @@ fi
 # folder is appended as --out). The dry run is a quick CPU run of the same script: it proves it imports and writes
 # its files.
 BENCHES=(
-    "bench-kernels|180|benchmarks/bench_kernels.py --device cuda|--device cpu --quick --repeat 1"
-    "bench-qlora-step|150|benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 --batch 2 --tokens-per-step 2048,4096,8192 --grad-ckpt on --steps 5 --warmup 2 --rounds 1|--device cpu --synthetic tiny --seq-len 32 --batch 2 --tokens-per-step 64 --steps 1 --warmup 1 --rounds 1 --no-profile"
+    "bench-kernels|120|benchmarks/bench_kernels.py --device cuda|--device cpu --quick --repeat 1"
+    "bench-qlora-step|150|benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 --batch 2 --tokens-per-step 2048,4096 --grad-ckpt on --steps 4 --warmup 2 --rounds 1 --no-profile|--device cpu --synthetic tiny --seq-len 32 --batch 2 --tokens-per-step 64 --steps 1 --warmup 1 --rounds 1 --no-profile"
 )
 for entry in "${BENCHES[@]}"; do
     IFS='|' read -r name limit cmd dry_args <<< "$entry"

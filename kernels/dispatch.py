@@ -1,7 +1,8 @@
 """The public 4-bit entry points: argument checks, then the custom ops of ops.py.
 
 `dequantize` and `matmul_4bit` take a packed weight and its QuantState (nf4/), check them against the input, and
-hand the state's fields to the ops, which pick Triton or the torch path when they run (backend.py). matmul_4bit is
+hand the state's fields to ops.py (its custom ops while torch.compile traces, its direct path otherwise), which
+picks Triton or the torch path when it runs (backend.py). matmul_4bit is
 differentiable in x and bias; its backward keeps only the packed weight (never x) and dequantizes again.
 """
 
@@ -55,7 +56,9 @@ def dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | Non
     dtype = state.dtype if dtype is None else dtype
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
-    return ops.dequantize_4bit(*state_args(packed, state), dtype)
+    if torch.compiler.is_compiling():
+        return ops.dequantize_4bit(*state_args(packed, state), dtype)
+    return ops.dequantize_impl(*state_args(packed, state), dtype)
 
 
 def matmul_4bit(
@@ -64,7 +67,7 @@ def matmul_4bit(
     """x (..., K) @ dequant(W (N, K)).T + bias -> (..., N) in x.dtype, differentiable in x and bias.
 
     W is used in x.dtype, as F.linear(x, dequantize(packed, state, x.dtype), bias) would; bias may be any float
-    dtype (it is added in float32 on the Triton path, cast to x.dtype on the torch path).
+    dtype (the GEMV and fused kernels add it in float32, the other paths cast it to x.dtype first).
     """
     _check_float(x, "x")
     _check_state(packed, state)
@@ -83,4 +86,6 @@ def matmul_4bit(
             raise ValueError(f"bias must have shape ({N},) for a {N}x{K} weight, got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}: move both to one device")
-    return ops.matmul_4bit(x, *state_args(packed, state), bias)
+    if torch.compiler.is_compiling():  # the custom op: opaque to torch.compile, no graph break
+        return ops.matmul_4bit(x, *state_args(packed, state), bias)
+    return ops.Matmul4bit.apply(x, bias, *state_args(packed, state))

@@ -1,13 +1,19 @@
-"""The 4-bit entry points as torch custom ops (namespace "nf4lora"), and the one place they meet autograd.
+"""The 4-bit entry points as torch custom ops (namespace "nf4lora"), the eager autograd path, and the one place
+they meet autograd.
 
-Custom ops are opaque to torch.compile: a model holding Linear4bit layers compiles without graph breaks in them,
-with the fake implementations below giving output shapes. The ops take a QuantState's fields, never the
-dataclass, in this order (STATE_ARGS): packed, absmax, code, offset, nested_absmax, nested_code, blocksize,
-nested_blocksize, shape; without double quantization offset/nested_absmax/nested_code are None.
+Two doors to the same implementations (`dequantize_impl`, `matmul_impl`, `grad_input_impl`):
+- torch custom ops, for torch.compile: opaque to it, so a model holding Linear4bit layers compiles without graph
+  breaks in them, with the fake implementations below giving output shapes;
+- `Matmul4bit`, a plain autograd.Function for eager calls. A custom op costs about 25 us more per call in
+  Python (50 us with its autograd), which is more than the kernel itself at decode sizes on a GPU.
+dispatch.py takes the custom ops while torch.compile traces and the direct path otherwise. Both take a
+QuantState's fields, never the dataclass, in this order (STATE_ARGS): packed, absmax, code, offset, nested_absmax,
+nested_code, blocksize, nested_blocksize, shape; without double quantization offset/nested_absmax/nested_code
+are None.
 
-Each op picks its backend when it runs (dispatch.backend_for): Triton kernels (dequant.py, matmul.py, gemv.py,
-imported on first use so that CPU-only users never import Triton and so that TRITON_INTERPRET is read when the
-first kernel is needed) or the torch path (torch_path.py).
+Each implementation picks its backend when it runs (backend.backend_for): Triton kernels (dequant.py, matmul.py,
+gemv.py, imported on first use so that CPU-only users never import Triton and so that TRITON_INTERPRET is read
+when the first kernel is needed) or the torch path (torch_path.py).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import importlib
 
 import torch
+import torch.nn.functional as F
 
 from . import torch_path
 from .backend import backend_for
@@ -23,9 +30,50 @@ STATE_ARGS = (
     "packed", "absmax", "code", "offset", "nested_absmax", "nested_code", "blocksize", "nested_blocksize", "shape",
 )  # fmt: skip
 
+# Which Triton kernel serves a product with M rows of x (measured on an H200: benchmarks/results/kernels-cuda.md):
+# up to gemv.MAX_M rows the batch-1 GEMV kernel; up to FUSED_MAX_M rows the fused dequantize-matmul kernel
+# (matmul.py); above, the dequantize kernel writes W in x.dtype and cuBLAS multiplies (F.linear), as bitsandbytes
+# does. The fused kernel was 2-15x slower than that at every M measured (16..4096), so it serves no M for now;
+# raise FUSED_MAX_M once it wins somewhere. The same rule picks the grad-input product.
+FUSED_MAX_M = 0
+
 
 def _triton(module: str):
     return importlib.import_module(f"nf4lora.kernels.{module}")
+
+
+def _rows(t: torch.Tensor, features: int) -> int:
+    return t.numel() // features if features else 0
+
+
+def dequantize_impl(*state_and_dtype) -> torch.Tensor:
+    """The dense weight: dequantize's arguments (STATE_ARGS, then dtype)."""
+    packed = state_and_dtype[0]
+    if backend_for(packed) == "triton":
+        return _triton("dequant").dequantize(*state_and_dtype)
+    return torch_path.dequantize(*state_and_dtype)
+
+
+def matmul_impl(x: torch.Tensor, bias: torch.Tensor | None, *state) -> torch.Tensor:
+    """x (..., K) @ W.T + bias -> (..., N) in x.dtype on x's backend (the kernel by FUSED_MAX_M's rule)."""
+    if backend_for(x) == "triton":
+        rows = _rows(x, state[-1][1])
+        if rows <= _triton("gemv").MAX_M:
+            return _triton("gemv").gemv(x, bias, *state)
+        if rows <= FUSED_MAX_M:
+            return _triton("matmul").matmul(x, bias, *state)
+        w = _triton("dequant").dequantize(*state, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return torch_path.matmul(x, bias, *state)
+
+
+def grad_input_impl(dy: torch.Tensor, *state) -> torch.Tensor:
+    """dy (..., N) @ W -> (..., K) in dy.dtype on dy's backend."""
+    if backend_for(dy) == "triton":
+        if _rows(dy, state[-1][0]) <= FUSED_MAX_M:
+            return _triton("matmul").matmul_grad_input(dy, *state)
+        return dy @ _triton("dequant").dequantize(*state, dy.dtype)
+    return torch_path.matmul_grad_input(dy, *state)
 
 
 # -- dequantize ----------------------------------------------------------------------------------------------------
@@ -43,10 +91,8 @@ def dequantize_4bit(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The dense weight of `shape` in `dtype`."""
-    state = (packed, absmax, code, offset, nested_absmax, nested_code, blocksize, nested_blocksize, shape)
-    if backend_for(packed) == "triton":
-        return _triton("dequant").dequantize(*state, dtype)
-    return torch_path.dequantize(*state, dtype)
+    return dequantize_impl(packed, absmax, code, offset, nested_absmax, nested_code, blocksize, nested_blocksize,
+                           shape, dtype)  # fmt: skip
 
 
 @dequantize_4bit.register_fake
@@ -69,10 +115,8 @@ def matmul_4bit_grad_input(
     shape: list[int],
 ) -> torch.Tensor:
     """dy (..., N) @ W -> (..., K) in dy.dtype."""
-    state = (packed, absmax, code, offset, nested_absmax, nested_code, blocksize, nested_blocksize, shape)
-    if backend_for(dy) == "triton":
-        return _triton("matmul").matmul_grad_input(dy, *state)
-    return torch_path.matmul_grad_input(dy, *state)
+    return grad_input_impl(dy, packed, absmax, code, offset, nested_absmax, nested_code, blocksize,
+                           nested_blocksize, shape)  # fmt: skip
 
 
 @matmul_4bit_grad_input.register_fake
@@ -95,14 +139,9 @@ def matmul_4bit(
     shape: list[int],
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x (..., K) @ W.T + bias -> (..., N) in x.dtype: the batch-1 kernel for a few rows, else the fused one."""
-    state = (packed, absmax, code, offset, nested_absmax, nested_code, blocksize, nested_blocksize, shape)
-    if backend_for(x) == "triton":
-        gemv = _triton("gemv")
-        if x.numel() // shape[1] <= gemv.MAX_M:
-            return gemv.gemv(x, bias, *state)
-        return _triton("matmul").matmul(x, bias, *state)
-    return torch_path.matmul(x, bias, *state)
+    """x (..., K) @ W.T + bias -> (..., N) in x.dtype."""
+    return matmul_impl(x, bias, packed, absmax, code, offset, nested_absmax, nested_code, blocksize,
+                       nested_blocksize, shape)  # fmt: skip
 
 
 @matmul_4bit.register_fake
@@ -110,25 +149,53 @@ def _(x, packed, absmax, code, offset, nested_absmax, nested_code, blocksize, ne
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
+def _save_state(ctx, state) -> None:
     # Only the packed weight and its block constants are kept: the frozen weight needs no gradient, so x is not.
-    x, *state, bias = inputs
     ctx.tensor_slots = [i for i, a in enumerate(state) if isinstance(a, torch.Tensor)]
     ctx.others = [None if isinstance(a, torch.Tensor) else a for a in state]
     ctx.save_for_backward(*(state[i] for i in ctx.tensor_slots))
+
+
+def _saved_state(ctx) -> list:
+    state = list(ctx.others)
+    for i, t in zip(ctx.tensor_slots, ctx.saved_tensors):
+        state[i] = t
+    return state
+
+
+def _input_grads(ctx, dy, grad_input, needs_x: bool, needs_bias: bool):
+    """(grad_x, grad_bias): dy @ W by `grad_input` (the custom op or its implementation), the bias' row sum."""
+    grad_x = grad_input(dy, *_saved_state(ctx)) if needs_x else None
+    grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype) if needs_bias else None
+    return grad_x, grad_bias
+
+
+def _setup_context(ctx, inputs, output):
+    x, *state, bias = inputs
+    _save_state(ctx, state)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, dy):
-    state = list(ctx.others)
-    for i, t in zip(ctx.tensor_slots, ctx.saved_tensors):
-        state[i] = t
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = matmul_4bit_grad_input(dy, *state)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[-1]:
-        grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
+    needs_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[-1]
+    grad_x, grad_bias = _input_grads(ctx, dy, matmul_4bit_grad_input, ctx.needs_input_grad[0], needs_bias)
     return grad_x, *([None] * len(STATE_ARGS)), grad_bias
 
 
 matmul_4bit.register_autograd(_backward, setup_context=_setup_context)
+
+
+class Matmul4bit(torch.autograd.Function):
+    """The eager door: matmul_4bit's forward and backward without the custom-op machinery (same saved tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, *state):
+        _save_state(ctx, state)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return matmul_impl(x, bias, *state)
+
+    @staticmethod
+    def backward(ctx, dy):
+        needs_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[1]
+        grad_x, grad_bias = _input_grads(ctx, dy, grad_input_impl, ctx.needs_input_grad[0], needs_bias)
+        return grad_x, grad_bias, *([None] * len(STATE_ARGS))

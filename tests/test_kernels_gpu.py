@@ -17,14 +17,18 @@ from nf4lora.kernels import backend_for, dequantize, matmul_4bit  # noqa: E402
 if torch.cuda.is_available():
     # Only with a GPU: the kernel modules are not needed here without one (tests/conftest.py sets
     # TRITON_INTERPRET=1 on CPU machines before any of them is imported).
-    from nf4lora.kernels import gemv, matmul
+    from triton.runtime.errors import OutOfResources
+
+    from nf4lora.kernels import gemv, matmul, ops
 from nf4lora.nf4 import QuantState, dequantize_4bit, quantize_4bit  # noqa: E402
 from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE  # noqa: E402
 
-# float32 accumulation, one rounding to the output dtype (half an ulp, rtol) plus float32 summation error over
-# K up to 4096 terms (atol). fp32 operands run in IEEE precision (torch's default "highest" matmul precision).
+# float32 accumulation, one rounding to the output dtype (half an ulp, rtol) plus float32 summation error (atol).
+# fp32 operands run in IEEE precision (torch's default "highest" matmul precision); their error is the summation's:
+# with K = 4096 products of unit-variance values the partial sums reach |s| ~ 64-200, each add rounds by up to
+# 2**-24 |s|, and 4096 such errors add up to ~2.5e-4 on average (4.6e-4 at most, seen on an H200): atol 2e-3.
 TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-4),
+    torch.float32: dict(rtol=1e-5, atol=2e-3),
     torch.float16: dict(rtol=1e-3, atol=2e-3),
     torch.bfloat16: dict(rtol=8e-3, atol=1e-2),
 }
@@ -65,13 +69,23 @@ def test_bf16_fused_forward_and_grad_input(m, weight):
     n, k, blocksize, quant_type, double_quant = weight
     packed, state = quantized((n, k), blocksize, quant_type, double_quant, seed=m)
     x, bias = randn(m, k, dtype=torch.bfloat16, seed=1), randn(n, dtype=torch.bfloat16, seed=2)
+    aligned = k % 2 == 0 and k % blocksize == 0
+    launched = 0
     for config in (None, *matmul.CONFIGS):  # the autotuned launch and every candidate
-        y = matmul.matmul(x, bias, *state_args(packed, state), config=config)
+        try:
+            y = matmul.matmul(x, bias, *state_args(packed, state), config=config)
+            dy = randn(m, n, dtype=torch.bfloat16, seed=3)
+            dx = matmul.matmul_grad_input(dy, *state_args(packed, state), config=config)
+        except OutOfResources:
+            # Odd or block-unaligned K loads W element by element, and the software pipeline then stages far more
+            # shared memory (the 128x256 tile needs ~310 KB of 227 KB there); the autotuner skips such configs.
+            assert config is not None and not aligned, f"{config} must fit in shared memory for {weight}"
+            continue
+        launched += 1
         torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.bfloat16])
-        dy = randn(m, n, dtype=torch.bfloat16, seed=3)
-        dx = matmul.matmul_grad_input(dy, *state_args(packed, state), config=config)
         ref = dy.double() @ dequantize_4bit(packed, state, torch.bfloat16).double()
         torch.testing.assert_close(dx.double(), ref, **TOL[torch.bfloat16])
+    assert launched >= 4  # the autotuned launch and at least the three smallest tiles
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -79,12 +93,15 @@ def test_bf16_fused_forward_and_grad_input(m, weight):
 def test_llama_sized_autotuned_matmul(dtype, m):
     packed, state = quantized((1024, 4096), 64, "nf4", True)
     x = randn(m, 4096, dtype=dtype, seed=4)
-    y = matmul_4bit(x, packed, state)  # auto backend: Triton on CUDA, GEMV for m <= MAX_M
+    y = matmul_4bit(x, packed, state)  # auto backend: Triton on CUDA, by ops.FUSED_MAX_M's rule
     torch.testing.assert_close(y.double(), reference_linear(x, packed, state, None), **TOL[dtype])
+    if m > gemv.MAX_M:  # the fused kernel too, whatever the dispatch picks
+        y = matmul.matmul(x, None, *state_args(packed, state))
+        torch.testing.assert_close(y.double(), reference_linear(x, packed, state, None), **TOL[dtype])
     dy = randn(m, 1024, dtype=dtype, seed=5)
-    dx = matmul.matmul_grad_input(dy, *state_args(packed, state))
     ref = dy.double() @ dequantize_4bit(packed, state, dtype).double()
-    torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
+    for dx in (matmul.matmul_grad_input(dy, *state_args(packed, state)), ops.grad_input_impl(dy, *state_args(packed, state))):
+        torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
 
 
 @pytest.mark.parametrize("m", [1, 2, 4])
@@ -114,7 +131,19 @@ def test_dequantize_bit_identical_to_bitsandbytes_cuda():
             expected = bnb_f.dequantize_4bit(packed, bnb_state)
             # bitsandbytes' own codes and constants, read through the Hugging Face state-dict format.
             state = QuantState.from_state_dict(bnb_state.as_dict(packed=True), device="cuda")
-            assert torch.equal(bits(dequantize(packed, state)), bits(expected)), (quant_type, double_quant)
+            got = dequantize(packed, state)
+            differ = bits(got) != bits(expected)
+            if quant_type == "fp4":
+                # bitsandbytes' CUDA kernel decodes FP4 as sign * |value| * absmax, so code 0b1000 gives -0.0; its
+                # own quant_map (which the checkpoint stores and we decode with, as its CPU path does) holds +0.0
+                # there. Only the sign of those zeros may differ: equal values, every other bit identical.
+                codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], 1).view(-1)[: w.numel()]
+                zero_8 = ((codes == 8) & (got.view(-1) == 0) & (expected.view(-1) == 0)).view(w.shape)
+                differ &= ~zero_8
+            assert not differ.any(), (
+                f"{quant_type} dq={double_quant}: {int(differ.sum())} of {w.numel()} elements differ, e.g. ours "
+                f"{got[differ][:4].tolist()} vs bitsandbytes {expected[differ][:4].tolist()}"
+            )
 
 
 def test_autograd_and_inductor_compile_on_cuda():
@@ -139,5 +168,9 @@ def test_autograd_and_inductor_compile_on_cuda():
     eager = run(model)
     compiled = run(torch.compile(model, fullgraph=True))
     for got, want in zip(compiled, eager):
-        # inductor fuses the LoRA/SiLU part differently: bfloat16 rounding of a few ulps.
-        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+        # inductor fuses the LoRA/SiLU part in float32 where eager rounds to bfloat16 between ops: the outputs
+        # (|y| up to ~100) and gradients (|x.grad| up to ~2500, sums of 256 such terms) differ by a few bfloat16
+        # ulps of their largest entries, so the tolerance is relative to each tensor's largest magnitude. The same
+        # comparison on the CPU torch path differs by up to 12 in x.grad (max 2560).
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2**-6 * scale)

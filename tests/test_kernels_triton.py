@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nf4lora.kernels import dequant, dequantize, gemv, matmul, matmul_4bit
+from nf4lora.kernels import dequant, dequantize, gemv, matmul, matmul_4bit, ops
 from nf4lora.nf4 import dequantize_4bit, quantize_4bit
 from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE
 
@@ -155,18 +155,22 @@ def test_gemv_refuses_large_batches():
 
 
 # -- the public entry point on the Triton backend ---------------------------------------------------------------------
-@pytest.mark.parametrize("m", [2, 5])
-def test_matmul_4bit_routes_and_differentiates(m, monkeypatch):
-    """Few rows go to the GEMV kernel, more to the fused one; gradients match dense autograd in float64."""
+@pytest.mark.parametrize("m,fused_max_m,kernels", [
+    (2, 0, ["gemv", "dequantize"]),  # GEMV forward; backward dequantizes for the dense product dy @ W
+    (5, 0, ["dequantize", "dequantize"]),  # dequantize + F.linear forward and backward
+    (5, 8, ["matmul", "matmul_grad_input"]),  # the fused kernels, where ops.FUSED_MAX_M takes them
+])  # fmt: skip
+def test_matmul_4bit_routes_and_differentiates(m, fused_max_m, kernels, monkeypatch):
+    """ops.matmul_impl's rule picks the kernel by rows; gradients match dense autograd in float64 on every path."""
     calls = []
-    for module, name in ((gemv, "gemv"), (matmul, "matmul")):
+    for module, name in ((gemv, "gemv"), (matmul, "matmul"), (matmul, "matmul_grad_input"), (dequant, "dequantize")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    monkeypatch.setattr(ops, "FUSED_MAX_M", fused_max_m)
     packed, state = quantized((24, 40), 32, "nf4", True)
     x = randn(m, 40, dtype=torch.float32, seed=10).requires_grad_()
     bias = randn(24, dtype=torch.float32, seed=11).requires_grad_()
     y = matmul_4bit(x, packed, state, bias)
-    assert calls == ["gemv" if m <= gemv.MAX_M else "matmul"]
 
     x64, b64 = x.detach().double().requires_grad_(), bias.detach().double().requires_grad_()
     y64 = F.linear(x64, dequantize_4bit(packed, state, torch.float32).double(), b64)
@@ -174,6 +178,7 @@ def test_matmul_4bit_routes_and_differentiates(m, monkeypatch):
     dy = randn(m, 24, dtype=torch.float32, seed=12)
     y.backward(dy)
     y64.backward(dy.double())
+    assert calls == kernels
     torch.testing.assert_close(x.grad.double(), x64.grad, **TOL[torch.float32])
     torch.testing.assert_close(bias.grad.double(), b64.grad, **TOL[torch.float32])
 

@@ -50,7 +50,7 @@ def _bnb_from_state_dict(sd, quant_type, double_quant, compute_dtype=None):
 def _forward_backward(layer, x):
     x = x.detach().clone().requires_grad_(True)
     y = layer(x)
-    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y))
     bias = getattr(layer, "bias", None)  # a LoRALinear has none of its own
     bias_grad = None if bias is None else bias.grad.clone()
     return y.detach(), x.grad, bias_grad
