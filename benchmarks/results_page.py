@@ -17,7 +17,7 @@ from harness import RESULTS
 
 PAGE = "README.md"
 # Reading order: the quantizer, the kernels, one layer, loading, a training step, model quality, a real run.
-ORDER = ("quant_error", "quant-cpu", "kernels-cpu", "kernels-cuda", "lora-cpu", "load", "qlora-step-cpu",
+ORDER = ("quant_error", "quant-cpu", "kernels-cpu", "kernels-cuda", "gpu-check", "lora-cpu", "load", "qlora-step-cpu",
          "qlora-step-cuda", "quality", "finetune")  # fmt: skip
 HEADLINE = re.compile(r"^\*\*.+\*\*", re.M)  # the bold verdict line the scripts write (e.g. "**Ours / peer: ...**")
 

@@ -78,14 +78,15 @@ def test_bf16_fused_forward_and_grad_input(m, weight):
             dx = matmul.matmul_grad_input(dy, *state_args(packed, state), config=config)
         except OutOfResources:
             # Odd or block-unaligned K loads W element by element, and the software pipeline then stages far more
-            # shared memory (the 128x256 tile needs ~310 KB of 227 KB there); the autotuner skips such configs.
+            # shared memory: on an H200 (227 KB per block) only the 16x64 tile fits for K = 72, blocksize 64, and
+            # 315 KB are asked for at 32x128. The autotuner skips configs that do not fit.
             assert config is not None and not aligned, f"{config} must fit in shared memory for {weight}"
             continue
         launched += 1
         torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.bfloat16])
         ref = dy.double() @ dequantize_4bit(packed, state, torch.bfloat16).double()
         torch.testing.assert_close(dx.double(), ref, **TOL[torch.bfloat16])
-    assert launched >= 4  # the autotuned launch and at least the three smallest tiles
+    assert launched >= 2  # at least the autotuned launch and the smallest tile (K = 72 on an H200: exactly these)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
