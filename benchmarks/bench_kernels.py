@@ -167,6 +167,26 @@ def bench_cpu(args, bnb, timer, results, sections):
                      "bitsandbytes", "bnb / ours", "dense bf16 (W pre-dequantized)", "dense / ours"], rows))  # fmt: skip
 
 
+def host_profile(fn, calls: int = 1000, top: int = 20) -> None:
+    """Print where the host time of `calls` eager calls goes (cProfile, sorted by own time): the per-call table
+    shows matmul_4bit at M = 1 costing more on the host than its kernel takes on the GPU."""
+    import cProfile
+    import pstats
+
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(calls):
+            fn()
+        profiler.disable()
+        torch.cuda.synchronize()
+    print(f"host profile of {calls} calls of matmul_4bit at M = 1 (cProfile, own time first):", flush=True)
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(top)
+    sys.stdout.flush()
+
+
 def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
     """device: "cuda"; "cpu" only to smoke-test this function under TRITON_INTERPRET=1 with a stub timer."""
     from nf4lora.kernels import gemv, matmul, ops
@@ -249,6 +269,7 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
     sections.append((f"Dispatch crossover, GPU time (GEMV used for M <= {gemv.MAX_M})", ["op", "weight NxK", "M",
                      "fused", "p20..p80", "gemv", "gemv / fused", "dequant + cuBLAS", "dequant+cuBLAS / fused"],
                      rows))  # fmt: skip
+    host_profile(lambda: matmul_4bit(x[:1], packed, state))
     for tuned in (matmul._matmul_tuned, matmul._grad_input_tuned, gemv._gemv_tuned):  # what autotuning chose
         print(f"{tuned.fn.__name__} autotune choices:", {str(k): str(c) for k, c in tuned.cache.items()}, flush=True)
 
