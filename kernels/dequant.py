@@ -115,17 +115,20 @@ def load_weight_tile(
 
 @triton.jit
 def _dequantize_kernel(
-    packed_ptr, absmax_ptr, code_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr, n,
+    packed_ptr, absmax_ptr, code_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr, n, n_bytes,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     """Each program writes ROWS whole 4-bit blocks: a (ROWS, BLOCKSIZE // 2) tile of bytes, one scale per row.
 
     Byte j holds elements 2j (high nibble) and 2j + 1 (low nibble); tl.interleave puts them back in order.
+    n_bytes = (n + 1) // 2 comes from the launcher, not from n in here: passed in, Triton sees when it is a
+    multiple of 16, so the byte mask is constant over 16 bytes and each thread's 16 codes load as one 16-byte
+    access (computed here from n, the mask would force 16 one-byte loads per thread; sm_90 PTX, tests/compile_kernels.py).
     """
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
     byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
-    byte_mask = byte_idx < (n + 1) // 2
+    byte_mask = byte_idx < n_bytes
     byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0).to(tl.int32)
     high = tl.load(code_ptr + (byte >> 4), mask=byte_mask, other=0.0)
     low = tl.load(code_ptr + (byte & 15), mask=byte_mask, other=0.0)
@@ -183,7 +186,7 @@ def dequantize(
         packed, absmax, code,
         offset if double_quant else absmax, nested_absmax if double_quant else absmax,
         nested_code if double_quant else absmax,
-        out, n,
+        out, n, (n + 1) // 2,
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize, ROWS=rows,
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip

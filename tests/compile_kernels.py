@@ -181,7 +181,8 @@ def make_variant(kernel: str, point: dict) -> Variant | None:
         dq = point["double_quant"]
         absmax, *nested = state_dtypes(dq)
         # As dequant.dequantize passes them: without double quantization absmax stands in for the nested pointers.
-        args = (torch.uint8, absmax, torch.float32, *(nested if dq else [absmax] * 3), dtype, n_rows * n_cols)
+        n = n_rows * n_cols
+        args = (torch.uint8, absmax, torch.float32, *(nested if dq else [absmax] * 3), dtype, n, (n + 1) // 2)
         rows = max(1, dequant.ELEMENTS_PER_PROGRAM // blocksize)
         meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ROWS=rows)
         launch = f"{TRITON_DTYPES[dtype]} {'dq' if dq else 'no-dq'} {shape} bs{blocksize}"
