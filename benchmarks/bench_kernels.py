@@ -189,6 +189,7 @@ def host_profile(fn, calls: int = 1000, top: int = 20) -> None:
 
 def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
     """device: "cuda"; "cpu" only to smoke-test this function under TRITON_INTERPRET=1 with a stub timer."""
+    from nf4lora.kernels import dequant as dequant_kernel
     from nf4lora.kernels import gemv, matmul, ops
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
@@ -212,6 +213,23 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
             row(results, overhead, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs})
     sections.append(("Dequantize (Triton), GPU time", ["op", "weight NxK", "M", "nf4lora", "p20..p80",
                      "bitsandbytes", "bnb / ours", "bandwidth"], rows))  # fmt: skip
+
+    # The dequantize launch settings (dequant.ELEMENTS_PER_PROGRAM, NUM_WARPS) against a few others, on the
+    # largest weight: the data to tune them with. Every setting writes the same bits (tests/test_kernels_triton.py).
+    rows = []
+    n, k = shapes[-1]
+    _, (packed, state), _ = quantized_pair(n, k, device, None)
+    args_ = state_args(packed, state)
+    current = timer(lambda: dequant_kernel.dequantize(*args_, torch.bfloat16))
+    for per_program in (2048, 4096, 8192, 16384):
+        for warps in (4, 8):
+            t = timer(lambda: dequant_kernel.dequantize(*args_, torch.bfloat16, elements_per_program=per_program,
+                                                        num_warps=warps))  # fmt: skip
+            row(results, rows, f"dequantize, {per_program} per program, {warps} warps", (n, k), None, t,
+                {"current": current}, bandwidth(dequant_bytes(n, k, True), t))  # fmt: skip
+    sections.append((f"Dequantize launch settings (current: {dequant_kernel.ELEMENTS_PER_PROGRAM} per program, "
+                     f"{dequant_kernel.NUM_WARPS} warps), GPU time", ["op", "weight NxK", "M", "time", "p20..p80",
+                     "current", "current / this", "bandwidth"], rows))  # fmt: skip
 
     rows, fused_rows = [], []
     for n, k in shapes:

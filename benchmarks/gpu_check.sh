@@ -13,6 +13,7 @@
 #   --dry-run         on the CPU: check the script and its steps work (GPU tests are collected, not run; the
 #                     kernel benchmark runs with tiny shapes on the CPU); installs nothing. CI runs this.
 #
+# Set NF4LORA_COMMIT to the commit being checked when the checkout's git metadata may be stale (a copied tree).
 # Installs nothing from the network. If nf4lora is not importable it is installed from this checkout (pip --no-deps
 # --no-index; with --bnb-wheels the build runs isolated, with DIR's setuptools). Every skipped step is named in
 # summary.txt. Exit status is 1 if any step that ran failed.
@@ -76,7 +77,8 @@ say "python: $PY"
 # -- environment ------------------------------------------------------------------------------------------------
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "git: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+    # A copied working tree may carry stale git metadata (the device tool's copy did): NF4LORA_COMMIT overrides.
+    echo "git: ${NF4LORA_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
     if command -v nvidia-smi > /dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
     "$PY" - <<'EOF'
 import importlib.metadata as md, platform

@@ -22,8 +22,11 @@ import triton.language as tl
 # The interpreter decides at decoration time (triton.jit reads TRITON_INTERPRET when this module is imported).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Elements per program of the dequantization kernel: 4096 outputs = 2048 bytes of codes, 8 KiB of bf16 out.
+# Elements per program of the dequantization kernel (4096 outputs = 2048 bytes of codes, 8 KiB of bf16 out) and
+# its warps. Not tuned yet: on an H200 this launch moved 2.0-2.2 TB/s (42-45% of peak); bench_kernels.py sweeps
+# both (the launcher takes them as keywords) so a GPU run can pick better ones.
 ELEMENTS_PER_PROGRAM = 4096
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -174,12 +177,18 @@ def dequantize(
     nested_blocksize: int,
     shape: list[int],
     dtype: torch.dtype,
+    *,
+    elements_per_program: int = ELEMENTS_PER_PROGRAM,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
-    """Launcher: the weight of `shape` in `dtype` from its packed codes; arguments as torch_path.dequantize."""
+    """Launcher: the weight of `shape` in `dtype` from its packed codes; arguments as torch_path.dequantize (the
+    keywords are launch settings, for tuning: a power of two >= blocksize elements per program, and warps)."""
     check_triton_device(packed, "packed")
+    if elements_per_program < 1 or elements_per_program & (elements_per_program - 1):
+        raise ValueError(f"elements_per_program must be a power of two, got {elements_per_program}")
     n = math.prod(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
-    rows = max(1, ELEMENTS_PER_PROGRAM // blocksize)
+    rows = max(1, elements_per_program // blocksize)
     double_quant = nested_absmax is not None
     grid = (triton.cdiv(triton.cdiv(n, blocksize), rows),)
     _dequantize_kernel[grid](
@@ -188,6 +197,6 @@ def dequantize(
         nested_code if double_quant else absmax,
         out, n, (n + 1) // 2,
         BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize, ROWS=rows,
-        num_warps=4, enable_fp_fusion=False,
+        num_warps=num_warps, enable_fp_fusion=False,
     )  # fmt: skip
     return out

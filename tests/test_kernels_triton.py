@@ -70,6 +70,22 @@ def test_dequantize_kernel_bit_identical(shape, blocksize, quant_type, double_qu
         assert torch.equal(bits(ours), bits(ref)), (shape, blocksize, quant_type, double_quant, dtype)
 
 
+@pytest.mark.parametrize("elements_per_program,num_warps", [(32, 4), (2048, 8), (16384, 8)])
+def test_dequantize_launch_settings_change_no_bits(elements_per_program, num_warps):
+    """The tuning keywords bench_kernels.py sweeps: fewer or more blocks per program write the same bits, with a
+    partial last program and a partial last block."""
+    packed, state = quantized((37, 300), 64, "nf4", True)
+    ours = dequant.dequantize(*state_args(packed, state), torch.bfloat16, elements_per_program=elements_per_program,
+                              num_warps=num_warps)  # fmt: skip
+    assert torch.equal(bits(ours), bits(dequantize_4bit(packed, state, torch.bfloat16)))
+
+
+def test_dequantize_launch_settings_are_checked():
+    packed, state = quantized((8, 64))
+    with pytest.raises(ValueError, match="elements_per_program must be a power of two, got 3000"):
+        dequant.dequantize(*state_args(packed, state), torch.float32, elements_per_program=3000)
+
+
 # -- fused forward and grad-input -----------------------------------------------------------------------------------
 # (N, K, blocksize, quant_type, double_quant): K not a multiple of the tile (general scale path), K a multiple of
 # the blocksize (one scale per row and tile), odd K (rows start mid-byte), N leaving partial tiles.
