@@ -17,12 +17,18 @@ from .dequant import INTERPRETED, check_triton_device, load_weight_tile, round_t
 # has not been measured on a GPU yet: bench_kernels.py times both at M = 1, 2, 4, 8 so gpu_check.sh can settle it.
 MAX_M = 4
 
-# Candidates: few rows x long K slices keep each program's loads contiguous (BLOCK_K // 2 bytes per row).
+# Candidates: few rows x long K slices keep each program's loads contiguous (BLOCK_K // 2 bytes per row). On an
+# H200 autotuning picked 8x256 for every LLaMA-7B shape and M, at 8-9% of HBM bandwidth: each K slice waits on a
+# chain of dependent loads (codes, then their table values and block constants), so time grows with the number
+# of slices per program. The last three candidates cut that to 2-8 slices for K = 4096 with more programs.
 CONFIGS = [
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 512}, num_warps=4),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4),
     triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=8),
     triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4),
+    triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024}, num_warps=4),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=8),
+    triton.Config({"BLOCK_N": 2, "BLOCK_K": 2048}, num_warps=8),
 ]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 32})
 

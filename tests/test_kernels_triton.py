@@ -155,9 +155,10 @@ def test_gemv_matches_dense(m, dtype, with_bias):
 
 
 @pytest.mark.parametrize("config", gemv.CONFIGS, ids=lambda c: "x".join(str(v) for v in c.kwargs.values()))
-@pytest.mark.parametrize("k", [600, 640])
+@pytest.mark.parametrize("k", [600, 640, 4160])
 def test_every_gemv_config_is_correct(config, k):
-    """K spans several BLOCK_K slices, the last partial; 640 = 10 blocks per row (several blocks per tile)."""
+    """K spans several BLOCK_K slices, the last partial (4160 = 65 blocks: also for BLOCK_K = 2048); 640 = 10
+    blocks per row (several blocks per tile)."""
     packed, state = quantized((37, k), 64, "nf4", True)
     x = randn(3, k, dtype=torch.float16, seed=9)
     y = gemv.gemv(x, None, *state_args(packed, state), config=config)
