@@ -126,7 +126,8 @@ def _dequantize_kernel(
     Byte j holds elements 2j (high nibble) and 2j + 1 (low nibble); tl.interleave puts them back in order.
     n_bytes = (n + 1) // 2 comes from the launcher, not from n in here: passed in, Triton sees when it is a
     multiple of 16, so the byte mask is constant over 16 bytes and each thread's 16 codes load as one 16-byte
-    access (computed here from n, the mask would force 16 one-byte loads per thread; sm_90 PTX, tests/compile_kernels.py).
+    access. Computed here from n, the mask forces 16 one-byte loads per thread (sm_90 PTX of both versions,
+    compiled with tests/compile_kernels.py).
     """
     HALF: tl.constexpr = BLOCKSIZE // 2
     block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
