@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -305,7 +306,12 @@ def main():
     bnb = import_bitsandbytes()
     timer = Timer(args.device, args.repeat)
     results, sections = [], []
-    (bench_cuda if args.device == "cuda" else bench_cpu)(args, bnb, timer, results, sections)
+    stopped = None  # GPU time is scarce: a failure part-way still writes what was measured before it
+    try:
+        (bench_cuda if args.device == "cuda" else bench_cpu)(args, bnb, timer, results, sections)
+    except Exception as e:  # noqa: BLE001 - reported in the results and by the exit status
+        traceback.print_exc()
+        stopped = f"{type(e).__name__}: {e}"
 
     how = ("GPU time from triton.testing.do_bench_cudagraph (median, p20..p80) unless a table says per call"
            if args.device == "cuda"
@@ -319,14 +325,19 @@ def main():
         "",
         "Targets (../shared/PERFORMANCE.md): " + TARGETS[args.device],
     ]  # fmt: skip
+    if stopped:
+        parts += ["", f"**The run stopped part-way ({stopped}): the tables hold the sections it finished, the "
+                  "JSON every row it measured.**"]  # fmt: skip
     for title, header, rows in sections:
         parts += ["", f"## {title}", "", markdown_table(header, rows)]
     name = f"kernels-{args.device}" + ("-quick" if args.quick else "")
-    data = {"device": args.device, "quick": args.quick, "results": results}
+    data = {"device": args.device, "quick": args.quick, "results": results, "stopped": stopped}
     if args.out is None:
         print(write_results(name, "\n".join(parts), data))
     else:
         print(write_results_in(args.out, name, "\n".join(parts), data))
+    if stopped:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
