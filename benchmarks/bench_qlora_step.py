@@ -331,8 +331,13 @@ def orchestrate(args) -> Path:
         data_file = os.path.join(tmp, "ids.safetensors")
         save_file({"ids": ids}, data_file)
         load_before = load_average()
+        name = f"qlora-step-{'cuda' if args.device.startswith('cuda') else 'cpu'}"
+        out = Path(args.out) if args.out else RESULTS
+        out.mkdir(parents=True, exist_ok=True)
         points = []
-        for tokens in sweep:
+        # The default point first, then the results files are rewritten after every point: a run cut short (a
+        # GPU slot's time limit) keeps what it measured.
+        for tokens in [default] + [t for t in sweep if t != default]:
             batch = tokens // args.seq_len
             profile = tokens == default and not args.no_profile
             point = {"tokens_per_step": tokens, "batch": batch}
@@ -355,16 +360,19 @@ def orchestrate(args) -> Path:
             print(f"  {tokens} tokens/step: {point['speedup']:.2f}x tokens/s, {point['memory_ratio']:.2f}x memory "
                   f"(tokens/s ours {point['ours']['tokens_per_s']['median']:.0f}, peer "
                   f"{point['peer']['tokens_per_s']['median']:.0f}; {mem} ours {point['ours'][mem]:.0f}, peer "
-                  f"{point['peer'][mem]:.0f})", flush=True)  # the log keeps each point if the run is cut short
-        load_after = load_average()
+                  f"{point['peer'][mem]:.0f})", flush=True)
+            points.sort(key=lambda p: p["tokens_per_step"])
+            path = write_step_results(args, out, name, points, default, model_name, data, load_before, n_params)
+    print(path.with_suffix(".md").read_text())
+    return path
 
-    name = f"qlora-step-{'cuda' if args.device.startswith('cuda') else 'cpu'}"
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
+
+def write_step_results(args, out: Path, name: str, points, default, model_name, data, load_before, n_params):
+    """The plot, the markdown report and the JSON of the points measured so far (the default point among them)."""
+    load_after = load_average()
     title = f"QLoRA training step, {model_name}: ours vs HF + PEFT + bitsandbytes ({args.device})"
     plot(points, default, title, out / f"{name}.png")
     markdown = report(args, points, default, model_name, data, name, (load_before, load_after), n_params)
-    print(markdown)
     data_json = {"machine": machine(), "versions": versions(*PEERS), "args": vars(args), "model": model_name,
                  "data": data, "params": n_params, "default_tokens_per_step": default, "lora": LORA, "adamw": ADAMW,
                  "load_average": [load_before, load_after], "points": points}  # fmt: skip
