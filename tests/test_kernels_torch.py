@@ -111,6 +111,28 @@ def test_matmul_forward_and_gradients_match_dense(dtype, with_bias):
         torch.testing.assert_close(bias.grad, bias_ref.grad, rtol=tol, atol=tol)
 
 
+def test_matmuls_share_one_workspace_and_results_do_not_alias_it():
+    """The matmuls dequantize into one reused per-thread buffer: it grows to the largest weight, every product
+    equals the dense one, and no result is a view of the buffer (the next call overwrites it)."""
+    small, large = quantized((24, 40), 32, "nf4", True, seed=2), quantized((48, 96), 64, "fp4", False, seed=3)
+    g = torch.Generator().manual_seed(4)
+    results = []
+    for (packed, state), dtype in ((small, torch.bfloat16), (large, torch.float32), (small, torch.float16)):
+        x = torch.randn(3, state.shape[1], generator=g).to(dtype)
+        dy = torch.randn(3, state.shape[0], generator=g).to(dtype)
+        args = (packed, state.absmax, state.code, state.offset, state.nested and state.nested.absmax,
+                state.nested and state.nested.code, state.blocksize, 256, list(state.shape))  # fmt: skip
+        y, dx = torch_path.matmul(x, None, *args), torch_path.matmul_grad_input(dy, *args)
+        w = dequantize_4bit(packed, state, dtype)
+        buffer = torch_path._workspace.buffer
+        for t in (y, dx):
+            assert t.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+        results.append((y, dx, x @ w.T, dy @ w))
+    assert buffer.numel() == 48 * 96 * 4  # the largest weight in the largest dtype
+    for y, dx, y_ref, dx_ref in results:  # still equal after later calls reused the buffer
+        assert torch.equal(y, y_ref) and torch.equal(dx, dx_ref)
+
+
 def test_bias_in_another_dtype_gets_its_gradient_in_that_dtype():
     packed, state = quantized((8, 16))
     x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
