@@ -4,8 +4,8 @@ they meet autograd.
 Two doors to the same implementations (`dequantize_impl`, `matmul_impl`, `grad_input_impl`):
 - torch custom ops, for torch.compile: opaque to it, so a model holding Linear4bit layers compiles without graph
   breaks in them, with the fake implementations below giving output shapes;
-- `Matmul4bit`, a plain autograd.Function for eager calls. A custom op costs about 25 us more per call in
-  Python (50 us with its autograd), which is more than the kernel itself at decode sizes on a GPU.
+- `Matmul4bit`, a plain autograd.Function for eager calls. A custom op costs 5-12 us more per call in Python,
+  45 us when its autograd runs (measured on the CPU VM): as much as a decode-sized kernel takes on a GPU.
 dispatch.py takes the custom ops while torch.compile traces and the direct path otherwise. Both take a
 QuantState's fields, never the dataclass, in this order (STATE_ARGS): packed, absmax, code, offset, nested_absmax,
 nested_code, blocksize, nested_blocksize, shape; without double quantization offset/nested_absmax/nested_code
@@ -33,7 +33,7 @@ STATE_ARGS = (
 # Which Triton kernel serves a product with M rows of x (measured on an H200: benchmarks/results/kernels-cuda.md):
 # up to gemv.MAX_M rows the batch-1 GEMV kernel; up to FUSED_MAX_M rows the fused dequantize-matmul kernel
 # (matmul.py); above, the dequantize kernel writes W in x.dtype and cuBLAS multiplies (F.linear), as bitsandbytes
-# does. The fused kernel was 2-15x slower than that at every M measured (16..4096), so it serves no M for now;
+# does. The fused kernel was 6-25x slower than that at every M measured (16..4096), so it serves no M for now;
 # raise FUSED_MAX_M once it wins somewhere. The same rule picks the grad-input product.
 FUSED_MAX_M = 0
 
