@@ -143,7 +143,7 @@ fi
 # folder is appended as --out). The dry run is a quick CPU run of the same script: it proves it imports and writes
 # its files.
 BENCHES=(
-    "bench-kernels|120|benchmarks/bench_kernels.py --device cuda|--device cpu --quick --repeat 1"
+    "bench-kernels|150|benchmarks/bench_kernels.py --device cuda|--device cpu --quick --repeat 1"
     "bench-qlora-step|150|benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 --batch 2 --tokens-per-step 2048,4096 --grad-ckpt on --steps 4 --warmup 2 --rounds 1 --no-profile|--device cpu --synthetic tiny --seq-len 32 --batch 2 --tokens-per-step 64 --steps 1 --warmup 1 --rounds 1 --no-profile"
 )
 for entry in "${BENCHES[@]}"; do
