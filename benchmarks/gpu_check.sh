@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and GPU benchmark of nf4lora in one run, with all results written into one folder. Budget: the
-# steps' time caps add up to 9 minutes on one H200-class GPU (the first full run took 8 minutes). GPU time comes in short slots: run this, then commit what it wrote under
-# benchmarks/results/ (see ../shared/PERFORMANCE.md).
+# steps' time caps add up to 9 minutes on one H200-class GPU (the first full run took 8 minutes). GPU time comes
+# in short slots: run this, then commit what it wrote under benchmarks/results/ (see ../shared/PERFORMANCE.md).
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--dry-run]
 #
