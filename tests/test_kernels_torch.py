@@ -4,6 +4,7 @@ backend selection and bad input. The Triton kernels themselves are tested in tes
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -111,9 +112,10 @@ def test_matmul_forward_and_gradients_match_dense(dtype, with_bias):
         torch.testing.assert_close(bias.grad, bias_ref.grad, rtol=tol, atol=tol)
 
 
-def test_matmuls_share_one_workspace_and_results_do_not_alias_it():
+def test_matmuls_share_one_workspace_and_results_do_not_alias_it(monkeypatch):
     """The matmuls dequantize into one reused per-thread buffer: it grows to the largest weight, every product
     equals the dense one, and no result is a view of the buffer (the next call overwrites it)."""
+    monkeypatch.setattr(torch_path, "_workspace", threading.local())  # empty, whatever ran before in this thread
     small, large = quantized((24, 40), 32, "nf4", True, seed=2), quantized((48, 96), 64, "fp4", False, seed=3)
     g = torch.Generator().manual_seed(4)
     results = []
