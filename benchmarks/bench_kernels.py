@@ -222,8 +222,8 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
     _, (packed, state), _ = quantized_pair(n, k, device, None)
     args_ = state_args(packed, state)
     current = timer(lambda: dequant_kernel.dequantize(*args_, torch.bfloat16))
-    for per_program in (2048, 4096, 8192, 16384):
-        for warps in (4, 8):
+    for per_program in (4096,) if args.quick else (2048, 4096, 8192, 16384):
+        for warps in (4,) if args.quick else (4, 8):
             t = timer(lambda: dequant_kernel.dequantize(*args_, torch.bfloat16, elements_per_program=per_program,
                                                         num_warps=warps))  # fmt: skip
             row(results, rows, f"dequantize, {per_program} per program, {warps} warps", (n, k), None, t,
@@ -279,7 +279,7 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
     n, k = shapes[0]
     _, (packed, state), _ = quantized_pair(n, k, device, None)
     args_ = state_args(packed, state)
-    for m in (1, 2, 4, 8, 16):
+    for m in (1, 8) if args.quick else (1, 2, 4, 8, 16):
         x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
         fused = timer(lambda: matmul.matmul(x, None, *args_))
         small = timer(lambda: gemv.gemv(x, None, *args_)) if m <= gemv.MAX_M else None

@@ -1,0 +1,72 @@
+"""bench_kernels.py's CUDA code path, run on the CPU: the Triton kernels in the interpreter and a stub clock.
+
+GPU time comes in short slots; a Python error in the CUDA half of the benchmark would otherwise first show there
+(and cost the slot). The numbers mean nothing here; the test checks that every section runs, that the dispatch
+column names the path ops.py takes, and that a failure part-way still writes what was measured.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nf4lora.kernels import gemv
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.setenv("NF4LORA_BACKEND", "triton")  # CPU tensors through the Triton kernels (interpreter)
+    monkeypatch.syspath_prepend(BENCHMARKS)  # bench_kernels imports harness from its own folder
+    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(BENCHMARKS, "bench_kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "QUICK_SHAPES", [(32, 64)])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    profile = module.host_profile
+    monkeypatch.setattr(module, "host_profile", lambda fn: profile(fn, calls=2, top=3))  # 1000 calls: minutes here
+    return module
+
+
+class StubTimer:
+    """Calls each timed function once (so it must run) and reports 1 ms."""
+
+    def __call__(self, fn):
+        fn()
+        return {"median": 1e-3, "min": 1e-3, "max": 1e-3}
+
+    per_call = __call__
+
+
+def test_cuda_sections_run_and_name_the_dispatch(bench, capsys):
+    results, sections = [], []
+    bench.bench_cuda(SimpleNamespace(quick=True, peak_gbps=None), None, StubTimer(), results, sections, device="cpu")
+    titles = [title for title, _, _ in sections]
+    assert len(titles) == 6 and all(rows for _, _, rows in sections), titles
+    paths = {r["m"]: r["path"] for r in results if r["what"] == "forward"}
+    assert paths == {1: "gemv" if 1 <= gemv.MAX_M else "dequant + cuBLAS", 16: "dequant + cuBLAS"}
+    assert "host profile of 2 calls of matmul_4bit" in capsys.readouterr().out
+
+
+def test_a_failure_part_way_still_writes_the_results(bench, monkeypatch, tmp_path):
+    def stop_after_one_section(args, bnb, timer, results, sections, device="cuda"):
+        results.append({"what": "dequantize", "ours_s": {"median": 1e-3}})
+        sections.append(("Dequantize", ["op"], [["dequantize"]]))
+        raise RuntimeError("out of device time")
+
+    monkeypatch.setattr(bench, "bench_cpu", stop_after_one_section)
+    monkeypatch.setattr(sys, "argv", ["bench_kernels.py", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        bench.main()
+    assert stopped.value.code == 1
+    markdown = (tmp_path / "kernels-cpu-quick.md").read_text()
+    assert "The run stopped part-way (RuntimeError: out of device time)" in markdown and "## Dequantize" in markdown
+    data = json.loads((tmp_path / "kernels-cpu-quick.json").read_text())
+    assert data["stopped"] == "RuntimeError: out of device time" and len(data["results"]) == 1
