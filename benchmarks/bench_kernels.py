@@ -69,7 +69,7 @@ class Timer:
     def __init__(self, device: str, repeat: int):
         self.device, self.repeat = device, repeat
 
-    def __call__(self, fn) -> dict | None:
+    def __call__(self, fn) -> dict:
         if self.device != "cuda":
             return time_fn(fn, warmup=1, repeat=self.repeat)
         import triton.testing
@@ -244,8 +244,7 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
                 theirs = timer(lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None
                 dense = timer(lambda: F.linear(x, w_dense))
                 fused = timer(lambda: matmul.matmul(x, None, *args_)) if m > gemv.MAX_M else None
-            path = "gemv" if m <= gemv.MAX_M else "fused" if m <= ops.FUSED_MAX_M else "dequant + cuBLAS"
-            extra = {"path": path, "TFLOP/s": 2 * m * n * k / ours["median"] / 1e12}
+            extra = {"path": ops.matmul_path(m), "TFLOP/s": 2 * m * n * k / ours["median"] / 1e12}
             if m == 1:
                 extra.update(bandwidth(dequant_bytes(n, k, True, out_bytes=0) + 2 * (k + n), ours))
             row(results, rows, "forward", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense}, extra)

@@ -54,13 +54,20 @@ def dequantize_impl(*state_and_dtype) -> torch.Tensor:
     return torch_path.dequantize(*state_and_dtype)
 
 
+def matmul_path(rows: int) -> str:
+    """The Triton path of x @ W.T for `rows` rows of x, by the rule above: "gemv", "fused" or "dequant + cuBLAS"."""
+    if rows <= _triton("gemv").MAX_M:
+        return "gemv"
+    return "fused" if rows <= FUSED_MAX_M else "dequant + cuBLAS"
+
+
 def matmul_impl(x: torch.Tensor, bias: torch.Tensor | None, *state) -> torch.Tensor:
-    """x (..., K) @ W.T + bias -> (..., N) in x.dtype on x's backend (the kernel by FUSED_MAX_M's rule)."""
+    """x (..., K) @ W.T + bias -> (..., N) in x.dtype on x's backend (on Triton, the path matmul_path names)."""
     if backend_for(x) == "triton":
-        rows = _rows(x, state[-1][1])
-        if rows <= _triton("gemv").MAX_M:
+        path = matmul_path(_rows(x, state[-1][1]))
+        if path == "gemv":
             return _triton("gemv").gemv(x, bias, *state)
-        if rows <= FUSED_MAX_M:
+        if path == "fused":
             return _triton("matmul").matmul(x, bias, *state)
         w = _triton("dequant").dequantize(*state, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -149,11 +156,12 @@ def _(x, packed, absmax, code, offset, nested_absmax, nested_code, blocksize, ne
     return x.new_empty((*x.shape[:-1], shape[0]))
 
 
-def _save_state(ctx, state) -> None:
+def _save_state(ctx, state, bias) -> None:
     # Only the packed weight and its block constants are kept: the frozen weight needs no gradient, so x is not.
     ctx.tensor_slots = [i for i, a in enumerate(state) if isinstance(a, torch.Tensor)]
     ctx.others = [None if isinstance(a, torch.Tensor) else a for a in state]
     ctx.save_for_backward(*(state[i] for i in ctx.tensor_slots))
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _saved_state(ctx) -> list:
@@ -163,22 +171,23 @@ def _saved_state(ctx) -> list:
     return state
 
 
-def _input_grads(ctx, dy, grad_input, needs_x: bool, needs_bias: bool):
-    """(grad_x, grad_bias): dy @ W by `grad_input` (the custom op or its implementation), the bias' row sum."""
-    grad_x = grad_input(dy, *_saved_state(ctx)) if needs_x else None
-    grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype) if needs_bias else None
+def _input_grads(ctx, dy, grad_input, x_index: int, bias_index: int):
+    """(grad_x, grad_bias) where needed: dy @ W by `grad_input` (the custom op or its implementation), the bias'
+    row sum. The indices are x's and bias' places among the inputs."""
+    grad_x = grad_input(dy, *_saved_state(ctx)) if ctx.needs_input_grad[x_index] else None
+    grad_bias = None
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[bias_index]:
+        grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
     return grad_x, grad_bias
 
 
 def _setup_context(ctx, inputs, output):
     x, *state, bias = inputs
-    _save_state(ctx, state)
-    ctx.bias_dtype = None if bias is None else bias.dtype
+    _save_state(ctx, state, bias)
 
 
 def _backward(ctx, dy):
-    needs_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[-1]
-    grad_x, grad_bias = _input_grads(ctx, dy, matmul_4bit_grad_input, ctx.needs_input_grad[0], needs_bias)
+    grad_x, grad_bias = _input_grads(ctx, dy, matmul_4bit_grad_input, 0, -1)
     return grad_x, *([None] * len(STATE_ARGS)), grad_bias
 
 
@@ -190,12 +199,10 @@ class Matmul4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, *state):
-        _save_state(ctx, state)
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _save_state(ctx, state, bias)
         return matmul_impl(x, bias, *state)
 
     @staticmethod
     def backward(ctx, dy):
-        needs_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[1]
-        grad_x, grad_bias = _input_grads(ctx, dy, grad_input_impl, ctx.needs_input_grad[0], needs_bias)
+        grad_x, grad_bias = _input_grads(ctx, dy, grad_input_impl, 0, 1)
         return grad_x, grad_bias, *([None] * len(STATE_ARGS))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from nf4lora.kernels import backend_for, dequantize, matmul_4bit
 from nf4lora.kernels import torch_path
+from nf4lora.kernels.dispatch import state_args
 from nf4lora.nf4 import dequantize_4bit, quantize_4bit
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -122,8 +123,7 @@ def test_matmuls_share_one_workspace_and_results_do_not_alias_it(monkeypatch):
     for (packed, state), dtype in ((small, torch.bfloat16), (large, torch.float32), (small, torch.float16)):
         x = torch.randn(3, state.shape[1], generator=g).to(dtype)
         dy = torch.randn(3, state.shape[0], generator=g).to(dtype)
-        args = (packed, state.absmax, state.code, state.offset, state.nested and state.nested.absmax,
-                state.nested and state.nested.code, state.blocksize, 256, list(state.shape))  # fmt: skip
+        args = state_args(packed, state)
         y, dx = torch_path.matmul(x, None, *args), torch_path.matmul_grad_input(dy, *args)
         w = dequantize_4bit(packed, state, dtype)
         buffer = torch_path._workspace.buffer
