@@ -3,13 +3,15 @@
 # steps' time caps add up to 9 minutes on one H200-class GPU (the first full run took 8 minutes). GPU time comes
 # in short slots: run this, then commit what it wrote under benchmarks/results/ (see ../shared/PERFORMANCE.md).
 #
-#   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--dry-run]
+#   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--only STEPS] [--dry-run]
 #
 #   RESULTS_DIR       created if missing; gets summary.txt, env.txt, one log per step, test reports, benchmark files
 #   --bnb-wheels DIR  install bitsandbytes from the wheels in DIR (pip --no-index: nothing from the network), and
 #                     build nf4lora with a setuptools wheel from DIR if nf4lora needs installing; without it an
 #                     installed bitsandbytes is used, and without one the peer columns stay empty
 #   --python PY       interpreter to use (default: .venv/bin/python if present, else python3)
+#   --only STEPS      comma-separated subset of: tests, bench-kernels, bench-qlora-step, triton-tests-compiled
+#                     (default all, in that order); the others are named SKIPPED in summary.txt
 #   --dry-run         on the CPU: check the script and its steps work (GPU tests are collected, not run; the
 #                     kernel benchmark runs with tiny shapes on the CPU); installs nothing. CI runs this.
 #
@@ -19,13 +21,15 @@
 # summary.txt. Exit status is 1 if any step that ran failed.
 set -uo pipefail
 
-usage() { sed -n '6,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '6,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
-OUT="" WHEELS="" PY="" DRY=0
+STEPS="tests,bench-kernels,bench-qlora-step,triton-tests-compiled"
+OUT="" WHEELS="" PY="" DRY=0 ONLY="$STEPS"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --bnb-wheels) WHEELS="${2:?--bnb-wheels needs a directory}"; shift 2 ;;
         --python) PY="${2:?--python needs an interpreter}"; shift 2 ;;
+        --only) ONLY="${2:?--only needs a comma-separated list of steps}"; shift 2 ;;
         --dry-run) DRY=1; shift ;;
         -h|--help) usage ;;
         -*) echo "unknown option $1" >&2; usage ;;
@@ -33,6 +37,11 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ -n "$OUT" ]] || usage
+for s in ${ONLY//,/ }; do
+    [[ ",$STEPS," == *",$s,"* ]] || { echo "unknown step '$s' in --only: the steps are $STEPS" >&2; usage; }
+done
+# wanted STEP: whether --only selected it (the default selects every step); names it SKIPPED otherwise.
+wanted() { [[ ",$ONLY," == *",$1,"* ]] && return 0; skip "$1" "not in --only $ONLY"; return 1; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "$PY" ]]; then
@@ -129,7 +138,9 @@ DESELECT=()
 XDIST=()
 "$PY" -c "import xdist" > /dev/null 2>&1 && XDIST=(-n 8)
 ((BNB_OK)) || DESELECT=(-k "not bitsandbytes")
-if ((PYTEST_OK == 0)); then
+if ! wanted tests; then
+    :
+elif ((PYTEST_OK == 0)); then
     skip "tests" "pytest is not installed for $PY"
 elif ((DRY)); then
     step gpu-tests-collect 120 "${PYTEST[@]}" -m gpu --collect-only tests/
@@ -149,7 +160,9 @@ BENCHES=(
 for entry in "${BENCHES[@]}"; do
     IFS='|' read -r name limit cmd dry_args <<< "$entry"
     script=${cmd%% *}
-    if ((DRY)); then
+    if ! wanted "$name"; then
+        continue
+    elif ((DRY)); then
         step "$name-dry" 240 env -u PYTHONSAFEPATH "$PY" $script $dry_args --out "$OUT"
     else
         step "$name" "$limit" env -u PYTHONSAFEPATH "$PY" $cmd --out "$OUT"
@@ -157,7 +170,9 @@ for entry in "${BENCHES[@]}"; do
 done
 
 # -- the CPU-interpreter kernel tests, compiled this time (they run on CUDA tensors when a GPU exists) -------------
-if ((DRY)); then
+if ! wanted triton-tests-compiled; then
+    :
+elif ((DRY)); then
     skip "compiled kernel tests" "dry run: tests/test_kernels_triton.py runs in CI under the interpreter"
 elif ((PYTEST_OK)); then
     step triton-tests-compiled 80 "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py

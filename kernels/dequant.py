@@ -183,10 +183,13 @@ def dequantize(
     num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """Launcher: the weight of `shape` in `dtype` from its packed codes; arguments as torch_path.dequantize (the
-    keywords are launch settings, for tuning: a power of two >= blocksize elements per program, and warps)."""
+    keywords are launch settings, for tuning: a power of two of elements per program, at least one block each,
+    and a power of two of warps up to 32)."""
     check_triton_device(packed, "packed")
     if elements_per_program < 1 or elements_per_program & (elements_per_program - 1):
         raise ValueError(f"elements_per_program must be a power of two, got {elements_per_program}")
+    if num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
     n = math.prod(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     rows = max(1, elements_per_program // blocksize)

@@ -39,6 +39,18 @@ def test_dry_run_runs_every_step_and_writes_results(tmp_path):
     assert step["points"] and all(p[side]["tokens_per_s"]["median"] > 0 for p in step["points"] for side in ("ours", "peer"))
 
 
+def test_only_runs_the_named_steps(tmp_path):
+    """--only lets a short GPU slot run what is missing first; every step left out is named in the summary."""
+    out = tmp_path / "gpu-results"
+    proc = run(str(out), "--dry-run", "--only", "tests", "--python", sys.executable)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = (out / "summary.txt").read_text()
+    assert "OK       gpu-tests-collect" in summary
+    for name in ("bench-kernels", "bench-qlora-step", "triton-tests-compiled"):
+        assert f"SKIPPED  {name}: not in --only tests" in summary
+    assert "bench-kernels-dry" not in summary and not (out / "kernels-cpu-quick.json").exists()
+
+
 def test_usage_errors():
     proc = run(timeout=60)
     assert proc.returncode == 2 and "RESULTS_DIR" in proc.stdout
@@ -46,3 +58,5 @@ def test_usage_errors():
     assert proc.returncode == 2 and "one RESULTS_DIR only" in proc.stderr
     proc = run("a", "--frobnicate", timeout=60)
     assert proc.returncode == 2 and "unknown option --frobnicate" in proc.stderr
+    proc = run("a", "--only", "tests,benchmarks", timeout=60)
+    assert proc.returncode == 2 and "unknown step 'benchmarks' in --only" in proc.stderr

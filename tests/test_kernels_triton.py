@@ -84,6 +84,8 @@ def test_dequantize_launch_settings_are_checked():
     packed, state = quantized((8, 64))
     with pytest.raises(ValueError, match="elements_per_program must be a power of two, got 3000"):
         dequant.dequantize(*state_args(packed, state), torch.float32, elements_per_program=3000)
+    with pytest.raises(ValueError, match="num_warps must be a power of two from 1 to 32, got 6"):
+        dequant.dequantize(*state_args(packed, state), torch.float32, num_warps=6)
 
 
 # -- fused forward and grad-input -----------------------------------------------------------------------------------
