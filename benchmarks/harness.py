@@ -101,12 +101,7 @@ def environment_block(*packages: str) -> str:
 
 def write_results(name: str, markdown: str, data: dict | None = None) -> Path:
     """Write benchmarks/results/<name>.md (and .json if data is given); returns the markdown path."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    md = RESULTS / f"{name}.md"
-    md.write_text(markdown.rstrip() + "\n")
-    if data is not None:
-        (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    return md
+    return write_results_in(RESULTS, name, markdown, data)
 
 
 def write_results_in(directory: str | os.PathLike, name: str, markdown: str, data: dict | None = None) -> Path:

@@ -59,6 +59,18 @@ def test_bench_qlora_step_writes_both_sides(tiny_model, tmp_path):
     assert (tmp_path / "qlora-step-cpu.png").stat().st_size > 0
 
 
+def test_bench_lora_cpu_compares_three_layers(tmp_path):
+    run_script("bench_lora_cpu.py", "--tokens", "64", "--dim", "128", "--rank", "4", "--repeat", "3", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "lora-cpu.json").read_text())
+    assert set(data["timings_s"]) == {"ours (Linear4bit + LoRALinear)", "bitsandbytes Linear4bit + PEFT LoRA",
+                                      "bf16 nn.Linear + LoRALinear (floor)"}  # fmt: skip
+    assert all(len(t["samples"]) == 3 and t["median"] > 0 for t in data["timings_s"].values())
+    paired = data["paired_speedup"]
+    assert paired["n"] == 3 and paired["q1"] <= paired["median"] <= paired["q3"]
+    assert data["max_abs_diff"] < 0.1  # the same NF4 bytes on both sides, B = 0: the base outputs agree in bf16
+    assert "Turn by turn" in (tmp_path / "lora-cpu.md").read_text()
+
+
 def test_quality_matches_bitsandbytes(tiny_model, tmp_path):
     run_script("quality.py", "--model", tiny_model, "--tokens", "128", "--seq-len", "64", "--stride", "32",
                "--blocksizes", "32", "--out", str(tmp_path))  # fmt: skip
