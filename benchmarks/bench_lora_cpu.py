@@ -180,7 +180,7 @@ def main():
         f"steps timed back to back, {paired['n']} pairs): median {paired['median']:.2f}x, quartiles "
         f"{paired['q1']:.2f}x .. {paired['q3']:.2f}x. "
         + ("Both estimates meet the target." if min(speedup, paired["median"]) >= 1.3 else
-           f"Not met: {min(speedup, paired['median']):.2f}x by the lower of the two estimates."),
+           f"Not met: {min(speedup, paired['median']):.3f}x by the lower of the two estimates."),
         "",
         "## Where the time goes",
         "",

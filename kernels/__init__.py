@@ -6,6 +6,6 @@ eager autograd.Function; checked public entry points in dispatch.py.
 """
 
 from .backend import backend_for
-from .dispatch import dequantize, matmul_4bit
+from .dispatch import dequantize, matmul_4bit, matmul_4bit_grad_input
 
-__all__ = ["dequantize", "matmul_4bit", "backend_for"]
+__all__ = ["dequantize", "matmul_4bit", "matmul_4bit_grad_input", "backend_for"]

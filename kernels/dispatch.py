@@ -16,7 +16,7 @@ from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE
 from . import ops
 from .backend import BACKENDS, backend_for
 
-__all__ = ["dequantize", "matmul_4bit", "backend_for", "BACKENDS"]
+__all__ = ["dequantize", "matmul_4bit", "matmul_4bit_grad_input", "backend_for", "BACKENDS"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -61,6 +61,25 @@ def dequantize(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | Non
     return ops.dequantize_impl(*state_args(packed, state), dtype)
 
 
+def _check_operand(t: torch.Tensor, name: str, packed: torch.Tensor, state: QuantState, features: str) -> tuple:
+    """Check a matmul operand against a 2-D state: its last dimension is the weight's `features` ("in_features"
+    for x, "out_features" for dy), on packed's device. Returns (N, K)."""
+    _check_float(t, name)
+    _check_state(packed, state)
+    if len(state.shape) != 2:
+        raise ValueError(f"state must describe a 2-D weight (out_features, in_features), got shape {tuple(state.shape)}")
+    N, K = state.shape
+    size = K if features == "in_features" else N
+    if t.dim() == 0 or t.shape[-1] != size:
+        raise ValueError(
+            f"{name} has shape {tuple(t.shape)} but the weight is {N}x{K}: {name}'s last dimension must be "
+            f"{features}={size}"
+        )
+    if t.device != packed.device:
+        raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}: move both to one device")
+    return N, K
+
+
 def matmul_4bit(
     x: torch.Tensor, packed: torch.Tensor, state: QuantState, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -69,17 +88,7 @@ def matmul_4bit(
     W is used in x.dtype, as F.linear(x, dequantize(packed, state, x.dtype), bias) would; bias may be any float
     dtype (the GEMV and fused kernels add it in float32, the other paths cast it to x.dtype first).
     """
-    _check_float(x, "x")
-    _check_state(packed, state)
-    if len(state.shape) != 2:
-        raise ValueError(f"state must describe a 2-D weight (out_features, in_features), got shape {tuple(state.shape)}")
-    N, K = state.shape
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(
-            f"x has shape {tuple(x.shape)} but the weight is {N}x{K}: x's last dimension must be in_features={K}"
-        )
-    if x.device != packed.device:
-        raise ValueError(f"x is on {x.device} but packed is on {packed.device}: move both to one device")
+    N, K = _check_operand(x, "x", packed, state, features="in_features")
     if bias is not None:
         _check_float(bias, "bias")
         if bias.shape != (N,):
@@ -89,3 +98,12 @@ def matmul_4bit(
     if torch.compiler.is_compiling():  # the custom op: opaque to torch.compile, no graph break
         return ops.matmul_4bit(x, *state_args(packed, state), bias)
     return ops.Matmul4bit.apply(x, bias, *state_args(packed, state))
+
+
+def matmul_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """dy (..., N) @ dequant(W (N, K)) -> (..., K) in dy.dtype: matmul_4bit's input gradient, for code that writes
+    its own backward around a 4-bit layer (lora/lora.py fuses the adapter's gradient into it). Not differentiable."""
+    _check_operand(dy, "dy", packed, state, features="out_features")
+    if torch.compiler.is_compiling():
+        return ops.matmul_4bit_grad_input(dy, *state_args(packed, state))
+    return ops.grad_input_impl(dy, *state_args(packed, state))

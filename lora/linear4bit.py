@@ -157,13 +157,17 @@ class Linear4bit(nn.Module):
             raise ValueError(f"x must have shape (..., {self.in_features}), got {tuple(x.shape)}")
         if x.dtype not in _COMPUTE_DTYPES:
             raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-        device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = out_dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype, out_dtype = self.compute_dtype or x.dtype, x.dtype
+        dtype, out_dtype = self.dtypes_for(x)
         y = matmul_4bit(x.to(dtype), self.weight, self.quant_state, self.bias)
         return y.to(out_dtype)
+
+    def dtypes_for(self, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+        """(compute dtype, output dtype) of forward(x): the autocast dtype for both under autocast, else
+        compute_dtype (default x.dtype) and x.dtype."""
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type), torch.get_autocast_dtype(device_type)
+        return self.compute_dtype or x.dtype, x.dtype
 
     # -- moving ----------------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):

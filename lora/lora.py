@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nf4lora.kernels import matmul_4bit_grad_input
 from nf4lora.nf4 import max_abs_error, quantize_4bit, relative_error
 
 from .linear4bit import Linear4bit
@@ -33,6 +34,47 @@ def check_lora_args(r, alpha, dropout, init="kaiming") -> None:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+class _FrozenBaseLoRA(torch.autograd.Function):
+    """y = base(x) + (x @ A.T) @ (scaling * B).T for a frozen base without dropout, with the adapter's products
+    added into tensors the base makes anyway: into its output in forward (y.addmm_) and into its input gradient
+    in backward (dx.addmm_). Autograd's path gives the adapter its own (tokens, in_features) input gradient and
+    adds it to the base's in a separate pass. At x [4096, 4096] bf16 on the 2-core CPU VM the adapter cost
+    53 ms over the frozen layer's 702 ms; the fresh tensors and the passes over them were 22 ms of it (a fresh
+    32 MiB tensor is a new mmap for glibc, every page of which faults on first write). Gradients are the same
+    products autograd computes (PEFT's order of operations), so results agree to rounding."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, scaling, base):
+        y = base(x)  # the base's own dtype rules (autocast, compute_dtype); LoRALinear._fusable checked them
+        dtype = y.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)  # (r, in), (out, r)
+        h = x2 @ a.t()  # (tokens, r)
+        y.view(-1, y.shape[-1]).addmm_(h, b.t())
+        ctx.save_for_backward(x2, a, b, h)
+        ctx.base, ctx.scaling, ctx.dtypes = base, scaling, (x.dtype, lora_a.dtype, lora_b.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, a, b, h = ctx.saved_tensors
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(a.dtype)
+        dh = dy2 @ b  # (tokens, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            base = ctx.base
+            if isinstance(base, Linear4bit):
+                grad_x = matmul_4bit_grad_input(dy2, base.weight, base.quant_state)
+            else:
+                grad_x = dy2 @ base.weight.to(dy2.dtype)
+            grad_x = grad_x.addmm_(dh, a).view(*dy.shape[:-1], a.shape[1]).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_a = (dh.t() @ x2).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[2]:  # b = (B * scaling).to(dtype): cast back, then the product rule's * scaling
+            grad_b = (h.t() @ dy2).t().to(ctx.dtypes[2]) * ctx.scaling
+        return grad_x, grad_a, grad_b, None, None
 
 
 class LoRALinear(nn.Module):
@@ -91,6 +133,8 @@ class LoRALinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.merged and self._fusable(x):
+            return _FrozenBaseLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.base_layer)
         y = self.base_layer(x)
         if self.merged:
             return y
@@ -101,6 +145,20 @@ class LoRALinear(nn.Module):
         b = (self.lora_B.weight * self.scaling).to(dtype)  # (out, r)
         out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, self.r), b.t())
         return out.view(y.shape)
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Whether _FrozenBaseLoRA can serve this call: no active dropout, a frozen Linear4bit or nn.Linear base
+        that computes in its output dtype, and eager mode (under torch.compile the plain path is traced and
+        fused by the compiler)."""
+        base = self.base_layer
+        if (self.training and self.dropout > 0) or torch.compiler.is_compiling():
+            return False
+        if type(base) not in (Linear4bit, nn.Linear) or any(p.requires_grad for p in base.parameters()):
+            return False
+        if type(base) is Linear4bit:
+            compute, out = base.dtypes_for(x)
+            return compute == out
+        return True
 
     # -- merging -------------------------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

@@ -85,6 +85,91 @@ def test_forward_and_grads_match_peft(use_rslora):
         assert torch.allclose(layer.lora_B.weight.grad, ref_layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
 
 
+def _peft_pair(dtype, base_kind):
+    """Our LoRALinear on a frozen base (4-bit computing in `dtype`, or dense in `dtype`) and PEFT's LoRA on an
+    nn.Linear holding the same weight (the dequantized 4-bit one), with the same non-zero A and B."""
+    torch.manual_seed(5)
+    linear = nn.Linear(64, 96)
+    base = Linear4bit.from_linear(linear, compute_dtype=dtype) if base_kind == "4bit" else copy.deepcopy(linear).to(dtype)
+    dense = copy.deepcopy(linear).to(dtype)
+    if base_kind == "4bit":
+        with torch.no_grad():
+            dense.weight.copy_(base.dequantize(dtype))
+    base.requires_grad_(False)
+    ours = LoRALinear(base, r=4, alpha=8)
+    ref = peft.get_peft_model(nn.Sequential(dense), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    ref_layer = ref.base_model.model[0]
+    with torch.no_grad():
+        ours.lora_B.weight.copy_(torch.randn(96, 4) * 0.1)
+        ref_layer.lora_A["default"].weight.copy_(ours.lora_A.weight)
+        ref_layer.lora_B["default"].weight.copy_(ours.lora_B.weight)
+    return ours, ref, ref_layer
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "4bit"])
+def test_fused_adapter_matches_peft_with_input_gradient(base_kind):
+    """The frozen-base fast path (adapter products added into the base's output and input gradient in place)
+    against PEFT in float32: output, x.grad and the adapter gradients."""
+    ours, ref, ref_layer = _peft_pair(torch.float32, base_kind)
+    x = torch.randn(3, 7, 64)
+    dy = torch.randn(3, 7, 96)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = ours(x_ours)
+    assert y.grad_fn.name() == "_FrozenBaseLoRABackward"  # the path under test
+    y_ref = ref(x_ref)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, **FP32_TOL)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad, **FP32_TOL)
+    for name in ("lora_A", "lora_B"):
+        want = getattr(ref_layer, name)["default"].weight.grad
+        torch.testing.assert_close(getattr(ours, name).weight.grad, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "4bit"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_adapter_in_bf16_is_autograds_path_up_to_one_rounding(base_kind, autocast, monkeypatch):
+    """In bf16 (a bf16 model, or float32 under bf16 autocast) the fast path computes autograd's products; only
+    x.grad differs, by the rounding of one sum (dx = dy @ W + dh @ A rounded once instead of twice)."""
+    ours, _, _ = _peft_pair(torch.float32 if autocast else torch.bfloat16, base_kind)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    x, dy = torch.randn(3, 7, 64, dtype=dtype), torch.randn(3, 7, 96, dtype=torch.bfloat16)
+
+    def run():
+        ours.zero_grad()
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = ours(xg)
+        y.backward(dy)
+        return y.grad_fn.name(), y, xg.grad, ours.lora_A.weight.grad, ours.lora_B.weight.grad
+
+    fused = run()
+    monkeypatch.setattr(LoRALinear, "_fusable", lambda self, x: False)
+    plain = run()
+    assert fused[0] == "_FrozenBaseLoRABackward" != plain[0]
+    for got, want in zip(fused[1:], plain[1:]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(fused[1], plain[1]) and torch.equal(fused[3], plain[3]) and torch.equal(fused[4], plain[4])
+    torch.testing.assert_close(fused[2], plain[2], rtol=2**-7, atol=2**-7)  # one bf16 rounding
+
+
+def test_fused_adapter_serves_only_what_it_can():
+    """The fast path needs a frozen base and no active dropout; everything else takes autograd's path."""
+    ours, _, _ = _peft_pair(torch.float32, "4bit")
+    x = torch.randn(4, 64)
+    assert ours(x).grad_fn.name() == "_FrozenBaseLoRABackward"
+    with_dropout = LoRALinear(ours.base_layer, r=4, alpha=8, dropout=0.1)
+    assert with_dropout.train()(x).grad_fn.name() != "_FrozenBaseLoRABackward"
+    assert with_dropout.eval()(x).grad_fn.name() == "_FrozenBaseLoRABackward"  # dropout is off in eval
+    trainable = LoRALinear(nn.Linear(64, 96), r=4, alpha=8)  # the base's own weight trains too
+    assert trainable(x).grad_fn.name() != "_FrozenBaseLoRABackward"
+    x_only = x.clone().requires_grad_()
+    ours.lora_A.weight.requires_grad_(False)
+    ours.lora_B.weight.requires_grad_(False)
+    ours(x_only).sum().backward()  # gradient for x alone
+    assert x_only.grad is not None and ours.lora_A.weight.grad is None
+
+
 def test_quantize_model_and_only_lora_trains():
     model = _mlp()
     quantized = quantize_model(model, blocksize=128, quant_type="fp4", double_quant=False)
