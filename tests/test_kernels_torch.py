@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nf4lora.kernels import backend_for, dequantize, matmul_4bit
+from nf4lora.kernels import backend_for, dequantize, matmul_4bit, matmul_4bit_grad_input
 from nf4lora.kernels import torch_path
 from nf4lora.kernels.dispatch import state_args
 from nf4lora.nf4 import dequantize_4bit, quantize_4bit
@@ -285,3 +285,19 @@ def test_bad_input_shapes():
     flat_packed, flat_state = quantized((128,))
     with pytest.raises(ValueError, match=r"state must describe a 2-D weight .* got shape \(128,\)"):
         matmul_4bit(torch.randn(2, 128), flat_packed, flat_state)
+
+
+def test_grad_input_entry_point_matches_autograd_and_checks_its_input():
+    """kernels.matmul_4bit_grad_input (for hand-written backwards) is dy @ W, exactly what matmul_4bit's
+    backward gives x, and checks dy as matmul_4bit checks x."""
+    packed, state = quantized((8, 16), blocksize=32, double_quant=True)
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(3, 8, dtype=torch.bfloat16)
+    matmul_4bit(x, packed, state).backward(dy)
+    assert torch.equal(matmul_4bit_grad_input(dy, packed, state), x.grad)
+    with pytest.raises(ValueError, match=r"dy has shape \(3, 16\) but the weight is 8x16.*out_features=8"):
+        matmul_4bit_grad_input(torch.randn(3, 16), packed, state)
+    with pytest.raises(TypeError, match="dy must be float32, float16 or bfloat16"):
+        matmul_4bit_grad_input(torch.ones(3, 8, dtype=torch.int32), packed, state)
+    with pytest.raises(ValueError, match="dy is on meta but packed is on cpu"):
+        matmul_4bit_grad_input(torch.randn(3, 8, device="meta"), packed, state)
