@@ -30,18 +30,19 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h)
+        ignored = torch.nonzero(y == IGNORE_INDEX).flatten()  # usually none: rows are zeroed, not masked
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, h.shape[0], chunk_tokens):
                 hc, yc = h[start : start + chunk_tokens].to(compute_dtype), y[start : start + chunk_tokens]
-                logits = (hc @ w.T).float()  # (c, V)
-                valid = yc != IGNORE_INDEX
                 target = yc.clamp(min=0)
-                lse = torch.logsumexp(logits, dim=1)  # (c,)
-                total += ((lse - logits.gather(1, target[:, None])[:, 0]) * valid).sum()
-                # d CE / d logits = softmax - one_hot(target); zero on ignored rows. Reuses the logits buffer.
-                grad = logits.sub_(lse[:, None]).exp_()
+                skip = ignored[(ignored >= start) & (ignored < start + len(yc))] - start
+                # one fused kernel reads the compute-dtype logits and writes float32 log-probabilities (c, V)
+                logp = torch.log_softmax(hc @ w.T, dim=1, dtype=torch.float32)
+                total -= logp.gather(1, target[:, None])[:, 0].index_fill_(0, skip, 0).sum()
+                # d CE / d logits = softmax - one_hot(target); zero on ignored rows. Reuses the logp buffer.
+                grad = logp.exp_()
                 grad[torch.arange(len(yc), device=h.device), target] -= 1
-                grad *= valid[:, None]
+                grad.index_fill_(0, skip, 0)
                 grad_h[start : start + chunk_tokens] = grad.to(compute_dtype) @ w
         ctx.save_for_backward(grad_h)
         return total
