@@ -1,15 +1,16 @@
 """The torch path: 4-bit dequantization and the two matmuls of a 4-bit linear layer, in plain torch (CPU tensors).
 
 Results are bit-identical to nf4.dequantize_4bit (tests/test_kernels_torch.py checks it); the work is organised
-for speed instead of clarity. Per chunk of CHUNK_ELEMENTS elements, three torch calls:
+for speed instead of clarity. Per chunk of CHUNK_ELEMENTS elements, four torch calls into per-thread scratch
+buffers (no fresh tensor, so no page faults):
 
-1. the packed bytes to int32 (index_select's index type);
+1. the packed bytes copied to int32 (index_select's index type);
 2. one gather per *byte* from a 256-entry table whose entries are the byte's two float32 code values viewed as
    one int64 (half the gathers of one per element);
-3. one multiply by the block scales whose `out=` is the result in the output dtype: torch computes the float32
-   product and rounds it once into bf16/fp16, exactly the specification's float32(code * scale).to(dtype)
-   (internally TensorIterator still writes a float32 temporary and copies it out; a separate mul_ and copy_
-   cost the same and read worse).
+3. the multiply by the block scales, in float32, in place;
+4. one copy into the output dtype, which rounds each float32 product once: exactly the specification's
+   float32(code * scale).to(dtype). (torch.mul with a bf16 `out=` does the same through a hidden float32
+   temporary of its own.)
 
 Chunks bound the float32 temporaries (4 MiB) and are large enough for torch's own intra-op threads to split
 each call. Measured on the 2-core CI VM (idle), NF4+DQ -> bf16: 576x576 in 0.16-0.25 ms, 1536x576 in 0.38-0.48
@@ -114,23 +115,48 @@ def dequantize(
     out = out.view(-1)
     src, table = packed.reshape(-1), _pair_table(code)
     scales = block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize)
+    # The chunk's temporaries live in this thread's scratch: fresh multi-MiB tensors page-fault on first write
+    # whenever malloc has handed their memory back to the OS (see _scratch).
+    n_bytes = (min(n, chunk) + 1) // 2
+    codes = _scratch("codes", n_bytes * 4, packed.device).view(torch.int32)
+    pairs = _scratch("pairs", n_bytes * 8, packed.device).view(torch.int64)
     for start in range(0, n, chunk):  # chunk is a multiple of blocksize: only the last block can be partial
         end = min(n, start + chunk)
-        pairs = torch.index_select(table, 0, src[start // 2 : (end + 1) // 2].to(torch.int32))
-        values = pairs.view(torch.float32)[: end - start]  # an odd n leaves the pad nibble out
+        count = (end - start + 1) // 2
+        codes[:count].copy_(src[start // 2 : start // 2 + count])
+        torch.index_select(table, 0, codes[:count], out=pairs[:count])
+        values = pairs[:count].view(torch.float32)[: end - start]  # an odd n leaves the pad nibble out
         full = (end - start) // blocksize * blocksize
         first = start // blocksize
+        # float32 output takes the product directly; a 16-bit one gets the float32 product (in place, in the
+        # scratch) rounded once into it
+        target = out[start:end] if dtype == torch.float32 else values
         torch.mul(
             values[:full].view(-1, blocksize),
             scales[first : first + full // blocksize, None],
-            out=out[start : start + full].view(-1, blocksize),
+            out=target[:full].view(-1, blocksize),
         )
         if full < end - start:
-            torch.mul(values[full:], scales[first + full // blocksize], out=out[start + full : end])
+            torch.mul(values[full:], scales[first + full // blocksize], out=target[full:])
+        if target is values:
+            out[start:end].copy_(values)  # float32 -> bf16/fp16, round to nearest even
     return out.view(shape)
 
 
 _workspace = threading.local()
+
+
+def _scratch(name: str, nbytes: int, device: torch.device) -> torch.Tensor:
+    """At least `nbytes` bytes (uint8) of this thread's buffer `name`, kept for reuse by later calls.
+
+    A fresh 32 MiB or larger tensor is a new mmap for glibc malloc, and smaller ones come back from the OS too
+    once malloc trims its heap: writing them first page-faults every 4 KiB page. Reused buffers never fault
+    again. Each buffer keeps the largest size asked for, for the thread's lifetime."""
+    buf = getattr(_workspace, name, None)
+    if buf is None or buf.numel() < nbytes or buf.device != device:
+        buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        setattr(_workspace, name, buf)
+    return buf[:nbytes]
 
 
 def _scratch_weight(state: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -140,11 +166,7 @@ def _scratch_weight(state: tuple, dtype: torch.dtype) -> torch.Tensor:
     one for 4096x4096, 49-54 ms and 24 ms for 11008x4096 (2-core VM, same process). The workspace keeps the largest
     weight seen, in the largest dtype asked for, for the thread's lifetime: about one layer's 16-bit weight."""
     shape, device = state[-1], state[0].device
-    nbytes = math.prod(shape) * dtype.itemsize
-    buf = getattr(_workspace, "buffer", None)
-    if buf is None or buf.numel() < nbytes or buf.device != device:
-        buf = _workspace.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return dequantize(*state, dtype, out=buf[:nbytes].view(dtype))
+    return dequantize(*state, dtype, out=_scratch("weight", math.prod(shape) * dtype.itemsize, device).view(dtype))
 
 
 def matmul(x: torch.Tensor, bias: torch.Tensor | None, *state) -> torch.Tensor:

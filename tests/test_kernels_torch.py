@@ -126,7 +126,7 @@ def test_matmuls_share_one_workspace_and_results_do_not_alias_it(monkeypatch):
         args = state_args(packed, state)
         y, dx = torch_path.matmul(x, None, *args), torch_path.matmul_grad_input(dy, *args)
         w = dequantize_4bit(packed, state, dtype)
-        buffer = torch_path._workspace.buffer
+        buffer = torch_path._workspace.weight
         for t in (y, dx):
             assert t.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
         results.append((y, dx, x @ w.T, dy @ w))
