@@ -5,6 +5,10 @@ path in torch_path.py; in ops.py the rule that picks a kernel, the torch custom 
 eager autograd.Function; checked public entry points in dispatch.py.
 """
 
+from nf4lora import _require_part
+
+_require_part(__name__, "kernels")
+
 from .backend import backend_for
 from .dispatch import dequantize, matmul_4bit, matmul_4bit_grad_input
 
