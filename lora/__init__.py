@@ -1,9 +1,5 @@
 """Linear4bit + LoRA: drop-in modules, model surgery (quantize / add / merge) and PEFT-format adapters."""
 
-from nf4lora import _require_part
-
-_require_part(__name__, "lora")
-
 from .adapter import load_adapter, save_adapter
 from .linear4bit import Linear4bit
 from .lora import LoRALinear

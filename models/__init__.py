@@ -1,10 +1,6 @@
 """A LLaMA-family model that loads Hugging Face checkpoints straight into 4-bit, its tokenizers, generation and
 GGUF import."""
 
-from nf4lora import _require_part
-
-_require_part(__name__, "models")
-
 from .config import LlamaConfig
 from .generate import generate
 from .gguf_import import convert_gguf

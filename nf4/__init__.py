@@ -3,10 +3,6 @@
 Everything else in nf4lora (Triton kernels, Linear4bit, loaders) is tested against these functions.
 """
 
-from nf4lora import _require_part
-
-_require_part(__name__, "nf4")
-
 from .codebooks import BLOCKSIZES, DYNAMIC_MAP, FP4_CODE, NF4_CODE, QUANT_TYPES
 from .metrics import bits_per_parameter, error_report, max_abs_error, mse, relative_error, sqnr_db
 from .quantize import dequantize_4bit, quantize_4bit

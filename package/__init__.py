@@ -7,16 +7,8 @@ nf4lora.models and nf4lora.train.
 __version__ = "0.1.0"
 
 
-def _require_part(name: str, part: str) -> None:
-    """Refuse to import a subpackage's folder under any name but nf4lora.<part>.
 
-    With the checkout's root on sys.path (`python -m pytest` or `python -c` run there), its folders `kernels`,
-    `models`, `lora`, ... are also top-level packages, and another library's `import kernels` (bitsandbytes looks
-    for Hugging Face's `kernels` package when it is imported) would run our code a second time. For kernels/
-    that is fatal: registering the nf4lora:: torch custom ops again frees the first registration, and
-    torch.compile then crashes in the freed operator (seen as intermittent segfaults in the test suite)."""
-    if name != f"nf4lora.{part}":
-        raise ImportError(
-            f"{part}/ is nf4lora's and imports only as nf4lora.{part}, not as {name!r}: the nf4lora checkout's root "
-            "is on sys.path (run from another directory, or with python -P)"
-        )
+def _imported_as(name: str, part: str) -> bool:
+    """Whether a subpackage's __init__ runs under its own name, nf4lora.<part>, rather than as a top-level package
+    found because the nf4lora checkout's root is on sys.path (`python -m pytest` or `python -c` run there)."""
+    return name == f"nf4lora.{part}"

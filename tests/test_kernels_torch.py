@@ -305,24 +305,22 @@ def test_grad_input_entry_point_matches_autograd_and_checks_its_input():
         matmul_4bit_grad_input(torch.randn(3, 8, device="meta"), packed, state)
 
 
-def test_checkout_folders_import_only_as_nf4lora_parts():
-    """With the checkout's root on sys.path (`python -c` or `python -m pytest` run there), its folders must not
-    import as top-level packages: bitsandbytes runs `from kernels import get_kernel` when imported, which ran
-    nf4lora's kernels a second time, and registering the nf4lora:: custom ops again freed the first registration
-    (torch.compile then crashed now and then in test_torch_compile_fullgraph_matches_eager)."""
+def test_kernels_runs_only_as_nf4lora_kernels():
+    """With the checkout's root on sys.path (`python -c` or `python -m pytest` run there), kernels/ is also a
+    top-level package "kernels", which bitsandbytes and transformers both try to import (they look for Hugging
+    Face's package of that name). That ran nf4lora's kernels a second time, and registering the nf4lora:: custom
+    ops again freed the first registration (torch.compile then crashed now and then in
+    test_torch_compile_fullgraph_matches_eager). Under a foreign name the folder must stay an empty module."""
     code = "\n".join([
-        "import sys, nf4lora.kernels",
-        "for part in ('kernels', 'lora', 'models', 'nf4', 'train'):",
-        "    try:",
-        "        __import__(part)",
-        "    except ImportError as e:",
-        "        print('refused:', e)",
-        "import bitsandbytes",
-        "print('stray:', sorted(m for m in sys.modules if m.split('.')[0] in ('kernels', 'lora', 'models', 'nf4', 'train')))",
+        "import sys, torch, nf4lora.kernels",
+        "import kernels, bitsandbytes, transformers.integrations.hub_kernels",
+        "print('top-level kernels:', sorted(n for n in vars(kernels) if not n.startswith('_')))",
+        "print('stray:', sorted(m for m in sys.modules if m.startswith('kernels.')))",
+        "from nf4lora.kernels import matmul_4bit",  # the first registration still works
+        "print(torch.ops.nf4lora.matmul_4bit.default._schema.name)",
     ])  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for part in ("kernels", "lora", "models", "nf4", "train"):
-        assert f"refused: {part}/ is nf4lora's and imports only as nf4lora.{part}" in proc.stdout
-    assert "stray: []" in proc.stdout
+    assert "top-level kernels: []" in proc.stdout and "stray: []" in proc.stdout
+    assert "nf4lora::matmul_4bit" in proc.stdout

@@ -1,9 +1,5 @@
 """Training: JSONL data with prompt masking and packing, CPU-paged AdamW, the resumable loop, the `nf4lora` CLI."""
 
-from nf4lora import _require_part
-
-_require_part(__name__, "train")
-
 from .config import TrainConfig
 from .loop import TrainResult, train
 from .optim import PagedAdamW
