@@ -253,15 +253,20 @@ def test_bad_state_dicts_are_refused_with_the_key():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_layer_with_lora_matches_the_cpu_layer():
+@pytest.mark.parametrize("frozen_base", [False, True], ids=["trainable_bias", "frozen_base"])
+def test_cuda_layer_with_lora_matches_the_cpu_layer(frozen_base):
     """.to("cuda") moves the packed weight and every state tensor; the Triton path then computes what the CPU
-    path does, up to fp32 summation order before the one bf16 rounding (tolerance: 2 bf16 ulps of max |y|)."""
+    path does, up to fp32 summation order before the one bf16 rounding (tolerance: 2 bf16 ulps of max |y|).
+    A frozen base takes LoRALinear's fused path (matmul_4bit_grad_input in backward), a trainable bias autograd's."""
     from nf4lora.lora import LoRALinear
 
     cpu = LoRALinear(Linear4bit.from_linear(_linear(seed=10), compute_dtype=torch.bfloat16), r=4, alpha=8)
+    cpu.base_layer.requires_grad_(not frozen_base)
     with torch.no_grad():
         cpu.lora_B.weight.normal_()
     gpu = copy.deepcopy(cpu).to("cuda")
+    fused = gpu(torch.randn(2, IN, dtype=torch.bfloat16, device="cuda")).grad_fn.name() == "_FrozenBaseLoRABackward"
+    assert fused == frozen_base
     state = gpu.base_layer.quant_state
     assert gpu.base_layer.weight.is_cuda and state.absmax.is_cuda and state.code.is_cuda
     assert state.nested.absmax.is_cuda and state.nested.code.is_cuda and state.offset.is_cuda
