@@ -5,13 +5,11 @@ path in torch_path.py; in ops.py the rule that picks a kernel, the torch custom 
 eager autograd.Function; checked public entry points in dispatch.py.
 """
 
-from nf4lora import _imported_as
-
 # Run only as nf4lora.kernels. Found through sys.path as a top-level "kernels" (the checkout's root on sys.path,
 # and bitsandbytes and transformers both look for Hugging Face's "kernels" package on import), this module stays
 # empty: running it again would register the nf4lora:: torch custom ops a second time, which frees the first
 # registration, and torch.compile then crashes in the freed operator.
-if _imported_as(__name__, "kernels"):
+if __name__ == "nf4lora.kernels":
     from .backend import backend_for
     from .dispatch import dequantize, matmul_4bit, matmul_4bit_grad_input
 

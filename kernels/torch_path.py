@@ -160,11 +160,10 @@ def _scratch(name: str, nbytes: int, device: torch.device) -> torch.Tensor:
 
 
 def _scratch_weight(state: tuple, dtype: torch.dtype) -> torch.Tensor:
-    """W dequantized into this thread's workspace: a buffer reused by every matmul below, for a weight that lives
-    only inside one call. A fresh 32 MiB or larger tensor is a new mmap for glibc malloc, and writing it first
-    page-faults every 4 KiB page: NF4+DQ -> bf16 took 19.5-19.9 ms into a new tensor and 9.4 ms into the reused
-    one for 4096x4096, 49-54 ms and 24 ms for 11008x4096 (2-core VM, same process). The workspace keeps the largest
-    weight seen, in the largest dtype asked for, for the thread's lifetime: about one layer's 16-bit weight."""
+    """W dequantized into this thread's "weight" scratch, reused by every matmul below, for a weight that lives
+    only inside one call: about one layer's 16-bit weight kept for the thread's lifetime. NF4+DQ -> bf16 took
+    19.5-19.9 ms into a new tensor and 9.4 ms into the reused one for 4096x4096, 49-54 ms and 24 ms for 11008x4096
+    (2-core VM, same process)."""
     shape, device = state[-1], state[0].device
     return dequantize(*state, dtype, out=_scratch("weight", math.prod(shape) * dtype.itemsize, device).view(dtype))
 

@@ -133,7 +133,7 @@ class LoRALinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.merged and self._fusable(x):
+        if self._fusable(x):
             return _FrozenBaseLoRA.apply(x, self.lora_A.weight, self.lora_B.weight, self.scaling, self.base_layer)
         y = self.base_layer(x)
         if self.merged:
@@ -147,11 +147,11 @@ class LoRALinear(nn.Module):
         return out.view(y.shape)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """Whether _FrozenBaseLoRA can serve this call: no active dropout, a frozen Linear4bit or nn.Linear base
-        that computes in its output dtype, and eager mode (under torch.compile the plain path is traced and
-        fused by the compiler)."""
+        """Whether _FrozenBaseLoRA can serve this call: an unmerged adapter, no active dropout, a frozen Linear4bit
+        or nn.Linear base that computes in its output dtype, and eager mode (under torch.compile the plain path is
+        traced and fused by the compiler)."""
         base = self.base_layer
-        if (self.training and self.dropout > 0) or torch.compiler.is_compiling():
+        if self.merged or (self.training and self.dropout > 0) or torch.compiler.is_compiling():
             return False
         if type(base) not in (Linear4bit, nn.Linear) or any(p.requires_grad for p in base.parameters()):
             return False

@@ -5,10 +5,3 @@ nf4lora.models and nf4lora.train.
 """
 
 __version__ = "0.1.0"
-
-
-
-def _imported_as(name: str, part: str) -> bool:
-    """Whether a subpackage's __init__ runs under its own name, nf4lora.<part>, rather than as a top-level package
-    found because the nf4lora checkout's root is on sys.path (`python -m pytest` or `python -c` run there)."""
-    return name == f"nf4lora.{part}"
