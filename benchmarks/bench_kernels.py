@@ -217,12 +217,16 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
 
     # The dequantize launch settings (dequant.ELEMENTS_PER_PROGRAM, NUM_WARPS) against a few others, on the
     # largest weight: the data to tune them with. Every setting writes the same bits (tests/test_kernels_triton.py).
+    # At 8 or fewer outputs per thread (1024 per program with 4 or 8 warps, 2048 with 8) the sm_90 code stores
+    # bf16 straight from registers: no shared memory, no barrier. With more, a thread holds up to 16 bytes of
+    # codes, and its outputs go through shared memory to make the store coalesce (the PTX, compiled with
+    # tests/compile_kernels.py' functions; the 4096 x 4 default has 7 barriers per program).
     rows = []
     n, k = shapes[-1]
     _, (packed, state), _ = quantized_pair(n, k, device, None)
     args_ = state_args(packed, state)
     current = timer(lambda: dequant_kernel.dequantize(*args_, torch.bfloat16))
-    for per_program in (4096,) if args.quick else (2048, 4096, 8192, 16384):
+    for per_program in (4096,) if args.quick else (1024, 2048, 4096, 8192, 16384):
         for warps in (4,) if args.quick else (4, 8):
             t = timer(lambda: dequant_kernel.dequantize(*args_, torch.bfloat16, elements_per_program=per_program,
                                                         num_warps=warps))  # fmt: skip

@@ -19,8 +19,9 @@ MAX_M = 4
 
 # Candidates: few rows x long K slices keep each program's loads contiguous (BLOCK_K // 2 bytes per row). On an
 # H200 autotuning picked 8x256 for every LLaMA-7B shape and M, at 8-9% of HBM bandwidth: each K slice waits on a
-# chain of dependent loads (codes, then their table values and block constants), so time grows with the number
-# of slices per program. The last three candidates cut that to 2-8 slices for K = 4096 with more programs.
+# chain of dependent loads (codes, then their table values and block constants), and its sm_90 code moves the W
+# tile (and x) through shared memory for the (M, N, K) product (8 barriers per slice at 8x256), so time grows
+# with the number of slices per program. The last three candidates cut that to 2-8 slices for K = 4096.
 CONFIGS = [
     triton.Config({"BLOCK_N": 4, "BLOCK_K": 512}, num_warps=4),
     triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4),
