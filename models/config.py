@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = ("llama", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
+MISTRAL_SLIDING_WINDOW = 4096  # transformers' MistralConfig default, for a config.json without the key
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -33,6 +34,9 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"  # the only activation of the LLaMA family (SwiGLU MLP)
+    # Mistral: a query sees only the newest sliding_window positions, itself included (None: all of them).
+    sliding_window: int | None = None
+    attention_dropout: float = 0.0  # dropout on the attention probabilities, in training only
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", ...}; None = plain RoPE
     bos_token_id: int | None = 1
@@ -68,6 +72,11 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+            raise ValueError(f"LlamaConfig.sliding_window must be a positive integer or null, got {window!r}")
+        if not 0 <= self.attention_dropout < 1:
+            raise ValueError(f"LlamaConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
 
     @property
     def rope_type(self) -> str:
@@ -99,8 +108,11 @@ class LlamaConfig:
             raise ValueError(f"{source}: missing required keys {missing}")
 
         rope_theta, rope_scaling = _read_rope(d, source)
-        known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling"}
+        known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling", "sliding_window"}
         kwargs = {k: v for k, v in d.items() if k in known}
+        # transformers' Mistral reads sliding_window (default 4096 when absent); its Llama ignores the key.
+        if model_type == "mistral" or (model_type is None and "MistralForCausalLM" in archs):
+            kwargs["sliding_window"] = d.get("sliding_window", MISTRAL_SLIDING_WINDOW)
         if kwargs.get("torch_dtype") is None and "dtype" in d:  # transformers 5 renamed torch_dtype -> dtype
             kwargs["torch_dtype"] = d["dtype"]
         try:
@@ -123,7 +135,8 @@ class LlamaConfig:
         return cls.from_dict(d, source=file)
 
     def to_dict(self) -> dict:
-        """A config.json that transformers 4.x and 5.x both read (old-style rope keys, which 5.x converts)."""
+        """A config.json that transformers 4.x and 5.x both read (old-style rope keys, which 5.x converts): a
+        Mistral one when the model has a sliding window, else a Llama one."""
         d = {k: v for k, v in asdict(self).items() if v is not None and k != "quantization_config"}
         if self.quantization_config is not None:
             d["quantization_config"] = self.quantization_config
@@ -131,6 +144,8 @@ class LlamaConfig:
             d.pop("rope_scaling", None)
         else:
             d["rope_scaling"] = {**self.rope_scaling, "type": self.rope_scaling["rope_type"]}
+        if self.sliding_window is not None:  # only Mistral's attention has the window
+            return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **d}
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **d}
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:

@@ -48,6 +48,7 @@ class LlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.dropout = config.attention_dropout
         h, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
@@ -63,7 +64,8 @@ class LlamaAttention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv != self.n_heads
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv != self.n_heads,
         )  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
@@ -171,7 +173,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("doc_ids (sequence packing) cannot be combined with a non-empty kv_cache")
         if position_ids is None:
             position_ids = _default_positions(B, T, past, doc_ids, input_ids.device)
-        mask, is_causal = _attention_mask(B, T, past, attention_mask, doc_ids, input_ids.device)
+        mask, is_causal = _attention_mask(
+            B, T, past, attention_mask, doc_ids, self.config.sliding_window, input_ids.device
+        )
 
         base = self.model
         x = base.embed_tokens(input_ids)  # (B, T, H)
@@ -214,9 +218,12 @@ def _default_positions(B: int, T: int, past: int, doc_ids, device) -> torch.Tens
     return idx - first
 
 
-def _attention_mask(B: int, T: int, past: int, attention_mask, doc_ids, device):
-    """(mask, is_causal) for scaled_dot_product_attention; mask is None whenever plain causality suffices."""
+def _attention_mask(B: int, T: int, past: int, attention_mask, doc_ids, window: int | None, device):
+    """(mask, is_causal) for scaled_dot_product_attention; mask is None whenever plain causality suffices.
+
+    window: the sliding window (config.sliding_window): query position q sees key positions q - window + 1 .. q."""
     S = past + T
+    windowed = window is not None and S > window
     if attention_mask is not None and attention_mask.dim() == 4:
         if attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (T, S):
             raise ValueError(
@@ -229,18 +236,21 @@ def _attention_mask(B: int, T: int, past: int, attention_mask, doc_ids, device):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({B}, {S})")
         if bool(attention_mask.all()):
             attention_mask = None  # no padding: keep SDPA's fused causal path
-    if attention_mask is None and doc_ids is None:
+    if attention_mask is None and doc_ids is None and not windowed:
         if past == 0:
             return None, T > 1
         if T == 1:
             return None, False  # one new token attends to everything cached
-    q_pos = torch.arange(past, S, device=device)
-    mask = (torch.arange(S, device=device)[None, :] <= q_pos[:, None]).expand(B, T, S)  # causal (B, T, S)
+    q_pos, k_pos = torch.arange(past, S, device=device)[:, None], torch.arange(S, device=device)[None, :]
+    mask = k_pos <= q_pos  # causal (T, S)
+    if windowed:
+        mask = mask & (k_pos > q_pos - window)
+    mask = mask.expand(B, T, S)
     if attention_mask is not None:
         mask = mask & attention_mask.to(device=device, dtype=torch.bool)[:, None, :]
     if doc_ids is not None:
         mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
     # A padded query may have no visible key; let it see itself so its (ignored) output is finite, not NaN.
     diag = torch.zeros(T, S, dtype=torch.bool, device=device)
-    diag[torch.arange(T), q_pos] = True
+    diag[torch.arange(T), q_pos[:, 0]] = True
     return (mask | diag).unsqueeze(1), False  # (B, 1, T, S)

@@ -35,6 +35,19 @@ def test_greedy_matches_transformers_and_uncached(models, B):
     assert torch.equal(uncached, ref)
 
 
+def test_greedy_past_a_sliding_window_matches_transformers():
+    # A 6-token prompt and 24 new tokens against a window of 8: the cached steps must drop the keys that leave it.
+    config = tiny_config(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8)
+    hf = hf_model(config, seed=5)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ours = our_model_from_hf(hf, config)
+    ids = _prompt(2)
+    ref = hf.generate(ids, max_new_tokens=N_NEW, do_sample=False)[:, ids.shape[1] :]
+    assert torch.equal(generate(ours, ids, N_NEW), ref)
+    assert torch.equal(generate(ours, ids, N_NEW, use_cache=False), ref)
+
+
 def test_one_dimensional_prompt_and_stream(models):
     _, ours = models
     ids = _prompt(1)[0]

@@ -24,6 +24,9 @@ CONFIGS = {
                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
     },
     "linear_scaling": tiny_config(rope_scaling={"type": "linear", "factor": 2.0}),
+    # 20 positions against a window of 8: every query past the 8th loses keys (transformers' Mistral masks them).
+    "mistral_sliding_window": tiny_config(architectures=["MistralForCausalLM"], model_type="mistral",
+                                          sliding_window=8),
     "rope_parameters_default": {
         **{k: v for k, v in tiny_config().items() if k != "rope_theta"},
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000.0},
@@ -175,12 +178,39 @@ def test_checkpointing_recomputes_blocks_in_backward():
         ({"model_type": "qwen2"}, "qwen2"),
         ({"num_attention_heads": 3}, "num_key_value_heads"),
         ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "mistral", "sliding_window": 0}, "sliding_window"),
+        ({"attention_dropout": 1.0}, "attention_dropout"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "low_freq_factor"),
     ],
 )
 def test_config_refuses_what_it_cannot_run(overrides, match):
     with pytest.raises(ValueError, match=match):
         LlamaConfig.from_dict(tiny_config(**overrides), source="cfg.json")
+
+
+def test_mistral_window_defaults_as_in_transformers_and_survives_a_round_trip(tmp_path):
+    mistral = tiny_config(architectures=["MistralForCausalLM"], model_type="mistral")
+    assert LlamaConfig.from_dict(mistral).sliding_window == 4096  # MistralConfig's default for a missing key
+    assert LlamaConfig.from_dict({**mistral, "sliding_window": None}).sliding_window is None
+    assert LlamaConfig.from_dict(tiny_config(sliding_window=8)).sliding_window is None  # Llama ignores the key
+    config = LlamaConfig.from_dict(CONFIGS["mistral_sliding_window"])
+    config.save_pretrained(tmp_path)
+    assert LlamaConfig.from_pretrained(tmp_path) == config
+    assert (tmp_path / "config.json").read_text().count('"mistral"') == 1
+
+
+def test_attention_dropout_acts_in_training_only():
+    config = tiny_config(attention_dropout=0.5)
+    ours = our_model_from_hf(hf_model(config), config)
+    ids = _inputs(config)
+    with torch.no_grad():
+        eval_logits = ours(ids).logits
+        ours.train()
+        first, second = ours(ids).logits, ours(ids).logits
+    assert not torch.allclose(first, second)
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, eval_logits, atol=0, rtol=0)
 
 
 def test_config_json_round_trip(tmp_path):

@@ -32,13 +32,16 @@ def tiny_config(**overrides) -> dict:
 
 
 def hf_model(config: dict, seed: int = 0):
-    """transformers' LlamaForCausalLM in float32 with random weights (biases and norms too, so they matter)."""
+    """transformers' LlamaForCausalLM (MistralForCausalLM for model_type "mistral") in float32 with random weights
+    (biases and norms too, so they matter)."""
     import transformers
 
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    family = "Mistral" if config.get("model_type") == "mistral" else "Llama"
+    kwargs = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    cfg = getattr(transformers, f"{family}Config")(**kwargs)
     cfg._attn_implementation = "eager"  # the plainest reference: explicit softmax(QK^T)V
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
