@@ -23,6 +23,7 @@ STRINGS = [
     "special <s> inside </s> text<unk>",
     "<|im_start|>user\nhi there<|im_end|>\n",
     "unseen chars: ℵ ∑ Ω ק",
+    "Use x . y , then print ( 'a ' ) ! I 'm sure it 's fine , isn't it ?",  # what a clean-up would change
     "",
     " ",
     "\n",
@@ -89,8 +90,9 @@ def sp_model(tmp_path_factory):
         {"add_bos_token": True, "add_eos_token": False, "legacy": False},
         {"add_bos_token": True, "add_eos_token": True, "legacy": True},
         {"legacy": False, "add_prefix_space": False},  # no add_bos_token: transformers 5 adds no BOS
+        {"add_bos_token": True, "legacy": False, "clean_up_tokenization_spaces": True},  # ignored: a BPE model
     ],
-    ids=["llama2", "legacy_with_eos", "no_prefix_space"],
+    ids=["llama2", "legacy_with_eos", "no_prefix_space", "cleanup_spaces"],
 )
 def test_sentencepiece_model_matches_transformers(sp_model, tmp_path, config):
     (tmp_path / "tokenizer.model").write_bytes(sp_model)
