@@ -4,7 +4,7 @@ The model is built on the meta device (no weight memory), then filled tensor by 
 is read in its stored dtype, quantized with nf4lora.nf4.quantize_4bit and wrapped in a Linear4bit, so the peak is
 the 4-bit model plus one 16-bit tensor (plus quantize_4bit's chunk buffers). Embeddings, norms and lm_head stay in
 `compute_dtype`. A checkpoint that transformers + bitsandbytes saved in 4 bits (FORMATS.md section 4) is loaded
-as stored, without re-quantizing.
+as stored, without re-quantizing (a 4-bit lm_head is dequantized to `compute_dtype`).
 """
 
 from __future__ import annotations
@@ -37,12 +37,14 @@ class Checkpoint:
 
     def __init__(self, path: str):
         self.path = path
+        # model.safetensors first, as transformers does: its save_pretrained re-saving a sharded folder unsharded
+        # deletes the shards but leaves the old index behind.
         index = os.path.join(path, INDEX_FILE)
-        if os.path.isfile(index):
-            self.files = self._read_index(index)
-        elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
+        if os.path.isfile(os.path.join(path, SINGLE_FILE)):
             single = SafetensorsFile(os.path.join(path, SINGLE_FILE))
             self.files = {key: single for key in single.keys()}
+        elif os.path.isfile(index):
+            self.files = self._read_index(index)
         else:
             others = sorted(os.path.basename(p) for p in glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt")))
             hint = (
@@ -153,10 +155,14 @@ def load_model(
             new = _load_linear(ckpt, name, module, quantize, double_quant, blocksize, compute_dtype, device, consumed)
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
+        elif name == "lm_head" and _stored_4bit(ckpt, "lm_head.weight"):  # bitsandbytes quantized it; we do not
+            packed, state = _read_bnb_weight(ckpt, "lm_head.weight", tuple(module.weight.shape), consumed)
+            weight = dequantize_4bit(packed.to(device), state.to(device), compute_dtype)
+            module._parameters["weight"] = nn.Parameter(weight)
         elif not (name == "lm_head" and config.tie_word_embeddings):
             for pname, p in list(module.named_parameters(recurse=False)):
                 key = f"{name}.{pname}"
-                t = ckpt.read(key, p.shape).to(device=device, dtype=compute_dtype)
+                t = _read_float(ckpt, key, p.shape).to(device=device, dtype=compute_dtype)
                 module._parameters[pname] = nn.Parameter(t)
                 consumed.add(key)
     if config.tie_word_embeddings:
@@ -197,11 +203,10 @@ def _load_linear(ckpt, name, linear, quantize, double_quant, blocksize, compute_
     shape = (linear.out_features, linear.in_features)
     bias = None
     if linear.bias is not None:
-        bias = ckpt.read(f"{name}.bias", (linear.out_features,)).to(device=device, dtype=compute_dtype)
+        bias = _read_float(ckpt, f"{name}.bias", (linear.out_features,)).to(device=device, dtype=compute_dtype)
         consumed.add(f"{name}.bias")
 
-    stored_4bit = [k for k in ckpt.keys() if k.startswith(f"{wkey}.{_BNB_BLOB}")]
-    if stored_4bit:
+    if _stored_4bit(ckpt, wkey):
         packed, state = _read_bnb_weight(ckpt, wkey, shape, consumed)
         packed, state = packed.to(device), state.to(device)
         if quantize is None:
@@ -213,15 +218,29 @@ def _load_linear(ckpt, name, linear, quantize, double_quant, blocksize, compute_
             )
         return Linear4bit.from_quantized(packed, state, bias=bias, compute_dtype=compute_dtype)
 
-    weight = ckpt.read(wkey, shape).to(device)
+    weight = _read_float(ckpt, wkey, shape).to(device)
     consumed.add(wkey)
     if quantize is None:
         return _dense_linear(weight.to(compute_dtype), bias)
-    if weight.dtype not in COMPUTE_DTYPES:
-        raise TypeError(f"{ckpt.file_of(wkey)}: {wkey!r} is {weight.dtype}; only float32/float16/bfloat16 can be quantized")
+    if weight.dtype not in COMPUTE_DTYPES:  # float64 or 8-bit floats: quantize_4bit takes these three
+        weight = weight.float()
     packed, state = quantize_4bit(weight, blocksize=blocksize, quant_type=quantize, double_quant=double_quant)
     del weight  # the 16-bit copy goes before the next tensor is read
     return Linear4bit.from_quantized(packed, state, bias=bias, compute_dtype=compute_dtype)
+
+
+def _read_float(ckpt: Checkpoint, key: str, shape) -> torch.Tensor:
+    """A parameter as stored: any float dtype (cast by the caller); an integer or bool tensor is an error, not a
+    silent cast of its values."""
+    t = ckpt.read(key, shape)
+    if not t.is_floating_point():
+        raise TypeError(f"{ckpt.file_of(key)}: {key!r} is stored as {t.dtype}; a parameter must be a float tensor")
+    return t
+
+
+def _stored_4bit(ckpt: Checkpoint, wkey: str) -> bool:
+    """Whether weight `wkey` was saved by transformers + bitsandbytes in 4 bits (its quant_state blob is there)."""
+    return any(k.startswith(f"{wkey}.{_BNB_BLOB}") for k in ckpt.keys())
 
 
 def _read_bnb_weight(ckpt: Checkpoint, wkey: str, shape, consumed) -> tuple[torch.Tensor, QuantState]:

@@ -1,7 +1,11 @@
 """load_model: sharded vs single-file checkpoints, quantize-on-load, HF + bitsandbytes 4-bit checkpoints."""
 
+import shutil
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_model_helpers import hf_model, tiny_config
 from torch import nn
 
@@ -87,7 +91,6 @@ def test_tied_embeddings_stay_tied(tmp_path):
 def test_hf_bitsandbytes_4bit_checkpoint_loads_without_requantizing(checkpoints, tmp_path):
     """transformers + bitsandbytes quantize and save; we load the saved bytes and match its 4-bit logits."""
     import transformers
-    from safetensors.torch import load_file
 
     _, single, _ = checkpoints
     bnb_config = transformers.BitsAndBytesConfig(
@@ -134,6 +137,52 @@ def test_hf_bitsandbytes_4bit_checkpoint_loads_without_requantizing(checkpoints,
         torch.testing.assert_close(dense(ids).logits, ref, atol=ATOL_FP32, rtol=0)
     with pytest.raises(ValueError, match="stored as nf4"):
         load_model(tmp_path, quantize="fp4", compute_dtype=torch.float32)
+
+
+def test_hf_bitsandbytes_checkpoint_with_a_4bit_lm_head(checkpoints, tmp_path):
+    """llm_int8_skip_modules without lm_head: transformers quantizes the head too; we load it dequantized."""
+    import transformers
+
+    _, single, _ = checkpoints
+    bnb_config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=[],
+    )  # fmt: skip
+    hf4 = transformers.AutoModelForCausalLM.from_pretrained(
+        single, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
+    ).eval()
+    hf4.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "lm_head.weight.quant_state.bitsandbytes__nf4" in f.keys()
+    for module in hf4.modules():  # its portable fp32 path, as in the test above
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    ours = load_model(tmp_path, quantize="nf4", compute_dtype=torch.float32)
+    assert type(ours.lm_head) is nn.Linear and ours.lm_head.weight.dtype == torch.float32
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf4(ids).logits, atol=ATOL_FP32, rtol=0)
+
+
+def test_a_stale_index_beside_model_safetensors_is_ignored_as_in_transformers(checkpoints, tmp_path):
+    # transformers' save_pretrained re-saving a sharded folder unsharded leaves the old index (and here its shards).
+    hf, single, sharded = checkpoints
+    folder = shutil.copytree(single, tmp_path / "m")
+    shutil.copy(sharded / "model.safetensors.index.json", folder)
+    ours = load_model(folder, quantize=None, compute_dtype=torch.float32)
+    for key, value in hf.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_float64_weights_quantize_like_their_float32_copy(checkpoints, tmp_path):
+    _, single, _ = checkpoints
+    folder = shutil.copytree(single, tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    save_file({k: v.double() for k, v in tensors.items()}, folder / "model.safetensors")
+    a = load_model(single, quantize="nf4", compute_dtype=torch.float32).state_dict()
+    b = load_model(folder, quantize="nf4", compute_dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_load_reads_no_pickle(checkpoints, monkeypatch):

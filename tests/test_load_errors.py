@@ -128,6 +128,17 @@ def test_unexpected_tensor(single):
         load_model(single)
 
 
+@pytest.mark.parametrize("key", ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"])
+def test_integer_parameter_is_refused_not_cast(single, key):
+    def edit(t):
+        t[key] = t[key].to(torch.int8)
+
+    _rewrite(single / "model.safetensors", edit)
+    for quantize in ("nf4", None):
+        with pytest.raises(TypeError, match=re.escape(f"{key!r} is stored as torch.int8; a parameter must be a float")):
+            load_model(single, quantize=quantize)
+
+
 def test_index_names_a_missing_shard(sharded):
     shard = sorted(sharded.glob("model-*.safetensors"))[0]
     os.remove(shard)
