@@ -4,8 +4,9 @@ adapter_config.json and adapter_model.safetensors (metadata {"format": "pt"}) wi
 
 Only JSON and safetensors are ever read (no pickle). Each file is written to a temporary name in the same
 directory, flushed to disk and renamed over the target (os.replace is atomic), so a crash leaves either the old
-file or the new one, never a torn one; the config is written last, so a directory with a new config always has
-the new weights next to it.
+file or the new one, never a torn one. The config is serialized before anything is written and written last, so
+a directory with a new config always has the new weights next to it, and a config that cannot be written changes
+nothing.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .lora import LoRALinear, check_lora_args
-from .surgery import _check_root, _linear_layers, _lora_layers, _name_matches, _set_submodule
+from .surgery import _check_root, _check_wrappable, _linear_layers, _lora_layers, _name_matches, _set_submodule
 
 CONFIG_NAME = "adapter_config.json"
+PLAIN_INITS = ("gaussian", "eva", "orthogonal")  # PEFT's init_lora_weights strings that keep the base as it is
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -86,10 +88,15 @@ def _uniform(layers: dict[str, LoRALinear], attr: str):
 
 def _target_modules(model: nn.Module, names: list[str]) -> list[str] | str:
     """PEFT's target_modules for exactly these layers: their short names when those select exactly these layers
-    of the model (the usual case), else an anchored regex of the full names."""
+    of the model (the usual case), else an anchored regex of the full names.
+
+    PEFT matches the names against every module of the base model and refuses to adapt one that is not a layer it
+    knows (a GELU named "1" in an nn.Sequential), so every module counts here, bar the insides of the LoRA wrappers
+    (the base model has none)."""
     short = sorted({name.rpartition(".")[2] for name in names})
-    adaptable = set(_lora_layers(model)) | set(_linear_layers(model))
-    if {c for c in adaptable if any(_name_matches(c, s) for s in short)} == set(names):
+    inside = tuple(name + "." for name in names)
+    modules = {name for name, _ in model.named_modules() if name and not name.startswith(inside)}
+    if {m for m in modules if any(_name_matches(m, s) for s in short)} == set(names):
         return short
     return "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
@@ -104,9 +111,11 @@ def save_adapter(
     """Write the LoRA weights of `model` (float32, on the CPU) and a PEFT adapter_config.json into `directory`.
 
     task_type defaults to "CAUSAL_LM" for *ForCausalLM models (what PeftModel.from_pretrained keys on), else none;
-    base_model_name_or_path defaults to model.config.name_or_path when the model has one.
+    base_model_name_or_path (a str or path) defaults to model.config.name_or_path when the model has one.
     """
     _check_root(model)
+    if task_type is not None and not isinstance(task_type, str):
+        raise TypeError(f"task_type must be a str or None, got {task_type!r}")
     layers = _lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA layers to save (add_lora first)")
@@ -116,6 +125,10 @@ def save_adapter(
         task_type = "CAUSAL_LM"
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise TypeError(f"base_model_name_or_path must be a str, a path or None, got {base_model_name_or_path!r}")
 
     tensors = {}
     for name, layer in layers.items():
@@ -135,17 +148,12 @@ def save_adapter(
         # The common feature switches, written "off" explicitly (PEFT's own defaults) for readers that expect them.
         **{key: _UNSUPPORTED[key] for key in _WRITTEN_OFF},
     }
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # before any write: a failure here changes nothing
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    def write_config(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(directory / CONFIG_NAME, write_config)
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return directory
 
 
@@ -167,6 +175,17 @@ def read_adapter_config(directory) -> dict:
         value = config.get(key, off)
         if not _is_off(value, off):
             raise ValueError(f"{path}: {key} = {value!r} is not supported (only {off!r}); this adapter cannot be loaded")
+    # Only these PEFT initializations leave the base weights as they are and the forward plain ("orthogonal" starts
+    # with B @ A = 0, "eva" sets A from data). The others (pissa, pissa_niter_*, olora, corda, loftq, lora_ga) subtract
+    # the initial adapter from the base, or requantize it, when the adapter is created: such an adapter is right
+    # only on that modified base, which it does not carry; "mica" is a variant with a forward of its own.
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init in PLAIN_INITS):
+        raise ValueError(
+            f"{path}: init_lora_weights = {init!r} is not supported (only true, false or one of {PLAIN_INITS}): that "
+            "initialization changed the base weights (or the forward), which the adapter does not carry; save it "
+            "from PEFT with path_initial_model_for_weight_conversion to get a plain LoRA adapter"
+        )
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise ValueError(f"{path} lacks {key!r}")
@@ -238,10 +257,11 @@ def load_adapter(model: nn.Module, directory) -> list[str]:
         if isinstance(layer, LoRALinear):
             if layer.merged:
                 raise ValueError(f"LoRA layer {name} is merged; unmerge it before loading an adapter into it")
-            if (layer.alpha, layer.use_rslora) != (alpha, use_rslora):
+            if (layer.r, layer.alpha, layer.use_rslora) != (r, alpha, use_rslora):
                 raise ValueError(
-                    f"LoRA layer {name} has alpha={layer.alpha}, use_rslora={layer.use_rslora} but the adapter has "
-                    f"lora_alpha={alpha}, use_rslora={use_rslora}: its outputs would differ from the adapter's"
+                    f"LoRA layer {name} has r={layer.r}, alpha={layer.alpha}, use_rslora={layer.use_rslora} but the "
+                    f"adapter has r={r}, lora_alpha={alpha}, use_rslora={use_rslora}: its weights do not fit the layer "
+                    "or its outputs would differ from the adapter's"
                 )
         expected = {"A": (r, layer.in_features), "B": (layer.out_features, r)}
         for part, shape in expected.items():
@@ -252,12 +272,15 @@ def load_adapter(model: nn.Module, directory) -> list[str]:
                 )
             if not pair[part].is_floating_point():
                 raise ValueError(f"{weights_path}: {KEY_PREFIX}{name}.lora_{part}.weight is {pair[part].dtype}, not a float")
+    _check_wrappable(model, modules, str(weights_path))
 
     model.requires_grad_(False)
     for name, pair in modules.items():
         layer = existing.get(name)
         if layer is None:
-            layer = LoRALinear(linears[name], r, alpha, dropout, use_rslora)
+            # The wrapper takes the mode of the layer it replaces, as in add_lora: loading an adapter into a model
+            # in eval mode must not switch its dropout on.
+            layer = LoRALinear(linears[name], r, alpha, dropout, use_rslora).train(linears[name].training)
             _set_submodule(model, name, layer)
         with torch.no_grad():
             layer.lora_A.weight.copy_(pair["A"])

@@ -171,12 +171,15 @@ class Linear4bit(nn.Module):
 
     # -- moving ----------------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if self.weight.dtype != torch.uint8:
+        # A conversion that casts every tensor (Module.type) would turn the packed codes into numbers; trying it on
+        # an empty uint8 tensor first refuses it before anything changed.
+        probe = fn(torch.empty(0, dtype=torch.uint8, device=self.weight.device))
+        if probe.dtype != torch.uint8:
             raise TypeError(
-                f"a conversion turned the packed 4-bit weight into {self.weight.dtype}: Linear4bit weights are uint8 "
+                f"a conversion would turn the packed 4-bit weight into {probe.dtype}: Linear4bit weights are uint8 "
                 "codes; use dequantize() for a dense weight"
             )
+        super()._apply(fn, recurse)
         if self.quant_state.device != self.weight.device:
             self.quant_state = self.quant_state.to(self.weight.device)
         return self

@@ -24,7 +24,7 @@ from .linear4bit import Linear4bit
 INITS = ("kaiming", "gaussian")
 
 
-def check_lora_args(r, alpha, dropout, init="kaiming") -> None:
+def check_lora_args(r, alpha, dropout, use_rslora=False, init="kaiming") -> None:
     """Raise ValueError/TypeError for LoRA hyper-parameters outside their domain (before any surgery)."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
@@ -32,8 +32,16 @@ def check_lora_args(r, alpha, dropout, init="kaiming") -> None:
         raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
+
+
+def _dense_dtype(base: Linear4bit) -> torch.dtype:
+    """The floating dtype a dense copy of `base` takes: its bias' (the bias follows the model's dtype casts, which the
+    packed weight ignores), else the dtype the weight was quantized from."""
+    return base.quant_state.dtype if base.bias is None else base.bias.dtype
 
 
 class _FrozenBaseLoRA(torch.autograd.Function):
@@ -97,9 +105,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, (Linear4bit, nn.Linear)):
             raise TypeError(f"base must be a Linear4bit or torch.nn.Linear, got {type(base).__name__}")
-        check_lora_args(r, alpha, dropout, init)
-        if not isinstance(use_rslora, bool):
-            raise TypeError(f"use_rslora must be a bool, got {use_rslora!r}")
+        check_lora_args(r, alpha, dropout, use_rslora, init)
         self.base_layer = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.use_rslora, self.init = r, alpha, use_rslora, init
@@ -170,9 +176,10 @@ class LoRALinear(nn.Module):
 
         A 16-bit base gets W + delta rounded once to its dtype. A 4-bit base is dequantized, updated and
         requantized with its own settings (lossy: a warning gives the measured error), or with dequantize=True
-        replaced by an nn.Linear holding the float32 sum rounded once to the dtype the weight was quantized from
-        (lossless with respect to the dequantized base). Returns the relative error of the requantized weight
-        (4-bit merge only), else None. Merging a merged layer raises ValueError.
+        replaced by an nn.Linear holding the float32 sum rounded once to the layer's current floating dtype (that
+        of its bias, else the dtype the weight was quantized from), lossless with respect to the dequantized base.
+        Returns the relative error of the requantized weight (4-bit merge only), else None. Merging a merged layer
+        raises ValueError.
         """
         errors = self._merge(dequantize)
         if errors is not None:
@@ -195,11 +202,13 @@ class LoRALinear(nn.Module):
                 dtype = base.quant_state.dtype
                 packed, state = quantize_4bit(exact.to(dtype), base.blocksize, base.quant_type, base.double_quant)
                 merged = Linear4bit.from_quantized(packed, state, base.bias, base.compute_dtype)
+                if base.bias is not None:  # from_quantized makes a trainable bias; a frozen one stays frozen
+                    merged.bias.requires_grad_(base.bias.requires_grad)
                 requantized = merged.dequantize(torch.float32)
                 errors = relative_error(exact, requantized), max_abs_error(exact, requantized)
             else:
                 dense = base.dequantize(torch.float32) if isinstance(base, Linear4bit) else base.weight.float()
-                dtype = base.quant_state.dtype if isinstance(base, Linear4bit) else base.weight.dtype
+                dtype = _dense_dtype(base) if isinstance(base, Linear4bit) else base.weight.dtype
                 merged = nn.Linear(self.in_features, self.out_features, bias=base.bias is not None,
                                    device=dense.device, dtype=dtype)  # fmt: skip
                 merged.weight.copy_(dense + delta)
@@ -212,12 +221,18 @@ class LoRALinear(nn.Module):
         return errors
 
     def unmerge(self) -> None:
-        """Undo merge() exactly: the original base layer was kept aside (moved to where the merged one lives)."""
+        """Undo merge() exactly: the original base layer was kept aside (and followed the module's conversions)."""
         if not self.merged:
             raise ValueError("this LoRALinear is not merged; nothing to unmerge")
-        base = self._unmerged_base.to(self.lora_A.weight.device)
-        self.base_layer, self.merged = base, False
+        self.base_layer, self.merged = self._unmerged_base, False
         object.__setattr__(self, "_unmerged_base", None)
+
+    def _apply(self, fn, recurse=True):
+        # The base kept aside by merge() is outside the module tree, so nn.Module's conversions (.to(dtype/device),
+        # .half(), ...) would miss it; they reach it here, first, so a conversion it refuses changes nothing.
+        if recurse and self._unmerged_base is not None:
+            self._unmerged_base._apply(fn, recurse)
+        return super()._apply(fn, recurse)
 
     def merged_base(self) -> nn.Module:
         """The merged base layer (Linear4bit or nn.Linear), to replace this wrapper when unloading."""

@@ -46,6 +46,24 @@ def _lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
+def _read_without_call(model: nn.Module) -> set[str]:
+    """Names of the Linear layers whose owner reads their weight instead of calling them, so a LoRA wrapper there
+    breaks the owner's forward: nn.MultiheadAttention's out_proj (it hands out_proj.weight to the attention kernel)."""
+    return {f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}  # fmt: skip
+
+
+def _check_wrappable(model: nn.Module, names, source: str) -> None:
+    """Raise ValueError, naming `source`, if `names` holds a layer LoRA cannot wrap (_read_without_call)."""
+    read_only = _read_without_call(model)
+    bad = [name for name in names if name in read_only]
+    if bad:
+        raise ValueError(
+            f"{source} selects {bad[:3]}: the out_proj of an nn.MultiheadAttention, which reads its weight without "
+            "calling it, so a LoRA wrapper there would break the attention; select the model's other Linear layers"
+        )
+
+
 def _check_root(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -87,12 +105,14 @@ def _output_head_names(model: nn.Module, linears: dict[str, nn.Module]) -> set[s
 
 
 def select_targets(model: nn.Module, target_modules) -> list[str]:
-    """Names of the Linear layers `target_modules` selects ("all-linear" | list of names | regex), in model order."""
+    """Names of the Linear layers `target_modules` selects ("all-linear" | list of names | regex), in model order.
+    "all-linear" leaves out the output head and the layers LoRA cannot wrap (_read_without_call); selecting one of
+    those by name or regex raises ValueError."""
     linears = _linear_layers(model)
     available = sorted({name.rpartition(".")[2] for name in linears}) or "none"
     if target_modules == "all-linear":
-        heads = _output_head_names(model, linears)
-        names = [name for name in linears if name not in heads]
+        skipped = _output_head_names(model, linears) | _read_without_call(model)
+        names = [name for name in linears if name not in skipped]
     elif isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -118,6 +138,7 @@ def select_targets(model: nn.Module, target_modules) -> list[str]:
         raise ValueError(
             f"target_modules {target_modules!r} selects no Linear layer; the model's Linear layers are named {available}"
         )
+    _check_wrappable(model, names, f"target_modules {target_modules!r}")
     return names
 
 
@@ -133,7 +154,7 @@ def add_lora(
     """Wrap the selected Linear / Linear4bit layers of `model` in LoRALinear (in place) and freeze everything
     else: afterwards only lora_A / lora_B weights require grad. Returns the wrapped names in model order."""
     _check_root(model)
-    check_lora_args(r, alpha, dropout, init)
+    check_lora_args(r, alpha, dropout, use_rslora, init)
     if _lora_layers(model):
         raise ValueError(f"model already has LoRA layers ({sorted(_lora_layers(model))[:3]}...); add_lora applies once")
     names = select_targets(model, target_modules)  # validates everything before the model is touched

@@ -176,8 +176,12 @@ def test_to_moves_bytes_and_never_touches_the_state():
     state = layer.quant_state
     assert layer.weight.is_meta and state.absmax.is_meta and state.code.is_meta
     assert state.nested.absmax.is_meta and state.offset.is_meta
-    with pytest.raises(TypeError, match="uint8"):
-        Linear4bit(IN, OUT).type(torch.float32)
+    layer = Linear4bit(IN, OUT)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(TypeError, match="would turn the packed 4-bit weight into torch.float16: .* uint8"):
+        layer.type(torch.float16)  # casts every tensor: refused before anything changed
+    after = layer.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_forward_and_backward_never_mutate_state():

@@ -234,6 +234,72 @@ def test_merge_then_unmerge_restores_exactly(base_kind):
         unmerge_lora(model)
 
 
+@pytest.mark.parametrize("base_kind", ["linear", "4bit"])
+def test_conversions_while_merged_reach_the_base_kept_for_unmerge(base_kind):
+    """merge, cast the model, unmerge: the restored base is cast like the rest (it lives outside the module tree)."""
+    model = _mlp()
+    if base_kind == "4bit":
+        quantize_model(model)
+    add_lora(model, r=4, alpha=8)
+    _randomize_b(model)
+    cast = copy.deepcopy(model).to(torch.bfloat16)  # the same model cast without a merge in between
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 4-bit merge's requantization warning
+        merge_lora(model)
+    model.to(torch.bfloat16)
+    unmerge_lora(model)
+    after, want = model.state_dict(), cast.state_dict()
+    assert set(after) == set(want)
+    assert all(after[k].dtype == want[k].dtype and torch.equal(after[k], want[k]) for k in want)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert torch.equal(model(x), cast(x))
+
+
+@pytest.mark.parametrize("bias_trains", [False, True])
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_merging_a_4bit_base_keeps_the_bias_trainability(bias_trains, dequantize):
+    model = _mlp()
+    quantize_model(model)
+    add_lora(model, r=4, alpha=8)  # freezes everything but the adapters
+    model.fc1.base_layer.bias.requires_grad_(bias_trains)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the requantization warning
+        merge_lora(model, dequantize=dequantize, unload=True)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == ({"fc1.bias"} if bias_trains else set())
+
+
+def test_merge_dequantize_follows_a_cast_of_the_quantized_model():
+    """Quantized from float32, then cast to bf16 (the bias follows, the packed weight cannot): the merged layer takes
+    its bias' dtype and runs in the bf16 model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64))
+    quantize_model(model)
+    model.to(torch.bfloat16)
+    add_lora(model, r=4, alpha=8)
+    _randomize_b(model)
+    x = torch.randn(6, 64, dtype=torch.bfloat16)
+    y = model(x)
+    merge_lora(model, dequantize=True, unload=True)
+    for layer in (model[0], model[2]):
+        assert type(layer) is nn.Linear and layer.weight.dtype == layer.bias.dtype == torch.bfloat16
+    torch.testing.assert_close(model(x), y, rtol=2**-6, atol=2**-6)  # a few bf16 roundings apart
+
+
+def test_all_linear_skips_multihead_attentions_out_proj():
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj, so it cannot be wrapped: "all-linear"
+    leaves it out, and naming it is refused before the model is touched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), nn.Linear(16, 4))
+    x = torch.randn(2, 3, 16)
+    y = copy.deepcopy(model).requires_grad_(False)(x)  # frozen, as after add_lora (attention picks its path by that)
+    for targets in (["out_proj"], r".*_proj", ["linear1", "self_attn.out_proj"]):
+        with pytest.raises(ValueError, match=r"selects \['0\.self_attn\.out_proj'\].*nn\.MultiheadAttention"):
+            add_lora(model, r=2, alpha=4, target_modules=targets)
+        assert all(p.requires_grad for p in model.parameters())
+    assert add_lora(model, r=2, alpha=4, target_modules="all-linear") == ["0.linear1", "0.linear2", "1"]
+    torch.testing.assert_close(model(x), y, **FP32_TOL)  # B = 0: the base output
+
+
 def test_merge_dequantize_is_lossless_wrt_the_dequantized_base():
     model = _mlp()
     quantize_model(model)
@@ -322,6 +388,14 @@ def test_bad_lora_arguments(kwargs, match):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())  # nothing was touched
     with pytest.raises(ValueError, match=match):
         LoRALinear(nn.Linear(4, 4), **args)
+
+
+def test_add_lora_checks_every_argument_before_touching_the_model():
+    model = _mlp()
+    with pytest.raises(TypeError, match="use_rslora must be a bool, got 1"):
+        add_lora(model, r=2, alpha=4, use_rslora=1)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def test_bad_targets_and_models():

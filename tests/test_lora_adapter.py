@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +103,11 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         (dict(r=0), "r must be a positive int, got 0"),
         (dict(lora_alpha=-1), "alpha must be a positive finite number, got -1"),
         (dict(lora_dropout=1.5), r"dropout must be a number in \[0, 1\)"),
+        # Initializations that changed the base weights (see test_peft_interop for PEFT's own adapters).
+        *[
+            (dict(init_lora_weights=i), rf"init_lora_weights = '{i}' is not supported \(only true, false or one of")
+            for i in ("pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga", "mica")
+        ],
     ],
 )
 def test_unsupported_or_invalid_configs_are_refused(tmp_path, changes, match):
@@ -112,6 +118,40 @@ def test_unsupported_or_invalid_configs_are_refused(tmp_path, changes, match):
     with pytest.raises(ValueError, match=match):
         load_adapter(net, path)
     assert not any(isinstance(m, LoRALinear) for m in net.modules())  # refused before touching the model
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "eva", "orthogonal"])
+def test_plain_inits_load(tmp_path, init):
+    path = _saved(tmp_path)
+    _edit_config(path, init_lora_weights=init)
+    torch.manual_seed(0)
+    assert load_adapter(Net(), path) == ["up", "down"]
+
+
+def test_config_is_serialized_before_anything_is_written(tmp_path):
+    path = _saved(tmp_path)
+    before = {name: (path / name).read_bytes() for name in os.listdir(path)}
+    with pytest.raises(TypeError, match=r"base_model_name_or_path must be a str, a path or None, got <object"):
+        save_adapter(_trained(seed=5), path, base_model_name_or_path=object())
+    with pytest.raises(TypeError, match="task_type must be a str or None, got 3"):
+        save_adapter(_trained(seed=5), path, task_type=3)
+    assert {name: (path / name).read_bytes() for name in os.listdir(path)} == before  # old files, no temp files
+    save_adapter(_trained(seed=5), path, base_model_name_or_path=Path("models") / "llama")
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.join("models", "llama")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_load_keeps_the_model_mode(tmp_path, training):
+    """An adapter loaded into a model in eval mode must not switch its dropout on (and in train mode it is on)."""
+    path = _saved(tmp_path)
+    _edit_config(path, lora_dropout=0.5)
+    torch.manual_seed(0)
+    net = Net().train(training)
+    load_adapter(net, path)
+    assert all(m.training == training for m in net.modules())
+    x = torch.randn(8, 32)
+    assert torch.equal(net(x), net(x)) != training  # eval: deterministic; train: dropout draws differ
 
 
 def test_shape_mismatch_names_the_key(tmp_path):
@@ -160,12 +200,35 @@ def test_loading_into_existing_lora_layers_checks_them(tmp_path):
     add_lora(other, r=4, alpha=4, target_modules=["up", "down"])
     with pytest.raises(ValueError, match="alpha=4.*lora_alpha=8"):
         load_adapter(other, path)
+    for layer_r, adapter_r in ((4, 1), (2, 4)):  # r=1 tensors would broadcast into r=4 layers
+        torch.manual_seed(0)
+        other = Net()
+        add_lora(other, r=layer_r, alpha=8, target_modules=["up", "down"])
+        other.up.base_layer.requires_grad_(True)
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        trainable = {n for n, p in other.named_parameters() if p.requires_grad}
+        with pytest.raises(ValueError, match=rf"LoRA layer up has r={layer_r}, .* the adapter has r={adapter_r},"):
+            load_adapter(other, _saved(tmp_path / f"r{adapter_r}", r=adapter_r))
+        assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())  # refused before touching it
+        assert {n for n, p in other.named_parameters() if p.requires_grad} == trainable
     torch.manual_seed(0)
     same = Net()
     add_lora(same, r=4, alpha=8, target_modules=["up", "down"])
     load_adapter(same, path)
     x = torch.randn(2, 32)
     assert torch.equal(same(x), _trained()(x))
+
+
+def test_adapter_for_multihead_attentions_out_proj_is_refused(tmp_path):
+    """nn.MultiheadAttention reads out_proj.weight without calling out_proj: a LoRA wrapper there would break it."""
+    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True))
+    path = _saved(tmp_path)
+    key = "base_model.model.0.self_attn.out_proj"
+    save_file({f"{key}.lora_A.weight": torch.zeros(4, 16), f"{key}.lora_B.weight": torch.zeros(16, 4)},
+              path / "adapter_model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    with pytest.raises(ValueError, match=r"selects \['0\.self_attn\.out_proj'\]: the out_proj of an nn\.Multihead"):
+        load_adapter(model, path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
 def test_save_refuses_models_it_cannot_describe(tmp_path):

@@ -98,3 +98,51 @@ def test_peft_adapter_loads_in_ours(tmp_path, quantized):
         logits, ref_logits = ours(input_ids=ids).logits, ref(input_ids=ids).logits
     assert not torch.allclose(logits, base(input_ids=ids).logits.detach(), **LOGITS_TOL)
     assert torch.allclose(logits, ref_logits, **LOGITS_TOL)
+
+
+class _Mixer(torch.nn.Module):
+    """Linear layers inside nn.Sequential next to other modules: their short names ("0", "1") also name a GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+        self.mix = torch.nn.Sequential(torch.nn.GELU(), torch.nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.mix(self.head(x))
+
+
+@pytest.mark.parametrize("target", ["head.0", "mix.1"])
+def test_target_names_that_also_name_other_modules_load_in_peft(tmp_path, target):
+    """PEFT matches target_modules against every module (and refuses a GELU), so a short name that also names a
+    non-Linear module is written as the exact regex."""
+    torch.manual_seed(0)
+    base = _Mixer()
+    ours = copy.deepcopy(base)
+    add_lora(ours, r=2, alpha=4, target_modules=[target])
+    with torch.no_grad():
+        ours.get_submodule(target).lora_B.weight.normal_()
+    save_adapter(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == "^(?:" + target.replace(".", r"\.") + ")$"
+
+    ref = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    wrapped = [n.removeprefix("base_model.model.") for n, m in ref.named_modules() if hasattr(m, "lora_A")]
+    assert wrapped == [target]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), ref(x), **LOGITS_TOL)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_adapters_whose_init_changed_the_base_are_refused(tmp_path, init):
+    """PiSSA / OLoRA subtract the initial adapter from the base weights, so their adapter is right only on that
+    modified base (PEFT reproduces it there); loaded onto the original base it would be silently wrong."""
+    base = _tiny_llama(seed=2)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=init,
+                             task_type="CAUSAL_LM")  # fmt: skip
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    with pytest.raises(ValueError, match=rf"init_lora_weights = '{init}' is not supported"):
+        load_adapter(ours, tmp_path / "peft")
+    assert not any(isinstance(m, LoRALinear) for m in ours.modules())
