@@ -71,6 +71,22 @@ def test_flags_fill_the_dataclass_and_demo_settings_apply_only_to_the_builtin_ru
     assert demo.lr == 5e-4 and demo.max_steps > 0
 
 
+def test_demo_runs_again_into_its_directory_and_its_length_follows_epochs():
+    parser = build_parser()
+    demo = config_from_args(parser.parse_args(["finetune"]))
+    assert demo.overwrite and not demo.resume  # a second `nf4lora finetune` replaces the first one's run
+    demo.validate()
+    resumed = config_from_args(parser.parse_args(["finetune", "--resume"]))
+    assert resumed.resume and not resumed.overwrite
+    resumed.validate()
+    user = config_from_args(parser.parse_args(["finetune", "--model", "m", "--data", "d.jsonl"]))
+    assert not user.overwrite  # a user's run is never replaced without --overwrite
+    by_epochs = config_from_args(parser.parse_args(["finetune", "--epochs", "3"]))
+    assert (by_epochs.epochs, by_epochs.max_steps) == (3.0, 0)  # --epochs decides the length, not the demo's steps
+    both = config_from_args(parser.parse_args(["finetune", "--epochs", "3", "--max-steps", "5"]))
+    assert both.max_steps == 5
+
+
 def _bad(capsys, files, *extra, data=None):
     out = files["root"] / "bad-out"
     argv = ["finetune", "--model", files["model"], "--data", data or files["data"], "--output-dir", str(out),
@@ -95,6 +111,21 @@ def test_bad_input_is_reported_before_training(capsys, files, tmp_path):
     assert "not a writable directory" in err
     err = _bad(capsys, files, "--resume", "--output-dir", str(tmp_path / "fresh"))
     assert "no checkpoint" in err
+    err = _bad(capsys, files, "--epochs", "inf")
+    assert "--epochs=inf: must be a finite number" in err
+    err = _bad(capsys, files, "--lr", "inf")
+    assert "--lr=inf: must be a finite number" in err
+
+
+def test_fresh_run_into_an_earlier_runs_directory_is_refused(capsys, files, adapter):
+    run = os.path.dirname(adapter)
+    before = sorted(os.listdir(run))
+    rc = main(["finetune", "--model", files["model"], "--data", files["data"], "--output-dir", run, "--seq-len", "128",
+               "--no-progress", "--show", "0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"nf4lora: error: --output-dir={run!r} holds an earlier run")
+    assert "--resume" in err and "--overwrite" in err
+    assert sorted(os.listdir(run)) == before
 
 
 def test_adapter_from_another_model_is_rejected(capsys, files, adapter, tmp_path):

@@ -37,6 +37,20 @@ def test_malformed_line_names_file_and_line(tmp_path, bad_line, match):
     assert f"{path}:3:" in str(err.value)
 
 
+def test_byte_order_mark_is_read_and_bad_unicode_names_file_and_line(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "hello"}\n{"text": "caf\xc3\xa9 \\ud83d\\ude00"}\n')  # BOM; a pair is fine
+    assert read_jsonl(path) == [{"text": "hello"}, {"text": "caf\u00e9 \U0001F600"}]
+    path.write_text('{"text": "ok"}\n{"prompt": "a\\ud800b", "completion": "c"}\n')  # a lone surrogate
+    with pytest.raises(ValueError, match=r"lone surrogate '\\ud800'") as err:
+        read_jsonl(path)
+    assert f"{path}:2:" in str(err.value)
+    path.write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')  # not UTF-8 at all
+    with pytest.raises(ValueError, match="not UTF-8") as err:
+        read_jsonl(path)
+    assert f"{path}:2:" in str(err.value)
+
+
 def test_missing_and_empty_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         read_jsonl(tmp_path / "nope.jsonl")
@@ -66,10 +80,10 @@ def test_collate_padded_has_attention_mask():
 @pytest.mark.parametrize("pack", [True, False])
 def test_stream_visits_every_example_once_per_epoch_in_a_seeded_order(pack):
     examples = _examples(23)
-    s1 = DataStream(examples, micro_batch_size=3, seq_len=24, pack=pack, pad_id=0, seed=7)
-    n = s1.batches_per_epoch(0)
-    epoch0 = [next(s1) for _ in range(n)]
-    assert s1.state_dict()["epoch"] == 1 and s1.state_dict()["index"] == 0
+    s1 = DataStream(examples, batch_size=3, micro_batch_size=3, seq_len=24, pack=pack, pad_id=0, seed=7)
+    n = s1.steps_per_epoch(0)
+    epoch0 = [b for _ in range(n) for b in next(s1)]
+    assert s1.state_dict()["epoch"] == 1 and s1.state_dict()["row"] == 0
     seen = []
     for batch in epoch0:
         key = "doc_ids" if pack else "attention_mask"
@@ -77,26 +91,52 @@ def test_stream_visits_every_example_once_per_epoch_in_a_seeded_order(pack):
             for d in sorted(set(row.tolist()) - ({-1} if pack else {0})):
                 seen.append(tuple(ids[row == d].tolist()))
     assert sorted(seen) == sorted(tuple(e.input_ids) for e in examples)
-    s2 = DataStream(examples, 3, 24, pack, 0, seed=7)
-    assert all(torch.equal(x["input_ids"], next(s2)["input_ids"]) for x in epoch0)
-    s3 = DataStream(examples, 3, 24, pack, 0, seed=8)
-    assert any(not torch.equal(x["input_ids"], next(s3)["input_ids"]) for x in epoch0)
-    assert not torch.equal(next(s1)["input_ids"], epoch0[0]["input_ids"])  # a new epoch reshuffles
+    s2 = DataStream(examples, 3, 3, 24, pack, 0, seed=7)
+    assert all(torch.equal(x["input_ids"], next(s2)[0]["input_ids"]) for x in epoch0)
+    s3 = DataStream(examples, 3, 3, 24, pack, 0, seed=8)
+    assert any(not torch.equal(x["input_ids"], next(s3)[0]["input_ids"]) for x in epoch0)
+    assert not torch.equal(next(s1)[0]["input_ids"], epoch0[0]["input_ids"])  # a new epoch reshuffles
 
 
 def test_stream_resumes_mid_epoch_with_the_same_order():
     examples = _examples(40)
-    full = DataStream(examples, 2, 30, True, 0, seed=3)
-    reference = [next(full)["input_ids"] for _ in range(15)]
-    first = DataStream(examples, 2, 30, True, 0, seed=3)
+    full = DataStream(examples, 2, 2, 30, True, 0, seed=3)
+    reference = [next(full)[0]["input_ids"] for _ in range(15)]
+    first = DataStream(examples, 2, 2, 30, True, 0, seed=3)
     for _ in range(6):
         next(first)
     state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
-    resumed = DataStream(examples, 2, 30, True, 0, seed=3)
+    resumed = DataStream(examples, 2, 2, 30, True, 0, seed=3)
     resumed.load_state_dict(state)
-    assert all(torch.equal(next(resumed)["input_ids"], ref) for ref in reference[6:])
+    assert all(torch.equal(next(resumed)[0]["input_ids"], ref) for ref in reference[6:])
     with pytest.raises(ValueError, match="seed"):
-        DataStream(examples, 2, 30, True, 0, seed=4).load_state_dict(state)
+        DataStream(examples, 2, 2, 30, True, 0, seed=4).load_state_dict(state)
+    with pytest.raises(ValueError, match="counts micro-batches"):  # an older checkpoint's position
+        resumed.load_state_dict({"epoch": 0, "index": 3, "seed": 3})
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_steps_hold_the_same_rows_whatever_the_micro_batch_size(pack):
+    """A step is batch_size rows of the epoch (fewer at its end), whatever its micro-batch split, and the position
+    is kept in rows: a run resumed with another micro_batch_size trains on the same rows (23 rows, batch 4)."""
+    examples = _examples(23)
+
+    def rows(micro_batches):  # the step's rows, as token tuples, in order
+        return [tuple(ids[ids != 0].tolist()) for b in micro_batches for ids in b["input_ids"]]
+
+    reference = DataStream(examples, 4, 4, 24, pack, 0, seed=5)
+    steps = [rows(next(reference)) for _ in range(2 * reference.steps_per_epoch(0) + 1)]
+    if not pack:  # one example per row: the epoch ends with a step of 3 rows
+        assert [len(s) for s in steps[:6]] == [4, 4, 4, 4, 4, 3] and reference.steps_per_epoch(0) == 6
+    split = DataStream(examples, 4, 2, 24, pack, 0, seed=5)
+    for _ in range(3):
+        next(split)
+    state = json.loads(json.dumps(split.state_dict()))
+    one = DataStream(examples, 4, 1, 24, pack, 0, seed=5)
+    one.load_state_dict(state)
+    later = [next(one) for _ in range(len(steps) - 3)]
+    assert all(len(b["input_ids"]) == 1 for step in later for b in step)
+    assert [rows(step) for step in later] == steps[3:]
 
 
 def test_validation_split_is_seeded_and_disjoint():
@@ -156,6 +196,24 @@ def test_chat_renders_with_the_template_and_trains_on_assistant_turns_only(token
     assert [hf.decode(r) for r in runs] == ["February 1, 2003<|im_end|>\n", "June 5, 2007<|im_end|>\n"]
 
 
+def test_chat_opening_with_an_assistant_turn_trains_on_its_content_only(tokenizers):
+    """The template writes a default system prompt and the role header before a first assistant turn: neither is
+    a target (they are not what the model must produce)."""
+    ours, hf = tokenizers
+    messages = [{"role": "assistant", "content": "Hello, which date?"}, {"role": "user", "content": "01/02/2003"},
+                {"role": "assistant", "content": "February 1, 2003"}]  # fmt: skip
+    ex = encode_record({"messages": messages}, ours)
+    assert ex.input_ids == hf.apply_chat_template(messages, tokenize=True, return_dict=False)
+    runs, current = [], []
+    for tok, label in zip(ex.input_ids, ex.labels):
+        if label != IGNORE_INDEX:
+            current.append(tok)
+        elif current:
+            runs, current = runs + [current], []
+    runs += [current] if current else []
+    assert [hf.decode(r) for r in runs] == ["Hello, which date?<|im_end|>\n", "February 1, 2003<|im_end|>\n"]
+
+
 def test_text_records_train_on_every_token_and_end_with_eos(tokenizers):
     ours, hf = tokenizers
     ex = encode_record({"text": "the quick brown fox"}, ours)
@@ -166,8 +224,20 @@ def test_text_records_train_on_every_token_and_end_with_eos(tokenizers):
 def test_load_examples_rejects_records_longer_than_seq_len(tmp_path, tokenizers):
     path = write_jsonl(tmp_path / "d.jsonl", date_records(3, seed=0))
     assert len(load_examples(path, tokenizers[0], 128)) == 3
-    with pytest.raises(ValueError, match=r"record 1 has \d+ tokens, more than seq_len=8"):
+    with pytest.raises(ValueError, match=r"d.jsonl:1: the record has \d+ tokens, more than seq_len=8"):
         load_examples(path, tokenizers[0], 8)
+
+
+def test_targets_are_the_tokens_the_loss_sees(tmp_path, tokenizers):
+    """collate masks every document's first label, so a record whose only target is its first token (an empty
+    prompt and completion: just EOS) has nothing to learn and is rejected, not trained on with loss 0."""
+    ex = encode_record({"prompt": "", "completion": " May 1"}, tokenizers[0])
+    batch = collate([[ex]], pad_id=0, pack=True, seq_len=16)
+    assert ex.n_targets == int((batch["labels"] != IGNORE_INDEX).sum()) > 0
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "", "completion": ""}])
+    with pytest.raises(ValueError, match="no target tokens") as err:
+        load_examples(path, tokenizers[0], 128)
+    assert f"{path}:2:" in str(err.value)
 
 
 def test_packed_documents_do_not_attend_to_each_other(tiny_dir, tokenizers):

@@ -1,7 +1,11 @@
-"""The training loop in process: schedule, accumulation, loss going down, outputs, atomic checkpoints."""
+"""The training loop in process: schedule, accumulation, loss going down, outputs, atomic checkpoints, what
+--resume and a fresh run accept in an output directory that holds an earlier run."""
 
+import dataclasses
 import json
+import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -9,8 +13,8 @@ from safetensors.torch import load_file
 
 from nf4lora.train import checkpoint as ckpt_mod
 from nf4lora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from nf4lora.train.config import TrainConfig
-from nf4lora.train.loop import lr_at, prepare, train
+from nf4lora.train.config import RESUMABLE_CHANGES, TrainConfig
+from nf4lora.train.loop import _grad_norm, lr_at, prepare, train
 from nf4lora.train.optim import PagedAdamW
 from test_train_helpers import date_records, write_jsonl, write_tiny_model
 
@@ -119,3 +123,111 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(setup, monkeypatch)
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, saved[n]), n
+
+
+def test_checkpoint_write_removes_what_a_killed_write_left(setup):
+    cfg = _config(setup, "leftovers")
+    model, _, _, _, _ = prepare(cfg)
+    opt = PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    root = os.path.join(cfg.output_dir, "checkpoints")
+    os.makedirs(os.path.join(root, ".step-00000004.k1ll3d", "adapter"))  # killed while assembling step 4
+    os.makedirs(os.path.join(root, ".step-00000002.old.x9z", "step-00000002"))  # killed while replacing step 2
+    with open(os.path.join(root, ".latest.json.a1b2.tmp"), "w") as f:  # killed while pointing latest.json
+        f.write("{")
+    save_checkpoint(root, 2, model, opt, {"total_steps": 3, "data": {"epoch": 0, "row": 4, "seed": 0}}, keep=2)
+    assert sorted(os.listdir(root)) == ["latest.json", "step-00000002"]
+
+
+def test_grad_norm_of_parameters_without_gradients_is_zero():
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    for max_norm in (0.0, 0.3):  # unclipped and clipped paths
+        assert float(_grad_norm(params, max_norm)) == 0.0
+    params[0].grad = torch.tensor([3.0, 4.0, 0.0])
+    assert float(_grad_norm(params, 0.0)) == 5.0 and params[0].grad.tolist() == [3.0, 4.0, 0.0]
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig) if f.type == "float"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_config_rejects_non_finite_floats(name, value):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(ValueError, match=rf"^{flag}=(-?inf|nan): must be a finite number$"):
+        TrainConfig(**{name: value}).validate()
+
+
+# ------------------------------------------------------------------ resuming, and runs in a used output directory
+def test_resumable_changes_name_config_fields():
+    assert RESUMABLE_CHANGES <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert "micro_batch_size" in RESUMABLE_CHANGES and "batch_size" not in RESUMABLE_CHANGES
+
+
+@pytest.fixture(scope="module")
+def finished(setup):
+    """A finished 4-step run with its checkpoint at step 2; each test resumes a copy (redoing steps 3 and 4)."""
+    cfg = _config(setup, "finished", max_steps=4, save_every=2)
+    train(cfg)
+    return cfg
+
+
+def _copy(run: TrainConfig, tmp_path, **changes) -> TrainConfig:
+    out = str(tmp_path / "run")
+    shutil.copytree(run.output_dir, out)
+    return dataclasses.replace(run, output_dir=out, **changes)
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_refuses_other_training_settings_naming_each(finished, tmp_path):
+    cfg = _copy(finished, tmp_path, resume=True, lr=1e-3, weight_decay=0.1, adam_beta2=0.95, lora_r=8)
+    with pytest.raises(ValueError, match="--resume: checkpoint .*step-00000002.* other settings") as err:
+        train(cfg)
+    msg = str(err.value)
+    for line in ("--lr: saved 0.01, given 0.001", "--weight-decay: saved 0.0, given 0.1",
+                 "--adam-beta2: saved 0.999, given 0.95", "--lora-r: saved 4, given 8"):  # fmt: skip
+        assert line in msg
+    assert msg.count("\n  --") == 4  # one line per differing field, and no other
+    assert _metrics(cfg.output_dir) == _metrics(finished.output_dir)  # nothing was touched
+
+
+def test_resume_with_another_micro_batch_size_trains_the_same_rows(finished, tmp_path):
+    """Only how a step is split changes (4 rows as 4 x 1 instead of 2 x 2): same rows, same loss up to rounding."""
+    cfg = _copy(finished, tmp_path, resume=True, micro_batch_size=1, eval_every=1, save_every=1, keep_checkpoints=1)
+    result = train(cfg)
+    before, after = _metrics(finished.output_dir), result.metrics
+    assert [m["step"] for m in after] == [1, 2, 3, 4]
+    assert [m["batch_sha1"] for m in after] == [m["batch_sha1"] for m in before]  # packed: the split hashes alike
+    for x, y in zip(before, after):
+        assert (x["data_epoch"], x["data_row"]) == (y["data_epoch"], y["data_row"])
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-2)  # bf16 autocast; summation order differs
+
+
+def test_resume_drops_a_partly_written_last_metrics_line(finished, tmp_path):
+    cfg = _copy(finished, tmp_path, resume=True)
+    path = os.path.join(cfg.output_dir, "metrics.jsonl")
+    with open(path, "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # a kill in the middle of _append_metrics
+    train(cfg)
+    assert [m["step"] for m in _metrics(cfg.output_dir)] == [1, 2, 3, 4]
+    with open(path) as f:
+        lines = f.readlines()
+    with open(path, "w") as f:
+        f.writelines([lines[0], lines[1][:30] + "\n", *lines[2:]])  # a bad line that is not the last one
+    with pytest.raises(ValueError, match="metrics.jsonl:2: not a metrics record"):
+        train(cfg)
+
+
+def test_fresh_run_refuses_an_earlier_run_and_overwrite_replaces_it(finished, tmp_path):
+    cfg = _copy(finished, tmp_path, lr=5e-3, max_steps=1, save_every=0)
+    out = cfg.output_dir
+    with pytest.raises(ValueError, match="holds an earlier run .*checkpoints.*--resume.*--overwrite") as err:
+        train(cfg)
+    assert out in str(err.value)
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest.json", "step-00000002"]  # untouched
+    assert len(_metrics(out)) == 4
+    train(dataclasses.replace(cfg, overwrite=True))
+    assert not os.path.exists(os.path.join(out, "checkpoints"))  # the earlier run's; this one saved none
+    assert [(m["step"], m["lr"]) for m in _metrics(out)] == [(1, 5e-3 / 2)]  # warmup step 0 of 1
+    with pytest.raises(ValueError, match="--resume .* --overwrite"):
+        dataclasses.replace(cfg, resume=True, overwrite=True).validate()

@@ -75,5 +75,5 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
     m_full, m_resumed = _metrics(tmp_path / "full"), _metrics(out)
     assert [m["step"] for m in m_resumed] == [1, 2, 3, 4, 5]
     for x, y in zip(m_full, m_resumed):
-        for key in ("batch_sha1", "data_epoch", "data_index", "loss", "grad_norm", "lr", "val_loss"):
+        for key in ("batch_sha1", "data_epoch", "data_row", "loss", "grad_norm", "lr", "val_loss"):
             assert x.get(key) == y.get(key), (x["step"], key)

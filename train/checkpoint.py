@@ -9,8 +9,9 @@ Layout under <output_dir>/checkpoints/:
 
 A checkpoint is assembled in a hidden temporary directory, every file fsync'ed, then renamed into place
 (os.replace of a directory is atomic on POSIX), and only then does latest.json (itself written to a temporary
-file and renamed) point at it. A crash at any moment leaves latest.json naming a complete checkpoint. Only
-safetensors and JSON are read back: no pickle.
+file and renamed) point at it. A crash at any moment leaves latest.json naming a complete checkpoint; the hidden
+leftovers of a crash (`.step-*` directories, `.latest.json.*` files) are removed by the next save_checkpoint.
+Only safetensors and JSON are read back: no pickle.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
 def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict, keep: int) -> str:
     """Write checkpoint `step` under `root`, point latest.json at it, prune to the newest `keep`. Returns its dir."""
     os.makedirs(root, exist_ok=True)
+    _remove_leftovers(root)
     name = f"step-{step:08d}"
     final = os.path.join(root, name)
     tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
@@ -95,6 +97,18 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict,
     return final
 
 
+def _remove_leftovers(root: str) -> None:
+    """Delete what a process killed inside save_checkpoint or write_json_atomic left: the hidden temporaries
+    `.step-N.XXXX` (a checkpoint being assembled), `.step-N.old.XXXX` (one being replaced) and `.latest.json.XXXX.tmp`.
+    Nothing else writes names of that shape under `root`, and only one run writes to an output directory."""
+    for entry in os.listdir(root):
+        path = os.path.join(root, entry)
+        if entry.startswith(".step-") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif entry.startswith(f".{LATEST}.") and entry.endswith(".tmp") and os.path.isfile(path):
+            os.remove(path)
+
+
 def _prune(root: str, keep: int, protect: str) -> None:
     steps = sorted(d for d in os.listdir(root) if d.startswith("step-") and os.path.isdir(os.path.join(root, d)))
     for d in steps[:-keep]:
@@ -115,10 +129,15 @@ def latest_checkpoint(root: str) -> str | None:
     return ckpt
 
 
+def read_trainer_state(ckpt: str) -> dict:
+    """A checkpoint's trainer_state.json (step, data position, optimizer param groups, config), touching nothing."""
+    with open(os.path.join(ckpt, STATE)) as f:
+        return json.load(f)
+
+
 def load_checkpoint(ckpt: str, model, optimizer) -> dict:
     """Restore adapter weights, optimizer state and RNG states in place; return the trainer state."""
-    with open(os.path.join(ckpt, STATE)) as f:
-        state = json.load(f)
+    state = read_trainer_state(ckpt)
     load_adapter(model, os.path.join(ckpt, "adapter"))
     tensors = load_file(os.path.join(ckpt, OPTIMIZER))
     per_param: dict[int, dict] = {}

@@ -51,9 +51,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     then the dataclass defaults."""
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    demo = given.get("model") is None and given.get("data") is None
-    values = {**(DEMO_OVERRIDES if demo else {}), **given}
-    return TrainConfig(**values)
+    demo = {}
+    if given.get("model") is None and given.get("data") is None:
+        # The demo replaces its earlier run in runs/finetune unless asked to continue it; --epochs alone sets the
+        # length, which the demo's max_steps would otherwise override.
+        demo = {**DEMO_OVERRIDES, "overwrite": not given.get("resume", False)}
+        if "epochs" in given and "max_steps" not in given:
+            del demo["max_steps"]
+    return TrainConfig(**{**demo, **given})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser(
         "finetune", help="train a LoRA adapter on a 4-bit base model",
         description="Train a LoRA adapter on a quantized base model. With neither --model nor --data, runs the "
-        f"built-in demo with {DEMO_OVERRIDES} unless overridden, and prints held-out exact-match accuracy "
-        "before and after training.",
+        f"built-in demo with {DEMO_OVERRIDES} unless overridden (--epochs without --max-steps drops max_steps), "
+        "replacing an earlier demo run in --output-dir unless --resume is given, and prints held-out "
+        "exact-match accuracy before and after training.",
     )  # fmt: skip
     _add_config_flags(ft)
     ft.add_argument("--exact-match", action=argparse.BooleanOptionalAction, default=None,

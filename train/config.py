@@ -6,12 +6,23 @@ Each field's `help` is its --help text; the comment next to a default says why i
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
 SCHEDULES = ("constant", "cosine")
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")  # plus "none" for a 16-bit base (plain LoRA)
+
+# Fields a resumed run may change: they decide how the run executes (where outputs go, how often it evaluates or
+# saves, memory/speed trade-offs, threads, the device, the micro-batch split of each step), not which rows each
+# step trains on or which update it makes. Every other field changes the training trajectory, so --resume refuses
+# a checkpoint saved with a different value. The numerics of a changed micro-batch split, device, thread count,
+# recomputation or loss chunking differ in rounding only; a bitwise-equal continuation needs them unchanged too.
+RESUMABLE_CHANGES = frozenset({
+    "output_dir", "eval_every", "save_every", "keep_checkpoints", "device", "threads", "keep_freed_memory", "resume",
+    "overwrite", "progress", "gradient_checkpointing", "loss_chunk_tokens", "micro_batch_size",
+})  # fmt: skip
 
 
 def _f(default, help: str):
@@ -79,6 +90,8 @@ class TrainConfig:
     keep_freed_memory: bool = _f(True, "CPU runs: glibc malloc keeps freed memory for the next step instead of "
                                        "returning it to the OS and faulting it in again (process-wide)")
     resume: bool = _f(False, "continue from the newest checkpoint in --output-dir")
+    overwrite: bool = _f(False, "start afresh in an --output-dir that holds an earlier run: its checkpoints, "
+                                "metrics.jsonl, adapter and loss.png are removed first")  # fmt: skip
     progress: bool = _f(True, "show a progress bar")
 
     @property
@@ -99,6 +112,10 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
         for name in ("warmup_steps", "max_steps", "eval_every", "save_every", "threads", "loss_chunk_tokens"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0")
+        for f in dataclasses.fields(self):
+            if f.type == "float":  # inf passes every bound below and fails much later (inf epochs: OverflowError)
+                value = getattr(self, f.name)
+                need(isinstance(value, (int, float)) and math.isfinite(value), f.name, "a finite number")
         for name in ("lr", "weight_decay", "max_grad_norm", "adam_eps"):
             need(getattr(self, name) >= 0, name, ">= 0")
         need(self.lora_alpha > 0, "lora_alpha", "> 0")
@@ -112,11 +129,30 @@ class TrainConfig:
                 f"--batch-size={self.batch_size} is not a multiple of --micro-batch-size={self.micro_batch_size}: "
                 "each optimizer step accumulates batch_size / micro_batch_size whole micro-batches"
             )
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --output-dir and --overwrite removes it: give one of them")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"--device={self.device!r}: must be cpu, cuda, cuda:N or auto")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def check_resumes(self, saved: dict, where: str) -> None:
+        """Raise ValueError listing every field whose value in `saved` (a checkpoint's config) differs from this
+        config's, other than the fields that only decide how the run executes (RESUMABLE_CHANGES)."""
+        diffs = []
+        for f in dataclasses.fields(self):
+            given = getattr(self, f.name)
+            if f.name in RESUMABLE_CHANGES or (f.name in saved and saved[f.name] == given):
+                continue
+            before = repr(saved[f.name]) if f.name in saved else "(not saved)"
+            diffs.append(f"--{f.name.replace('_', '-')}: saved {before}, given {given!r}")
+        if diffs:
+            raise ValueError(
+                f"--resume: {where} was saved by a run with other settings, and continuing it with these would "
+                "train something neither run describes. Give the saved values, or start afresh (--overwrite or a "
+                "new --output-dir):\n  " + "\n  ".join(diffs)
+            )
 
 
 def check_writable_dir(path: str, flag: str = "--output-dir") -> None:

@@ -8,7 +8,7 @@ Record formats, one JSON object per line:
 Batches are dicts of (B, T) int64 tensors: `input_ids`, `labels` (-100 = no loss), and either `doc_ids`
 (packing: several examples share a row and attend only within their own document; the model restarts positions
 at each document) or `attention_mask` (padding: one example per row).
-Shuffling is a function of (seed, epoch) only, so a run can resume at any (epoch, index) with the same order.
+Shuffling is a function of (seed, epoch) only, so a run can resume at any (epoch, row) with the same order.
 """
 
 from __future__ import annotations
@@ -40,18 +40,30 @@ class Example:
 
     @property
     def n_targets(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+        """Tokens the loss sees: collate masks a document's first label (nothing before it predicts it)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
 
 
 # ---------------------------------------------------------------------------------------------------- reading
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Records of a JSONL file; any malformed line raises ValueError naming the file and line number."""
+    return [record for _, record in _numbered_records(path)]
+
+
+def _numbered_records(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line. UTF-8, with or without a byte-order mark (editors on
+    Windows write one); a line that is not UTF-8, not JSON, or holds a string that is not valid Unicode (a JSON
+    lone surrogate such as "\\ud800", which no tokenizer accepts) is a ValueError naming the file and line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -59,15 +71,32 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             _check_record(record, f"{path}:{lineno}")
-            records.append(record)
+            records.append((lineno, record))
     if not records:
         raise ValueError(f"data file {path!r} holds no records")
     return records
 
 
+def _check_unicode(value, where: str) -> None:
+    """Every string in a JSON value (keys included) must encode to UTF-8."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        for s in (key, item):
+            if isinstance(s, str):
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(
+                        f"{where}: string {s!r} holds the lone surrogate {s[e.start:e.end]!r}, which is not valid "
+                        "Unicode: a \\ud800-\\udfff escape must be half of a surrogate pair"
+                    ) from None
+        _check_unicode(item, where)
+
+
 def _check_record(record, where: str) -> None:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    _check_unicode(record, where)
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
@@ -115,7 +144,9 @@ def _encode_chat(messages: list[dict], tokenizer) -> Example:
 
     The rendered text is cut where each assistant turn begins and ends (found by rendering the conversation up
     to that turn, with and without the turn), and each piece is tokenized on its own, so the mask follows the
-    template exactly, whatever it inserts between turns (role headers, end-of-turn tokens, newlines).
+    template exactly, whatever it inserts between turns (role headers, end-of-turn tokens, newlines). A
+    conversation that opens with an assistant turn trains on its content only, not on what the template writes
+    before it (a default system prompt, the role header).
     """
     render = tokenizer.apply_chat_template
     full = render(messages, add_generation_prompt=False)
@@ -123,9 +154,9 @@ def _encode_chat(messages: list[dict], tokenizer) -> Example:
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render(messages[:i], add_generation_prompt=True) if i else ""
+        before = render(messages[:i], add_generation_prompt=True) if i else _opening(messages[0], render)
         upto = render(messages[: i + 1], add_generation_prompt=False)
-        if not (full.startswith(before) and full.startswith(upto)):
+        if not (full.startswith(before) and full.startswith(upto) and len(before) <= len(upto)):
             raise ValueError(
                 "the chat template does not render a conversation's beginning as a prefix of the whole, "
                 "so assistant turns cannot be located for masking"
@@ -141,19 +172,36 @@ def _encode_chat(messages: list[dict], tokenizer) -> Example:
     return Example(ids, labels)
 
 
+def _opening(first: dict, render) -> str:
+    """What the template writes before the content of a conversation's first message (a default system prompt,
+    the role header): the common prefix of that message rendered with two contents that differ at once."""
+    a = render([{**first, "content": "a"}], add_generation_prompt=False)
+    b = render([{**first, "content": "b"}], add_generation_prompt=False)
+    n = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[:n]
+
+
 def load_examples(path: str | os.PathLike, tokenizer, max_seq_len: int) -> list[Example]:
-    """Encode every record of a JSONL file; examples longer than `max_seq_len` are an error naming the line."""
+    """Encode every record of a JSONL file; a record too long for `max_seq_len`, without a target token, or
+    that the chat template cannot mask is an error naming the file and line."""
     examples = []
-    for lineno, record in enumerate(read_jsonl(path), start=1):
-        ex = encode_record(record, tokenizer)
+    for lineno, record in _numbered_records(path):
+        where = f"{os.fspath(path)}:{lineno}"
+        try:
+            ex = encode_record(record, tokenizer)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         ex.record = record
         if len(ex.input_ids) > max_seq_len:
             raise ValueError(
-                f"{os.fspath(path)}: record {lineno} has {len(ex.input_ids)} tokens, more than seq_len={max_seq_len}; "
+                f"{where}: the record has {len(ex.input_ids)} tokens, more than seq_len={max_seq_len}; "
                 "raise --seq-len or shorten the record"
             )
         if ex.n_targets == 0:
-            raise ValueError(f"{os.fspath(path)}: record {lineno} has no target tokens after masking")
+            raise ValueError(
+                f"{where}: the record has no target tokens after masking (the loss never sees a document's first "
+                "token, so a text or completion must give at least one token after it)"
+            )
         examples.append(ex)
     return examples
 
@@ -215,21 +263,27 @@ def collate(rows: list[list[Example]], pad_id: int, pack: bool, seq_len: int | N
 
 
 class DataStream:
-    """An endless, resumable sequence of micro-batches over a training set.
+    """An endless, resumable sequence of optimizer steps over a training set.
 
-    Each epoch shuffles the examples with Random(f"{seed}-{epoch}"), packs (or pads) them into rows and cuts
-    the rows into micro-batches of `micro_batch_size` rows (the last one of an epoch may be smaller). The
-    position (epoch, index) is the whole state: `state_dict()` / `load_state_dict()` resume the same order.
+    Each epoch shuffles the examples with Random(f"{seed}-{epoch}") and packs (or pads) them into rows. Step k
+    of an epoch trains on rows [k * batch_size, (k + 1) * batch_size) (the last step of an epoch may have fewer),
+    cut into micro-batches of `micro_batch_size` rows; `next()` returns the step's micro-batches. The position
+    (epoch, row) is the whole state and is counted in rows, so which rows a step sees depends on batch_size only:
+    a run may resume with another micro_batch_size (after running out of memory, say) and train on the same rows.
     """
 
     def __init__(
-        self, examples: list[Example], micro_batch_size: int, seq_len: int, pack: bool, pad_id: int, seed: int
-    ):
+        self, examples: list[Example], batch_size: int, micro_batch_size: int, seq_len: int, pack: bool, pad_id: int,
+        seed: int,
+    ):  # fmt: skip
         if not examples:
             raise ValueError("DataStream needs at least one training example")
-        self.examples, self.micro_batch_size, self.seq_len = examples, micro_batch_size, seq_len
-        self.pack, self.pad_id, self.seed = pack, pad_id, seed
-        self.epoch, self.index = 0, 0
+        if batch_size <= 0 or micro_batch_size <= 0 or batch_size % micro_batch_size:
+            raise ValueError(f"DataStream: batch_size={batch_size} must be a positive multiple of "
+                             f"micro_batch_size={micro_batch_size}")  # fmt: skip
+        self.examples, self.batch_size, self.micro_batch_size = examples, batch_size, micro_batch_size
+        self.seq_len, self.pack, self.pad_id, self.seed = seq_len, pack, pad_id, seed
+        self.epoch, self.row = 0, 0
         self._rows_epoch, self._rows = None, None
 
     def _epoch_rows(self, epoch: int) -> list[list[Example]]:
@@ -241,29 +295,36 @@ class DataStream:
             self._rows_epoch = epoch
         return self._rows
 
-    def batches_per_epoch(self, epoch: int = 0) -> int:
-        return math.ceil(len(self._epoch_rows(epoch)) / self.micro_batch_size)
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        return math.ceil(len(self._epoch_rows(epoch)) / self.batch_size)
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
         rows = self._epoch_rows(self.epoch)
-        chunk = rows[self.index * self.micro_batch_size : (self.index + 1) * self.micro_batch_size]
-        self.index += 1
-        if self.index * self.micro_batch_size >= len(rows):
-            self.epoch, self.index = self.epoch + 1, 0
+        step = rows[self.row : self.row + self.batch_size]
+        self.row += self.batch_size
+        if self.row >= len(rows):
+            self.epoch, self.row = self.epoch + 1, 0
         # Packed rows have a fixed length (seq_len) so every step has the same shape; padded rows only need the
-        # longest example of the batch.
-        return collate(chunk, self.pad_id, self.pack, self.seq_len if self.pack else None)
+        # longest example of the micro-batch.
+        m = self.micro_batch_size
+        return [collate(step[i : i + m], self.pad_id, self.pack, self.seq_len if self.pack else None)
+                for i in range(0, len(step), m)]  # fmt: skip
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+        return {"epoch": self.epoch, "row": self.row, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("seed") != self.seed:
             raise ValueError(f"data state was saved with seed {state.get('seed')!r}, this run uses seed {self.seed}")
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        if "row" not in state:
+            raise ValueError(
+                f"data state {state!r} counts micro-batches (a checkpoint of an older nf4lora, whose steps were cut "
+                "differently); it cannot be continued: start the run again"
+            )
+        self.epoch, self.row = int(state["epoch"]), int(state["row"])
 
 
 def eval_batches(examples: list[Example], micro_batch_size: int, seq_len: int, pack: bool, pad_id: int):

@@ -1,12 +1,13 @@
 """train(config): QLoRA fine-tuning with accumulation, clipping, a warmup + cosine schedule, periodic validation,
 metrics (JSONL + PNG), atomic checkpoints and exact resume.
 
-A step, for B = batch_size rows and m = micro_batch_size: take B / m micro-batches from the DataStream, run
-forward + backward on each with the loss weighted by its share of the step's target tokens (so the step's
-gradient is that of the mean loss over all its target tokens, whatever the padding or packing), clip the global
-norm, set the learning rate for the step, PagedAdamW.step(). Everything that decides the next step (adapter,
-optimizer state, step number, data position, RNG) is in the checkpoint, so a resumed run is bitwise the
-uninterrupted one on the same machine.
+A step, for B = batch_size rows and m = micro_batch_size: take the step's B rows from the DataStream as B / m
+micro-batches (fewer at the end of an epoch), run forward + backward on each with the loss weighted by its share
+of the step's target tokens (so the step's gradient is that of the mean loss over all its target tokens, whatever
+the padding or packing), clip the global norm, set the learning rate for the step, PagedAdamW.step(). Everything
+that decides the next step (adapter, optimizer state, step number, data position, RNG) is in the checkpoint, so a
+resumed run is bitwise the uninterrupted one on the same machine (and trains on the same rows when it changes
+only how the run executes: see config.RESUMABLE_CHANGES).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -24,12 +26,13 @@ from nf4lora.lora import add_lora, save_adapter
 from nf4lora.models.loading import resolve_device
 
 from .allocator import keep_freed_memory
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .config import TrainConfig, check_writable_dir
 from .data import DataStream, Example, eval_batches, load_examples, split_validation
 from .optim import PagedAdamW
 from .resources import load_base, resolve_data
 
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "loss.png")  # what train() writes under --output-dir
 
 
 @dataclass
@@ -94,6 +97,7 @@ def prepare(config: TrainConfig):
     if config.threads:
         torch.set_num_threads(config.threads)
     check_writable_dir(config.output_dir)
+    _earlier_run(config)
     device = resolve_device(config.device)
     if config.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
@@ -117,15 +121,30 @@ def prepare(config: TrainConfig):
     return model, tokenizer, train_ex, val_ex, device
 
 
+def _earlier_run(config: TrainConfig) -> list[str]:
+    """The outputs of an earlier run in --output-dir that a fresh run (no --resume) would replace. Without
+    --overwrite they are an error: its checkpoints would stay for a later --resume to continue the wrong run."""
+    if config.resume:
+        return []
+    found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(config.output_dir, name))]
+    if found and not config.overwrite:
+        raise ValueError(
+            f"--output-dir={config.output_dir!r} holds an earlier run ({', '.join(found)}): pass --resume to "
+            "continue it, --overwrite to replace it, or a new --output-dir"
+        )
+    return found
+
+
 def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
     """Run the training described by `config`; `prepared` is prepare(config)'s result when already computed."""
     model, tokenizer, train_ex, val_ex, device = prepared if prepared is not None else prepare(config)
     out = config.output_dir
     ckpt_root = os.path.join(out, "checkpoints")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stream = DataStream(train_ex, config.micro_batch_size, config.seq_len, config.pack, pad_id, config.seed)
+    stream = DataStream(train_ex, config.batch_size, config.micro_batch_size, config.seq_len, config.pack, pad_id,
+                        config.seed)  # fmt: skip
     accum = config.grad_accum_steps
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.batches_per_epoch(0) / accum))
+    total_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.steps_per_epoch(0)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = PagedAdamW(
         params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
@@ -141,6 +160,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         ckpt = latest_checkpoint(ckpt_root)
         if ckpt is None:
             raise ValueError(f"--resume: no checkpoint under {ckpt_root!r}")
+        config.check_resumes(read_trainer_state(ckpt).get("config", {}), f"checkpoint {ckpt!r}")
         state = load_checkpoint(ckpt, model, optimizer)
         if state["total_steps"] != total_steps:
             raise ValueError(
@@ -149,8 +169,14 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         stream.load_state_dict(state["data"])
         start = state["step"]
         if os.path.exists(metrics_path):  # keep the history up to the checkpoint; later lines are redone
-            with open(metrics_path) as f:
-                metrics = [m for m in map(json.loads, f) if m["step"] <= start]
+            metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
+    else:
+        for name in _earlier_run(config):  # --overwrite (prepare refused the run without it)
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
     _write_metrics(metrics_path, metrics)
 
     n_trainable = sum(p.numel() for p in params)
@@ -161,7 +187,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
     t0, tokens_done = time.perf_counter(), 0
     for step in range(start, total_steps):
         position = stream.state_dict()
-        batches = [next(stream) for _ in range(accum)]
+        batches = next(stream)  # the step's micro-batches: accum of them, fewer at the end of an epoch
         step_targets = sum(_n_targets(b) for b in batches)
         lr = lr_at(step, config, total_steps)
         for group in optimizer.param_groups:
@@ -175,11 +201,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
                 loss = model(**_to(batch, device)).loss
             (loss * (n / step_targets)).backward()
             loss_sum += float(loss.detach()) * n
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            if config.max_grad_norm > 0
-            else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-        )
+        grad_norm = _grad_norm(params, config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -189,7 +211,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         record = {
             "step": step + 1, "loss": loss_sum / max(step_targets, 1), "lr": lr, "grad_norm": float(grad_norm),
             "tokens": tokens, "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed,
-            "data_epoch": position["epoch"], "data_index": position["index"], "batch_sha1": _batch_fingerprint(batches),
+            "data_epoch": position["epoch"], "data_row": position["row"], "batch_sha1": _batch_fingerprint(batches),
         }  # fmt: skip
         done = step + 1
         if val_batches and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
@@ -215,6 +237,15 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
     return TrainResult(model, tokenizer, adapter_dir, metrics, val_ex)
 
 
+def _grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global L2 norm of the gradients before clipping; clips them to `max_norm` when it is > 0. Parameters
+    without a gradient count as zero (a step may leave all of them without one)."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = [p.grad.norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
 def _progress(enabled: bool, total: int, initial: int):
     if not enabled:
         return None
@@ -229,6 +260,29 @@ def _write_metrics(path: str, metrics: list[dict]) -> None:
         for m in metrics:
             f.write(json.dumps(m) + "\n")
     os.replace(fd_path, path)
+
+
+def _read_metrics(path: str) -> list[dict]:
+    """The records of metrics.jsonl. A last line that does not parse is what a kill in the middle of a write
+    leaves, and is dropped (the resumed run redoes its step); a bad line anywhere else is an error."""
+    with open(path, encoding="utf-8") as f:
+        lines = [(lineno, line) for lineno, line in enumerate(f, start=1) if line.strip()]
+    records = []
+    for k, (lineno, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                raise ValueError("no integer 'step'")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if k == len(lines) - 1:
+                print(f"{path}:{lineno}: dropping a partly written last line")
+                break
+            raise ValueError(
+                f"{path}:{lineno}: not a metrics record ({e}); only the last line may be cut short by a kill: "
+                "repair or remove the line to resume"
+            ) from None
+        records.append(record)
+    return records
 
 
 def _append_metrics(path: str, record: dict) -> None:
