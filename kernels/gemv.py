@@ -21,17 +21,26 @@ MAX_M = 4
 # H200 autotuning picked 8x256 for every LLaMA-7B shape and M, at 8-9% of HBM bandwidth: each K slice waits on a
 # chain of dependent loads (codes, then their table values and block constants), and its sm_90 code moves the W
 # tile (and x) through shared memory for the (M, N, K) product (8 barriers per slice at 8x256), so time grows
-# with the number of slices per program. The last three candidates cut that to 2-8 slices for K = 4096.
+# with the number of slices per program. Two answers, both left to autotuning until a GPU run has timed them:
+# - longer slices, fewer of them (the 1024- and 2048-long candidates: 2-4 slices for K = 4096);
+# - STAGES > 1: the K loop is software-pipelined, later slices' loads issued (cp.async into shared memory) while
+#   this one is computed. Triton 3.6 and 3.9 pipeline a loop without tl.dot only when it is a tl.range with
+#   num_stages: a config's num_stages leaves it unpipelined (sm_90 PTX: no cp.async with STAGES = 1). STAGES = 1
+#   keeps the loop as it was measured. Shared memory per program at 8x256: 4 KB unpipelined, 24 KB at 3 stages.
 CONFIGS = [
-    triton.Config({"BLOCK_N": 4, "BLOCK_K": 512}, num_warps=4),
-    triton.Config({"BLOCK_N": 8, "BLOCK_K": 256}, num_warps=4),
-    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256}, num_warps=8),
-    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4),
-    triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024}, num_warps=4),
-    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024}, num_warps=8),
-    triton.Config({"BLOCK_N": 2, "BLOCK_K": 2048}, num_warps=8),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 512, "STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_N": 8, "BLOCK_K": 256, "STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_N": 2, "BLOCK_K": 1024, "STAGES": 1}, num_warps=4),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_N": 2, "BLOCK_K": 2048, "STAGES": 1}, num_warps=8),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 512, "STAGES": 3}, num_warps=4),
+    triton.Config({"BLOCK_N": 8, "BLOCK_K": 256, "STAGES": 3}, num_warps=4),
+    triton.Config({"BLOCK_N": 16, "BLOCK_K": 256, "STAGES": 3}, num_warps=8),
+    triton.Config({"BLOCK_N": 4, "BLOCK_K": 1024, "STAGES": 2}, num_warps=8),
 ]
-INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 32})
+INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 8, "BLOCK_K": 32, "STAGES": 1})
 
 
 @triton.jit
@@ -40,13 +49,14 @@ def _gemv_kernel(
     M, N, K, stride_xm, stride_xk, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     EVEN_K: tl.constexpr, K_ALIGNED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_N outputs of all M (<= BLOCK_M) rows. acc is (BLOCK_M, BLOCK_N, BLOCK_K) float32."""
+    """One program: BLOCK_N outputs of all M (<= BLOCK_M) rows. acc is (BLOCK_M, BLOCK_N, BLOCK_K) float32;
+    the K loop is pipelined STAGES deep (1: not at all)."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
         rk = k0 + tl.arange(0, BLOCK_K)
         w = load_weight_tile(
             packed_ptr, absmax_ptr, code_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, rn, rk, k0, N, K,

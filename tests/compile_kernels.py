@@ -138,8 +138,10 @@ def state_dtypes(double_quant: bool) -> tuple:
 
 
 def config_label(config: triton.Config) -> str:
+    """Tile sizes, warps, the compiler's num_stages, and the GEMV's own pipelining depth (p, its STAGES)."""
     sizes = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
-    return f"{sizes} w{config.num_warps} s{config.num_stages}"
+    stages = f" p{config.kwargs['STAGES']}" if "STAGES" in config.kwargs else ""
+    return f"{sizes} w{config.num_warps} s{config.num_stages}{stages}"
 
 
 def launch_options(config: triton.Config) -> dict:

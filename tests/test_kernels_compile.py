@@ -29,10 +29,13 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = RESULT_LINE.findall(proc.stdout)  # (status, kernel, label) per compiled variant
     assert {kernel for _, kernel, _ in results} == {"dequant", "matmul", "grad_input", "gemv"}
     assert not [r for r in results if r[0] == "FAIL"]
-    # Every autotune candidate of each kernel was compiled (a label starts with the config's tile sizes).
+    # Every autotune candidate of each kernel was compiled (a label starts with the config's tile sizes, warps and
+    # stages: compile_kernels.config_label).
     for kernel, configs in (("matmul", matmul.CONFIGS), ("grad_input", matmul.GRAD_INPUT_CONFIGS), ("gemv", gemv.CONFIGS)):
         for config in configs:
             sizes = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
-            assert any(k == kernel and label.startswith(sizes + " ") for _, k, label in results), (kernel, config)
+            stages = f" p{config.kwargs['STAGES']}" if "STAGES" in config.kwargs else ""
+            prefix = f"{sizes} w{config.num_warps} s{config.num_stages}{stages} "
+            assert any(k == kernel and label.startswith(prefix) for _, k, label in results), (kernel, config)
     summary = re.search(r"^(\d+) variants compiled for sm_90 in \d+s, 0 failures$", proc.stdout, re.M)
     assert summary and int(summary[1]) == len(results), out[-3000:]

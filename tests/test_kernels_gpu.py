@@ -113,6 +113,18 @@ def test_bf16_gemv_llama_shape(m):
     torch.testing.assert_close(y.double(), reference_linear(x, packed, state, None), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_every_gemv_config_in_bf16(m):
+    """Each candidate as the compiler builds it (the interpreter ignores STAGES: here the pipelined loops run),
+    on a LLaMA row length and on K = 4160 (65 blocks: a partial last slice for every BLOCK_K)."""
+    for n, k in ((4096, 4096), (37, 4160)):
+        packed, state = quantized((n, k), 64, "nf4", True)
+        x = randn(m, k, dtype=torch.bfloat16, seed=6)
+        for config in gemv.CONFIGS:
+            y = gemv.gemv(x, None, *state_args(packed, state), config=config)
+            torch.testing.assert_close(y.double(), reference_linear(x, packed, state, None), **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
