@@ -22,11 +22,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def state_args(packed: torch.Tensor, state: QuantState) -> tuple:
-    """The QuantState as the ops and the launchers take it (ops.STATE_ARGS order)."""
+    """The QuantState as the ops and the launchers take it (ops.STATE_ARGS order). The kernels index the block
+    constants as contiguous arrays, so a strided view (a slice of a larger tensor) is copied first."""
     nested = state.nested
     return (
-        packed, state.absmax, state.code, state.offset,
-        None if nested is None else nested.absmax, None if nested is None else nested.code,
+        packed, state.absmax.contiguous(), state.code.contiguous(), state.offset,
+        None if nested is None else nested.absmax.contiguous(), None if nested is None else nested.code.contiguous(),
         state.blocksize, NESTED_BLOCKSIZE if nested is None else nested.blocksize, list(state.shape),
     )  # fmt: skip
 
@@ -86,7 +87,9 @@ def matmul_4bit(
     """x (..., K) @ dequant(W (N, K)).T + bias -> (..., N) in x.dtype, differentiable in x and bias.
 
     W is used in x.dtype, as F.linear(x, dequantize(packed, state, x.dtype), bias) would; bias may be any float
-    dtype (the GEMV and fused kernels add it in float32, the other paths cast it to x.dtype first).
+    dtype (the GEMV and fused kernels add it in float32, the other paths cast it to x.dtype first). Under autocast,
+    x is first cast to the autocast dtype, as F.linear's inputs are: every backend, row count and torch.compile
+    then give the same dtype.
     """
     N, K = _check_operand(x, "x", packed, state, features="in_features")
     if bias is not None:
@@ -95,6 +98,9 @@ def matmul_4bit(
             raise ValueError(f"bias must have shape ({N},) for a {N}x{K} weight, got {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}: move both to one device")
+        bias = bias.contiguous()  # the kernels read it with stride 1
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     if torch.compiler.is_compiling():  # the custom op: opaque to torch.compile, no graph break
         return ops.matmul_4bit(x, *state_args(packed, state), bias)
     return ops.Matmul4bit.apply(x, bias, *state_args(packed, state))

@@ -105,6 +105,6 @@ def gemv(
     if config is None and not INTERPRETED:
         _gemv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]),)](*args, **meta, enable_fp_fusion=False)
     else:
-        kw = (config or INTERPRETER_CONFIG).all_kwargs()
+        kw = {"STAGES": 1, **(config or INTERPRETER_CONFIG).all_kwargs()}  # a config without STAGES: unpipelined
         _gemv_kernel[(triton.cdiv(N, kw["BLOCK_N"]),)](*args, **meta, **kw, enable_fp_fusion=False)
     return y.view(*x.shape[:-1], N)

@@ -21,9 +21,11 @@ NF4_CODE = torch.tensor(
 )  # fmt: skip
 
 # FP4 (the E2M1 variant bitsandbytes uses): bit 3 is the sign, the low three bits index these magnitudes
-# (subnormal 0 and 0.0625, then 8, 12, 4, 6, 2, 3), all divided by 12 so the largest is 1.0.
+# (subnormal 0 and 0.0625, then 8, 12, 4, 6, 2, 3), all divided by 12 so the largest is 1.0. Code 8 ("-0") is
+# +0.0, as in bitsandbytes' table (its quant_map, and its CPU dequantization at every practical size; its CUDA
+# kernel alone gives -0.0 there).
 _FP4_MAGNITUDES = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
-FP4_CODE = torch.tensor([m / 12 for m in _FP4_MAGNITUDES] + [-m / 12 for m in _FP4_MAGNITUDES], dtype=torch.float32)
+FP4_CODE = torch.tensor([m / 12 for m in _FP4_MAGNITUDES] + [-m / 12 or 0.0 for m in _FP4_MAGNITUDES], dtype=torch.float32)
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

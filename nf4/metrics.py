@@ -41,10 +41,12 @@ def sqnr_db(original: torch.Tensor, reconstructed: torch.Tensor) -> float:
 
 
 def relative_error(original: torch.Tensor, reconstructed: torch.Tensor) -> float:
-    """Frobenius-norm relative error ||x - y|| / ||x||."""
+    """Frobenius-norm relative error ||x - y|| / ||x|| (0 for an exact reconstruction, even of zeros)."""
     x, y = _pair(original, reconstructed)
-    denom = x.norm().item()
-    return (x - y).norm().item() / denom if denom > 0 else math.inf
+    denom, noise = x.norm().item(), (x - y).norm().item()
+    if noise == 0:
+        return 0.0
+    return noise / denom if denom > 0 else math.inf
 
 
 def bits_per_parameter(state: QuantState) -> float:

@@ -51,14 +51,16 @@ def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
 def _scale_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     """s = clamp(x * (1 / absmax[block]), -1, 1) in float32, written over `flat` (which the caller owns).
 
-    An all-zero block has absmax 0; its reciprocal is taken of 1e-38 instead, so s = 0 there.
+    An all-zero block has absmax 0; its reciprocal is taken of 1e-38 instead, so s = 0 there. A partial last
+    block is divided by its absmax instead, as bitsandbytes does: x / a and x * (1 / a) round differently, and
+    next to FP4's exactly representable midpoints that changes codes.
     """
     inv = 1.0 / absmax.clamp(min=1e-38)
     n = flat.numel()
     full = n - n % blocksize
     flat[:full].view(-1, blocksize).mul_(inv[: full // blocksize, None])
     if full < n:
-        flat[full:].mul_(inv[-1])
+        flat[full:].div_(absmax[-1])
     return flat.clamp_(-1, 1)
 
 
@@ -106,6 +108,8 @@ def quantize_4bit(
     for start in range(0, n, CHUNK_ELEMENTS):
         chunk = flat[start : start + CHUNK_ELEMENTS].to(torch.float32, copy=True)  # (c,) owned float32 copy
         chunk_absmax = _blockwise_absmax(chunk, blocksize)
+        if chunk.numel() % blocksize:  # bitsandbytes stores a partial last block's absmax clamped to >= 1e-38
+            chunk_absmax[-1:].clamp_(min=1e-38)  # (full blocks keep a raw 0; its 8-bit nested quantizer too)
         absmax[start // blocksize : start // blocksize + chunk_absmax.numel()] = chunk_absmax
         codes = _nearest_codes_4bit(_scale_blocks(chunk, chunk_absmax, blocksize), quant_type)
         if codes.numel() % 2:  # only the last chunk can be odd: pad with the code of 0.0

@@ -13,7 +13,7 @@ from .codebooks import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_TYPES, code_table
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensor fields: no field-wise ==, which raises on tensors
 class NestedState:
     """Double quantization of the block constants: absmax - offset, 8-bit, in blocks of 256."""
 
@@ -22,7 +22,7 @@ class NestedState:
     blocksize: int = NESTED_BLOCKSIZE
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QuantState:
     """How a tensor of `shape` and `dtype` was quantized to packed 4-bit codes.
 
@@ -208,10 +208,23 @@ class QuantState:
             dtype=_FLOAT_DTYPES[meta["dtype"]],
             blocksize=int(meta["blocksize"]),
             quant_type=meta["quant_type"],
-            code=get("quant_map"),
+            code=_canonical_code(get("quant_map"), meta["quant_type"], meta_keys[0]),
             offset=offset,
             nested=nested,
         )
+
+
+def _canonical_code(quant_map: torch.Tensor, quant_type: str, where: str) -> torch.Tensor:
+    """The code table to decode a stored state with: the built-in one for `quant_type`, once the file's quant_map
+    is checked to hold the same values (a -0.0 for +0.0 is let through). bitsandbytes' kernels decode with their
+    built-in tables whatever the file holds, so a different map would be decoded differently by it: refused."""
+    canonical = code_table(quant_type).to(quant_map.device)
+    if quant_map.shape != (16,) or quant_map.dtype != torch.float32 or not torch.equal(quant_map, canonical):
+        raise ValueError(
+            f"{where}: its quant_map is not bitsandbytes' {quant_type} table ({quant_map.dtype} "
+            f"{tuple(quant_map.shape)}: {quant_map.flatten()[:4].tolist()}...); only the standard tables are read"
+        )
+    return canonical
 
 
 def decode_absmax(

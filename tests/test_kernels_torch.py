@@ -324,3 +324,15 @@ def test_kernels_runs_only_as_nf4lora_kernels():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "top-level kernels: []" in proc.stdout and "stray: []" in proc.stdout
     assert "nf4lora::matmul_4bit" in proc.stdout
+
+
+def test_autocast_output_dtype_is_the_same_eager_and_compiled():
+    """Under autocast, float32 x comes out in the autocast dtype as from F.linear, also through the custom op
+    torch.compile traces (which autocast does not reach: dispatch casts x first)."""
+    packed, state = quantized((16, 64))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = matmul_4bit(x, packed, state)
+        compiled = torch.compile(lambda t: matmul_4bit(t, packed, state), fullgraph=True, backend="aot_eager")(x)
+    assert eager.dtype == compiled.dtype == torch.bfloat16
+    assert torch.equal(eager, compiled)

@@ -222,3 +222,33 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     monkeypatch.setattr(dequant, "INTERPRETED", False)
     with pytest.raises(ValueError, match="packed is on cpu: the Triton kernels need CUDA tensors, or .*TRITON_INTERPRET=1"):
         dequant.dequantize(*state_args(packed.cpu(), state.to("cpu")), torch.float32)
+
+
+@pytest.mark.parametrize("m", [1, 5])  # GEMV, and dequantize + F.linear
+def test_strided_bias_and_block_constants_are_read_as_their_values(m):
+    """The kernels index the bias and the block constants with stride 1: strided views (a slice of a larger
+    tensor) must give the values they show, not the memory next to them."""
+    from dataclasses import replace
+
+    packed, state = quantized((16, 64), 32, "nf4", True)
+    x = randn(m, 64, dtype=torch.float32, seed=14)
+    wide_bias = randn(32, dtype=torch.float32, seed=15)
+    bias = wide_bias[::2]  # (16,), stride 2
+    wide = torch.stack([state.absmax, torch.zeros_like(state.absmax)], 1)  # every other byte a wrong code
+    strided = replace(state, absmax=wide[:, 0])
+    assert not bias.is_contiguous() and not strided.absmax.is_contiguous()
+    w = dequantize_4bit(packed, state, torch.float32).double()
+    expected = x.double() @ w.T + bias.double()
+    torch.testing.assert_close(matmul_4bit(x, packed, strided, bias).double(), expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("m", [1, 5])
+def test_autocast_gives_the_autocast_dtype_on_every_path(m):
+    """As F.linear under autocast: float32 x comes out in the autocast dtype, whichever kernel serves the rows."""
+    packed, state = quantized((16, 64), 64, "nf4", True)
+    x = randn(m, 64, dtype=torch.float32, seed=16)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = matmul_4bit(x, packed, state)
+    assert y.dtype == torch.bfloat16
+    w = dequantize_4bit(packed, state, torch.bfloat16)
+    torch.testing.assert_close(y, F.linear(x.to(torch.bfloat16), w), **TOL[torch.bfloat16])

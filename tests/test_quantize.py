@@ -242,3 +242,10 @@ def test_rejects_state_dict_whose_key_and_json_disagree(quantized):
     renamed = {k.replace("bitsandbytes__nf4", "bitsandbytes__fp4"): v for k, v in sd.items()}
     with pytest.raises(ValueError, match=r"w.quant_state.bitsandbytes__fp4 says quant_type 'nf4'"):
         QuantState.from_state_dict(renamed, "w.")
+
+
+def test_states_compare_by_identity_and_exact_zeros_have_no_error():
+    w = torch.zeros(64)
+    packed, state = quantize_4bit(w)
+    assert state == state and state != quantize_4bit(w)[1]  # identity; field-wise == on tensors would raise
+    assert relative_error(w, dequantize_4bit(packed, state)) == 0.0

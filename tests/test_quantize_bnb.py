@@ -160,21 +160,37 @@ def test_dequantize_to_other_dtype_is_float32_product_rounded(out_dtype):
     assert torch.equal(dequantize_4bit(ref_packed, to_ours(ref_state), dtype=out_dtype), expected)
 
 
-def test_all_zero_partial_last_block():
-    """The one place bitsandbytes' CPU path stores a different absmax: an all-zero *partial* last block.
-
-    It clamps that block's stored absmax to 1e-38 (its full blocks, and its CUDA kernel, store 0.0). We store the
-    true max, 0.0, everywhere; codes and dequantized values (zeros) are the same.
-    """
-    w = torch.randn(64 + 10)
-    w[64:] = 0
-    packed, state = quantize_4bit(w, double_quant=False)
-    ref_packed, ref_state = bnb_quantize(w, 64, "nf4", double_quant=False)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_all_zero_partial_last_block(double_quant):
+    """bitsandbytes stores a partial last block's absmax clamped to 1e-38 (an all-zero one: 1e-38, where its full
+    blocks store 0.0): so do we, and the double-quantized constants follow from it."""
+    w = torch.randn(64 * 3 + 10)
+    w[64:128] = 0  # an all-zero full block too
+    w[192:] = 0
+    packed, state = quantize_4bit(w, double_quant=double_quant)
+    ref_packed, ref_state = bnb_quantize(w, 64, "nf4", double_quant=double_quant)
     assert torch.equal(packed, ref_packed)
-    assert state.absmax[-1].item() == 0.0 and ref_state.absmax[-1].item() == pytest.approx(1e-38)
-    assert torch.equal(state.absmax[:-1], ref_state.absmax[:-1])
+    assert torch.equal(state.absmax, ref_state.absmax)
+    assert state.absmax_float32()[1].item() == 0.0 or double_quant
+    assert state.absmax_float32()[-1].item() == pytest.approx(1e-38) or double_quant
+    if double_quant:
+        assert torch.equal(state.nested.absmax, ref_state.state2.absmax)
+        assert state.offset.item() == ref_state.offset.item()
     assert torch.equal(dequantize_4bit(packed, state), bnb_dequantize(ref_packed, ref_state))
-    assert torch.all(dequantize_4bit(packed, state)[64:] == 0)
+    assert torch.all(dequantize_4bit(packed, state)[192:] == 0)
+
+
+def test_fp4_partial_block_is_divided_as_bitsandbytes_does():
+    """A partial last block is scaled by x / absmax, full blocks by x * (1 / absmax): next to FP4's exactly
+    representable midpoints the two round differently (-5 / 24 = -2.5 / 12 lies on one)."""
+    w = torch.tensor([24.0, -5.0, 0.0], dtype=torch.bfloat16)
+    packed, state = quantize_4bit(w, quant_type="fp4", double_quant=False)
+    ref_packed, ref_state = bnb_quantize(w, 64, "fp4", double_quant=False)
+    assert torch.equal(packed, ref_packed)
+    assert torch.equal(dequantize_4bit(packed, state), bnb_dequantize(ref_packed, ref_state))
+    # the same values inside a full block take the multiply, on both sides
+    w = torch.cat([w, torch.zeros(61, dtype=torch.bfloat16)])
+    assert torch.equal(quantize_4bit(w, quant_type="fp4", double_quant=False)[0], bnb_quantize(w, 64, "fp4", False)[0])
 
 
 def test_bitsandbytes_cpu_dequantize_row_blocks():
@@ -203,6 +219,9 @@ def test_state_dict_matches_bitsandbytes_format(quant_type, double_quant):
     assert ours_sd.keys() == ref_sd.keys()
     for k in ref_sd:
         assert ours_sd[k].dtype == ref_sd[k].dtype and ours_sd[k].shape == ref_sd[k].shape, k
+    # the tables to the bit (FP4's entry 8 is +0.0 in bitsandbytes' quant_map: FORMATS.md 1)
+    for k in ("layer.weight.quant_map", *(["layer.weight.nested_quant_map"] if double_quant else [])):
+        assert torch.equal(ours_sd[k].view(torch.int32), ref_sd[k].view(torch.int32)), k
 
     # bitsandbytes reads ours and dequantizes our packed weight to exactly our result ...
     stripped = {k.removeprefix("layer.weight."): v for k, v in ours_sd.items()}
@@ -212,3 +231,16 @@ def test_state_dict_matches_bitsandbytes_format(quant_type, double_quant):
     back = QuantState.from_state_dict(ref_sd, prefix="layer.weight.")
     assert back.shape == w.shape and back.dtype == w.dtype and back.quant_type == quant_type
     assert back.double_quant == double_quant and back.blocksize == 64
+
+
+def test_a_nonstandard_quant_map_is_refused():
+    """bitsandbytes' kernels decode with their built-in tables whatever the file says: a file whose quant_map
+    differs cannot be decoded the same way by both, so reading it is an error (a -0.0 for +0.0 is let through)."""
+    _, ref_state = bnb_quantize(torch.randn(4, 64), 64, "fp4", double_quant=False)
+    sd = ref_state.as_dict(packed=True)
+    sd["quant_map"] = sd["quant_map"].clone()
+    sd["quant_map"][8] = -0.0
+    assert QuantState.from_state_dict(sd).code[8].view(torch.int32).item() == 0  # the built-in +0.0
+    sd["quant_map"][3] = 0.99
+    with pytest.raises(ValueError, match="quant_map is not bitsandbytes' fp4 table"):
+        QuantState.from_state_dict(sd)
