@@ -64,8 +64,8 @@ def quantize_bounds(quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     the lower value. Midpoints are float32 means of adjacent sorted values. For NF4 the order is the identity.
     """
     table = NF4_CODE if quant_type == "nf4" else FP4_CODE
-    # FP4 holds +0.0 (code 0) and -0.0 (code 8); the stable sort keeps code 0 first, so s in (-0.0026, 0] gets
-    # code 0 and s in (0, 0.0026] code 8: the same (sign-of-zero) choice as bitsandbytes' CPU quantizer.
+    # FP4 holds 0.0 twice (code 0, and code 8, the "-0"); the stable sort keeps code 0 first, so s in
+    # (-0.0026, 0] gets code 0 and s in (0, 0.0026] code 8: the same choice as bitsandbytes' CPU quantizer.
     sorted_values, order = torch.sort(table, stable=True)
     midpoints = (sorted_values[:-1] + sorted_values[1:]) / 2
     return midpoints, order.to(torch.uint8)
