@@ -22,14 +22,16 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face checkpoint directory (default: the built-in SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="PEFT LoRA adapter directory to apply")
     p.add_argument("--prompt", required=True, help="the user message (or raw text with --no-chat)")
-    p.add_argument("--system", help="system message (chat mode)")
+    p.add_argument("--system", help="system message (chat mode only: an error with --no-chat)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="wrap the prompt in the tokenizer's chat template (default: when it has one)")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=200, help="upper bound on generated tokens (default: 200)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set with probability >= p")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample among the k most likely tokens (needs --temperature > 0)")  # fmt: skip
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the smallest set with probability >= p (needs --temperature > 0)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (needs --temperature > 0)")
     p.add_argument("--quant-type", choices=("nf4", "fp4", "none"), default="nf4",
                    help="hold the base in 4 bits (nf4/fp4) or 16 bits (none) (default: nf4)")  # fmt: skip
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
@@ -44,7 +46,8 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate", help="generate text from a model (optionally with a LoRA adapter), printed as it comes",
         description="Load a checkpoint (4-bit by default), optionally apply a PEFT adapter, and print the "
-        "continuation of --prompt token by token.",
+        "continuation of --prompt token by token, stopping at an end-of-sequence id of config.json, "
+        "generation_config.json or the tokenizer.",
     )  # fmt: skip
     add_generate_args(p)
     p.set_defaults(func=run_generate)
@@ -53,28 +56,38 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace, out=None) -> str:
     """Run `generate` for parsed args; prints to `out` (default stdout) as tokens arrive; returns the text."""
-    from .generate import generate
+    from .generate import generate, stop_token_ids
     from .loading import load_model
     from .tokenizer import Tokenizer
 
     out = out or sys.stdout
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    sampling = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p), ("--seed", args.seed))
+                if value is not None]  # fmt: skip
+    if args.temperature == 0 and sampling:
+        raise ValueError(f"sampling flags {', '.join(sampling)} have no effect with --temperature=0 (greedy "
+                         "decoding); give --temperature > 0 or drop them")  # fmt: skip
+    if args.system is not None and args.chat is False:
+        raise ValueError("--system needs the chat template, but --no-chat was given; drop one of them")
     device = resolve_device(args.device)
     dtype = DTYPES.get(args.compute_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = _resolve_model(args.model)
+    if args.adapter is not None and not os.path.isdir(args.adapter):
+        raise ValueError(f"--adapter={args.adapter!r} is not a directory")
+    tokenizer = Tokenizer.from_pretrained(path)
+    chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
+    if args.system is not None and not chat:
+        raise ValueError(f"--system needs a chat template, and the tokenizer of --model={path!r} has none")
+
     quantize = None if args.quant_type == "none" else args.quant_type
     model = load_model(path, quantize=quantize, double_quant=args.double_quant, blocksize=args.blocksize,
                        compute_dtype=dtype, device=device)  # fmt: skip
     if args.adapter is not None:
         from nf4lora.lora import load_adapter
 
-        if not os.path.isdir(args.adapter):
-            raise ValueError(f"--adapter={args.adapter!r} is not a directory")
         load_adapter(model, args.adapter)
-    tokenizer = Tokenizer.from_pretrained(path)
 
-    chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
@@ -82,7 +95,7 @@ def run_generate(args: argparse.Namespace, out=None) -> str:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     else:
         ids = tokenizer.encode(args.prompt)
-    eos = sorted({*model.config.eos_token_ids, tokenizer.eos_token_id} - {None})
+    eos = stop_token_ids(path, model.config, tokenizer)
     printer = _StreamPrinter(tokenizer, set(eos), out)
     generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
              seed=args.seed, eos_token_id=eos or None, stream=printer)  # fmt: skip
@@ -131,13 +144,18 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("gguf", help="LLaMA-architecture .gguf file")
     p.add_argument("out_dir", help="output directory (Hugging Face layout)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of the written weights")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace out_dir if it already holds a checkpoint (a directory with config.json); without "
+                        "it out_dir must be new or empty")  # fmt: skip
 
 
 def add_convert_gguf_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert-gguf", help="convert a llama.cpp GGUF file into a Hugging Face checkpoint directory",
         description="Dequantize a LLaMA-architecture GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1) into "
-        "model.safetensors + config.json + tokenizer.json + tokenizer_config.json + generation_config.json.",
+        "model.safetensors + config.json + tokenizer.json + tokenizer_config.json + generation_config.json. "
+        "The directory is built beside out_dir and moved into place when complete, replacing (with --overwrite) "
+        "an earlier checkpoint there as a whole; a failed conversion leaves out_dir as it was.",
     )  # fmt: skip
     add_convert_args(p)
     p.set_defaults(func=run_convert_gguf)
@@ -147,6 +165,6 @@ def add_convert_gguf_parser(subparsers) -> argparse.ArgumentParser:
 def run_convert_gguf(args: argparse.Namespace) -> str:
     from .gguf_import import convert_gguf
 
-    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype)
+    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}: " + ", ".join(sorted(os.listdir(out))))
     return out

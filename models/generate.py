@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 
 import torch
 
+from .config import LlamaConfig
 from .kv_cache import KVCache
 from .llama import LlamaForCausalLM
 
@@ -111,3 +114,26 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def stop_token_ids(model_dir: str | os.PathLike, config: LlamaConfig, tokenizer) -> list[int]:
+    """The ids generation stops at for the checkpoint in `model_dir`: config.json's eos_token_id, the one in
+    generation_config.json (what transformers' generate() stops at; Llama-3 instruct lists its end-of-turn token
+    only there) and the tokenizer's eos token, each an int, a list or absent."""
+    ids = set(config.eos_token_ids) | {tokenizer.eos_token_id}
+    path = os.path.join(os.fspath(model_dir), "generation_config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                generation = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(generation, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(generation).__name__}")
+        eos = generation.get("eos_token_id")
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size for i in eos):
+            raise ValueError(f"{path}: eos_token_id must be an id or a list of ids in [0, {config.vocab_size}), "
+                             f"got {generation['eos_token_id']!r}")  # fmt: skip
+        ids |= set(eos)
+    return sorted(i for i in ids if i is not None)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .config import LlamaConfig, write_json_atomic
+from .output_dir import atomic_output_dir
 from .rope import rope_inv_freq
 from .safetensors_io import save_safetensors_atomic
 
@@ -45,11 +46,14 @@ _LLAMA3_REGEX = (
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 
-def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | torch.dtype = "bfloat16") -> str:
-    """Convert `gguf_path` into a Hugging Face directory `out_dir` (created); returns out_dir.
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | torch.dtype = "bfloat16",
+                 *, overwrite: bool = False) -> str:  # fmt: skip
+    """Convert `gguf_path` into a Hugging Face directory `out_dir`; returns out_dir.
 
     dtype: the dtype of the written weights ("bfloat16", "float16" or "float32"). Quantized GGUF tensors are
     dequantized exactly to float32 first, so "float32" keeps every value the file encodes.
+    out_dir must be new or empty; overwrite=True lets it replace an existing checkpoint directory (one with
+    config.json). The directory is built beside out_dir and swapped into place when complete (output_dir.py).
     """
     from gguf import GGUFReader
 
@@ -59,21 +63,20 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"GGUF file {gguf_path!r} does not exist")
-    try:
-        reader = GGUFReader(gguf_path)
-    except Exception as e:  # GGUFReader raises ValueError/struct errors/IndexError on bad files
-        raise ValueError(f"{gguf_path}: not a readable GGUF file: {e}") from None
-
-    meta = _Metadata(reader, gguf_path)
-    tensors = {t.name: t for t in reader.tensors}
-    config = _config(meta, tensors, torch_dtype)
-    os.makedirs(out_dir, exist_ok=True)
-    _write_weights(tensors, config, meta, out_dir, torch_dtype)
-    config.save_pretrained(out_dir)
-    generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
-                                    ("pad_token_id", config.pad_token_id)) if v is not None}  # fmt: skip
-    write_json_atomic(os.path.join(out_dir, "generation_config.json"), generation)
-    _tokenizer(meta).save_pretrained(out_dir)
+    with atomic_output_dir(out_dir, "out_dir", overwrite=overwrite, inputs=[("gguf", gguf_path)]) as tmp:
+        try:
+            reader = GGUFReader(gguf_path)
+        except Exception as e:  # GGUFReader raises ValueError/struct errors/IndexError on bad files
+            raise ValueError(f"{gguf_path}: not a readable GGUF file: {e}") from None
+        meta = _Metadata(reader, gguf_path)
+        tensors = {t.name: t for t in reader.tensors}
+        config = _config(meta, tensors, torch_dtype)
+        _write_weights(tensors, config, meta, tmp, torch_dtype)
+        config.save_pretrained(tmp)
+        generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
+                                        ("pad_token_id", config.pad_token_id)) if v is not None}  # fmt: skip
+        write_json_atomic(os.path.join(tmp, "generation_config.json"), generation)
+        _tokenizer(meta).save_pretrained(tmp)
     return out_dir
 
 

@@ -2,9 +2,12 @@
 against transformers (+ PEFT)."""
 
 import dataclasses
+import errno
+import json
 import math
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -195,3 +198,155 @@ def test_eval_perplexity_matches_transformers_and_peft(capsys, files, adapter, t
     reference = _hf_perplexity(peft, ids, 64)
     assert ours_adapted == pytest.approx(reference, rel=1e-5)
     assert ours_adapted != pytest.approx(ours, rel=1e-3)  # the adapter does change the model
+
+
+def _peft_adapter(base: str, out, targets: list[str], seed: int = 1) -> str:
+    """A PEFT LoRA adapter of `base` on `targets` with random A and B (r=4, alpha=8)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.2)  # large enough that a dropped or half-applied adapter shows in the logits
+    peft.save_pretrained(str(out), save_embedding_layers=False)
+    return str(out)
+
+
+def _logits(model, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_merge_of_an_adapter_on_some_layers_writes_every_layer_dense_and_matches_peft(files, tmp_path):
+    """Layers the adapter does not cover are dequantized too (not written as packed bytes): the result equals PEFT's
+    merge_and_unload on the base as nf4lora holds it (every 4-bit layer dequantized)."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from nf4lora.lora import Linear4bit
+    from nf4lora.models import load_model
+
+    adapter = _peft_adapter(files["model"], tmp_path / "qv", ["q_proj", "v_proj"])  # PEFT's LLaMA default
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--model", files["model"], "--adapter", adapter, "--out", out, "--dtype", "float32"]) == 0
+    with safe_open(os.path.join(out, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert {f.get_slice(k).get_dtype() for k in keys} == {"F32"}
+    assert all(k.endswith(".weight") for k in keys), sorted(keys)  # no .absmax / .quant_map / ... keys
+    assert "model.layers.0.mlp.up_proj.weight" in keys and "lm_head.weight" not in keys  # still tied
+    assert json.loads(open(os.path.join(out, "config.json")).read())["tie_word_embeddings"] is True
+
+    base = AutoModelForCausalLM.from_pretrained(files["model"], dtype=torch.float32)
+    ours = load_model(files["model"], quantize="nf4", compute_dtype=torch.float32)
+    with torch.no_grad():
+        for name, module in ours.named_modules():
+            if isinstance(module, Linear4bit):
+                base.get_submodule(name).weight.copy_(module.dequantize(torch.float32))
+    reference = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(merged), _logits(reference), rtol=1e-4, atol=1e-4)  # fp32 throughout
+
+
+def test_merge_of_a_lora_on_the_tied_lm_head_unties_it(files, tmp_path):
+    """lm_head = embed + B @ A * s after merging, the embedding unchanged: lm_head is written and the tie undone,
+    and transformers computes what PEFT computes with the adapter applied."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    adapter = _peft_adapter(files["model"], tmp_path / "head", ["q_proj", "lm_head"])
+    out = str(tmp_path / "merged")
+    argv = ["merge", "--model", files["model"], "--adapter", adapter, "--out", out, "--quant-type", "none",
+            "--dtype", "float32"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(open(os.path.join(out, "config.json")).read())["tie_word_embeddings"] is False
+    written, base = load_file(os.path.join(out, "model.safetensors")), load_file(files["model"] + "/model.safetensors")
+    assert torch.equal(written["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(files["model"]), adapter).eval()
+    torch.testing.assert_close(_logits(merged), _logits(reference), rtol=1e-4, atol=1e-4)
+
+
+def test_merge_refuses_an_out_that_is_or_holds_the_base_before_loading_anything(capsys, files, tmp_path, monkeypatch):
+    from nf4lora.train import resources
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(resources, "load_base", no_loading)
+    base = shutil.copytree(files["model"], tmp_path / "base")
+    before = {name: (base / name).read_bytes() for name in os.listdir(base)}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (tmp_path / "link").symlink_to(base)
+    cases = [(str(base), [], "is --model="), (str(tmp_path / "link") + "/", ["--overwrite"], "is --model="),
+             (str(base / ".." / "base"), [], "is --model="), (str(tmp_path), ["--overwrite"], "contains --model=")]
+    for out, extra, says in cases:
+        rc = main(["merge", "--model", str(base), "--adapter", str(adapter), "--out", out, *extra])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"nf4lora: error: --out={out!r} {says}"), err
+    assert {name: (base / name).read_bytes() for name in os.listdir(base)} == before
+
+
+def test_merge_replaces_an_earlier_checkpoint_only_with_overwrite_and_as_a_whole(capsys, files, tmp_path, monkeypatch):
+    from nf4lora.models import safetensors_io
+
+    adapter = _peft_adapter(files["model"], tmp_path / "qv", ["q_proj", "v_proj"])
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {"config.json": "{}", "chat_template.jinja": "OLD {{ messages }}", "model.safetensors.index.json": "{}"}
+    for name, text in stale.items():
+        (out / name).write_text(text)
+    argv = ["merge", "--model", files["model"], "--adapter", adapter, "--out", str(out), "--quant-type", "none"]
+
+    assert main(argv) == 2
+    assert "is not empty" in capsys.readouterr().err and sorted(os.listdir(out)) == sorted(stale)
+
+    def full_disk(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(safetensors_io, "save_safetensors_atomic", full_disk)
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nf4lora: error: --out={str(out)!r}: writing the output failed (No space left on device)")
+    assert {name: (out / name).read_text() for name in os.listdir(out)} == stale  # a failure changes nothing
+    assert sorted(os.listdir(tmp_path)) == ["out", "qv"]  # and leaves no temporary directory behind
+    monkeypatch.undo()
+
+    assert main([*argv, "--overwrite"]) == 0
+    expected = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert set(os.listdir(out)) == expected  # nothing of the earlier checkpoint survives
+    assert sorted(os.listdir(tmp_path)) == ["out", "qv"]
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("not a checkpoint")
+    assert main(["merge", "--model", files["model"], "--adapter", adapter, "--out", str(notes), "--overwrite"]) == 2
+    assert "no config.json" in capsys.readouterr().err and os.listdir(notes) == ["mine.txt"]
+
+
+def test_output_paths_that_cannot_be_directories_are_reported(capsys, files, tmp_path, monkeypatch):
+    from nf4lora.train import cli
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (tmp_path / "a-file").write_text("x")
+    for out, says in [(tmp_path / "a-file", "exists and is not a directory"),
+                      (tmp_path / "a-file" / "out", "cannot create a directory")]:  # fmt: skip
+        rc = main(["merge", "--model", files["model"], "--adapter", str(adapter), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"nf4lora: error: --out={str(out)!r}") and says in err, err
+    assert (tmp_path / "a-file").read_text() == "x"
+
+    def full_disk(args):  # any command's OSError (a checkpoint of finetune on a full disk) is an error line
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/checkpoint/optimizer.pt")
+
+    monkeypatch.setattr(cli, "cmd_eval", full_disk)
+    assert main(["eval", "--model", files["model"]]) == 2
+    assert capsys.readouterr().err == "nf4lora: error: 'runs/x/checkpoint/optimizer.pt': No space left on device\n"

@@ -1,11 +1,17 @@
 """generate(): KV-cache greedy decoding against transformers and against our own model without the cache."""
 
+import argparse
+import io
+import json
+import re
+import types
+
 import pytest
 import torch
 from test_model_helpers import hf_model, our_model_from_hf, tiny_config
 
 from nf4lora.models import generate
-from nf4lora.models.generate import sample_next
+from nf4lora.models.generate import sample_next, stop_token_ids
 
 CONFIG = tiny_config(num_key_value_heads=1, attention_bias=True)
 N_NEW = 24
@@ -163,3 +169,81 @@ def test_generate_command_prints_what_generate_returns(tmp_path):
     expected = tok.decode([t for t in new.tolist() if t not in (CONFIG["eos_token_id"], tok.eos_token_id)],
                           skip_special_tokens=True)  # fmt: skip
     assert text == expected and out.getvalue() == expected + "\n"
+
+
+def _generate_args(*argv):
+    from nf4lora.models.cli import add_generate_parser
+
+    parser = argparse.ArgumentParser()
+    add_generate_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["generate", *argv])
+
+
+def test_stop_ids_unite_config_generation_config_and_tokenizer(tmp_path):
+    from nf4lora.models import LlamaConfig
+
+    config, tokenizer = LlamaConfig.from_dict(CONFIG), types.SimpleNamespace(eos_token_id=5)
+    assert stop_token_ids(tmp_path, config, tokenizer) == [2, 5]  # no generation_config.json
+    for eos, expected in [(7, [2, 5, 7]), ([2, 9, 11], [2, 5, 9, 11]), (None, [2, 5])]:
+        (tmp_path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": eos}))
+        assert stop_token_ids(tmp_path, config, tokenizer) == expected
+    tokenizer.eos_token_id = None
+    assert stop_token_ids(tmp_path, config, tokenizer) == [2]
+    for bad in ([3, "x"], 1000, True):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": bad}))
+        with pytest.raises(ValueError, match=r"generation_config\.json: eos_token_id must be an id or a list of ids"):
+            stop_token_ids(tmp_path, config, tokenizer)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"generation_config\.json: not a readable JSON file"):
+        stop_token_ids(tmp_path, config, tokenizer)
+
+
+def test_generate_command_stops_at_generation_config_eos_like_transformers(tmp_path):
+    """An end-of-turn id listed only in generation_config.json (as Llama-3 instruct does) ends the output, as in
+    transformers' generate()."""
+    from test_model_helpers import byte_level_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model(CONFIG, seed=4).save_pretrained(tmp_path)
+    byte_level_tokenizer(tmp_path, vocab_size=CONFIG["vocab_size"])
+    argv = ["--model", str(tmp_path), "--prompt", "hello 12", "--no-chat", "--max-new-tokens", "12",
+            "--quant-type", "none", "--compute-dtype", "float32"]  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    ids = tok("hello 12", return_tensors="pt").input_ids
+
+    def hf_ids():
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+        return hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :].tolist()
+
+    full = hf_ids()
+    # An ordinary token the model produces after others: listing it as EOS must end the output there.
+    k = next(i for i in range(1, len(full)) if full[i] not in full[:i])
+    stop = full[k]
+    assert stop not in (CONFIG["eos_token_id"], tok.eos_token_id)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [CONFIG["eos_token_id"], stop]}))
+    assert hf_ids() == full[: k + 1]  # transformers stops at it
+    args = _generate_args(*argv)
+    assert args.func(args, out=io.StringIO()) == tok.decode(full[:k], skip_special_tokens=True)  # EOS not printed
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--top-k", "5"], "sampling flags --top-k have no effect with --temperature=0"),
+        (["--top-p", "0.5", "--seed", "3"], "sampling flags --top-p, --seed have no effect"),
+        (["--temperature", "0", "--seed", "3"], "sampling flags --seed have no effect"),
+        (["--system", "be brief", "--no-chat"], "--system needs the chat template, but --no-chat was given"),
+        (["--system", "be brief"], "--system needs a chat template, and the tokenizer of --model="),
+    ],
+)
+def test_generate_command_refuses_flags_it_would_ignore(tmp_path, argv, says):
+    from test_model_helpers import byte_level_tokenizer
+
+    hf_model(CONFIG, seed=4).save_pretrained(tmp_path)
+    byte_level_tokenizer(tmp_path, vocab_size=CONFIG["vocab_size"])
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["chat_template"]  # --system with the default --chat: no template, so there is no chat to add it to
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    args = _generate_args("--model", str(tmp_path), "--prompt", "hi", "--quant-type", "none", *argv)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        args.func(args, out=io.StringIO())

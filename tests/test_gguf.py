@@ -2,6 +2,7 @@
 
 import io
 import json
+import os
 
 import numpy as np
 import pytest
@@ -255,3 +256,51 @@ def test_convert_gguf_command(tmp_path, tiny_gguf_args, capsys):
     with torch.no_grad():
         got = load_model(tmp_path / "out", quantize=None, compute_dtype=torch.float32)(ids).logits
         torch.testing.assert_close(got, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_convert_gguf_output_is_replaced_whole_and_only_when_allowed(tmp_path, tiny_gguf_args, capsys):
+    """The output is built beside out_dir and swapped in: files of an earlier output never survive, a non-empty
+    out_dir needs --overwrite (and must hold a checkpoint), a file or the GGUF's own folder is refused."""
+    from nf4lora.train.cli import main
+
+    hf, config, tok_json = tiny_gguf_args
+    gguf = str(tmp_path / "m.gguf")
+    _write_gguf(gguf, hf, config, tok_json=tok_json)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {"config.json": "{}", "chat_template.jinja": "OLD", "tokenizer.model": "old sentencepiece"}
+    for name, text in stale.items():
+        (out / name).write_text(text)
+
+    assert main(["convert-gguf", gguf, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nf4lora: error: out_dir={str(out)!r} is not empty") and "--overwrite" in err
+    assert {name: (out / name).read_text() for name in os.listdir(out)} == stale
+
+    assert main(["convert-gguf", gguf, str(out), "--dtype", "float32", "--overwrite"]) == 0
+    written = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    assert set(os.listdir(out)) == written
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf", "orig", "out"]  # no temporary directory left behind
+    capsys.readouterr()
+
+    (tmp_path / "a-file").write_text("x")
+    for target, says in [(tmp_path / "a-file", "exists and is not a directory"),
+                         (tmp_path / "a-file" / "sub", "cannot create a directory"),
+                         (tmp_path, "contains gguf=")]:  # fmt: skip
+        assert main(["convert-gguf", gguf, str(target), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"nf4lora: error: out_dir={str(target)!r}") and says in err, err
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+def test_failed_conversion_leaves_out_dir_as_it_was(tmp_path, tiny_gguf_args):
+    hf, config, tok_json = tiny_gguf_args
+    good, bad = tmp_path / "good.gguf", tmp_path / "bad.gguf"
+    _write_gguf(good, hf, config, tok_json=tok_json)
+    _write_gguf(bad, hf, config, tok_json=tok_json, drop=("blk.1.ffn_up.weight",))
+    out = convert_gguf(good, tmp_path / "hf", dtype="float32")
+    before = {name: (tmp_path / "hf" / name).read_bytes() for name in os.listdir(out)}
+    with pytest.raises(ValueError, match="missing tensors"):
+        convert_gguf(bad, out, overwrite=True)
+    assert {name: (tmp_path / "hf" / name).read_bytes() for name in os.listdir(out)} == before
+    assert sorted(os.listdir(tmp_path)) == ["bad.gguf", "good.gguf", "hf", "orig"]

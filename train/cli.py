@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .config import TrainConfig, check_writable_dir
+from .config import TrainConfig
 
 # The built-in run, sized for 2 CPU cores and well under 10 minutes. It applies only to fields not given on the
 # command line and only when neither --model nor --data is given. Measured (docs/finetune-demo/): the loss per
@@ -87,11 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", help="fold an adapter into the base and write a 16-bit Hugging Face checkpoint",
         description="Load the base as it was trained (quantized the same way), add the adapter, and write "
         "dequantized base + B @ A * scaling as a 16-bit checkpoint that transformers loads; tokenizer files are "
-        "copied. With --quant-type none the adapter is merged into the original 16-bit weights instead.",
+        "copied. With --quant-type none the adapter is merged into the original 16-bit weights instead. "
+        "--out must be a new or empty directory (not --model or a folder holding it); --overwrite lets it replace "
+        "an earlier checkpoint (a directory with config.json) as a whole. The checkpoint is built beside --out and "
+        "moved into place when complete, so no earlier file survives in it and a failed merge leaves --out as it was.",
     )  # fmt: skip
     mg.add_argument("--model", help="base checkpoint directory (default: the built-in SmolLM2-135M-Instruct)")
     mg.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. runs/finetune/adapter)")
-    mg.add_argument("--out", required=True, help="output directory for the merged checkpoint")
+    mg.add_argument("--out", required=True, help="output directory for the merged checkpoint (new or empty)")
+    mg.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it already holds a checkpoint (a directory with config.json)")  # fmt: skip
     _add_quant_flags(mg)
     mg.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of the written weights")
 
@@ -127,20 +132,23 @@ def _add_quant_flags(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------------- commands
 def cmd_finetune(args) -> None:
-    from .evaluate import exact_match, prompt_and_answer
+    from nf4lora.models.generate import stop_token_ids
     from nf4lora.models.loading import resolve_device
 
+    from .evaluate import exact_match, prompt_and_answer
     from .loop import prepare, train
+    from .resources import resolve_model
 
     config = config_from_args(args)
     report = args.exact_match if args.exact_match is not None else config.data is None
     print("config:", {k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig, k, v)} or "defaults")
     t_start = time.perf_counter()
     prepared = prepare(config)  # every input is checked here, before any training
+    eos = stop_token_ids(resolve_model(config.model), prepared[0].config, prepared[1])
     report = report and bool(prepared[3])  # needs validation examples
     if report:
         model, tokenizer, _, val_ex, _ = prepared  # LoRA B = 0: the model still computes the base exactly
-        before = _accuracy(model, tokenizer, val_ex, config, exact_match)
+        before = _accuracy(model, tokenizer, val_ex, config, exact_match, eos)
         print(f"held-out exact match before training: {sum(before)}/{len(before)} = {sum(before) / len(before):.1%}")
     result = train(config, prepared)
     print(f"adapter written to {result.adapter_dir}; metrics in {os.path.join(config.output_dir, 'metrics.jsonl')}, "
@@ -149,32 +157,27 @@ def cmd_finetune(args) -> None:
     print(f"train loss {first['loss']:.4f} (step 1) -> {last['loss']:.4f} (step {last['step']}); "
           f"validation loss {last.get('val_loss', float('nan')):.4f}")  # fmt: skip
     if report:
-        after = _accuracy(result.model, result.tokenizer, result.val_examples, config, exact_match)
+        after = _accuracy(result.model, result.tokenizer, result.val_examples, config, exact_match, eos)
         print(f"held-out exact match: before {sum(before)}/{len(before)} = {sum(before) / len(before):.1%}, "
               f"after {sum(after)}/{len(after)} = {sum(after) / len(after):.1%}")  # fmt: skip
-    _show_generations(result, args.show, resolve_device(config.device), prompt_and_answer)
+    _show_generations(result, args.show, resolve_device(config.device), prompt_and_answer, eos)
     print(f"total time {time.perf_counter() - t_start:.0f} s")
 
 
-def _accuracy(model, tokenizer, examples, config, exact_match) -> list[bool]:
+def _accuracy(model, tokenizer, examples, config, exact_match, eos: list[int]) -> list[bool]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return exact_match(model, examples, pad, _eos_ids(model, tokenizer), autocast=config.bf16)
+    return exact_match(model, examples, pad, eos, autocast=config.bf16)
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids = set(model.config.eos_token_ids or []) | {tokenizer.eos_token_id}
-    return sorted(i for i in ids if i is not None)
-
-
-def _show_generations(result, n: int, device, prompt_and_answer) -> None:
+def _show_generations(result, n: int, device, prompt_and_answer, eos: list[int]) -> None:
     from nf4lora.models import generate
 
     tok = result.tokenizer
     for ex in result.val_examples[:n]:
         prompt, answer = prompt_and_answer(ex)
-        out = generate(result.model, prompt, max_new_tokens=len(answer) + 4, eos_token_id=_eos_ids(result.model, tok))
-        got = tok.decode([t for t in out.tolist() if t not in _eos_ids(result.model, tok)]).strip()
-        want = tok.decode([t for t in answer if t not in _eos_ids(result.model, tok)]).strip()
+        out = generate(result.model, prompt, max_new_tokens=len(answer) + 4, eos_token_id=eos)
+        got = tok.decode([t for t in out.tolist() if t not in eos]).strip()
+        want = tok.decode([t for t in answer if t not in eos]).strip()
         print(f"  {ex.question()!r:58} -> {got!r} ({'ok' if got == want else 'expected ' + repr(want)})")
 
 
@@ -195,26 +198,62 @@ def _load_with_adapter(args, device, adapter: str | None):
 
 def cmd_merge(args) -> None:
     from nf4lora.lora import merge_lora
+    from nf4lora.models.output_dir import atomic_output_dir
     from nf4lora.models.safetensors_io import save_safetensors_atomic
 
     from .resources import resolve_model
 
     base_dir = resolve_model(args.model)
-    check_writable_dir(args.out, "--out")
-    model, _ = _load_with_adapter(args, torch.device("cpu"), args.adapter)
-    merge_lora(model, dequantize=True, unload=True)
-    dtype = DTYPES[args.dtype]
-    tied = model.config.tie_word_embeddings
+    if not os.path.isdir(args.adapter):
+        raise ValueError(f"--adapter={args.adapter!r} is not a directory")
+    inputs = [("--model", base_dir), ("--adapter", args.adapter)]
+    with atomic_output_dir(args.out, "--out", overwrite=args.overwrite, inputs=inputs) as tmp:  # checked first
+        model, _ = _load_with_adapter(args, torch.device("cpu"), args.adapter)
+        merge_lora(model, dequantize=True, unload=True)
+        tensors, config = _merged_checkpoint(model, args.dtype)
+        save_safetensors_atomic(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(tmp)
+        for name in TOKENIZER_FILES:
+            src = os.path.join(base_dir, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(tmp, name))
+    print(f"merged checkpoint ({args.dtype}, {len(tensors)} tensors) written to {args.out}")
+
+
+def _merged_checkpoint(model, dtype_name: str):
+    """(state dict, config) of a model whose adapters are merged and unloaded: every weight dense in dtype_name,
+    keys and shapes checked against a model built from the config, so what is written is what transformers loads."""
+    from nf4lora.lora import Linear4bit
+    from nf4lora.models import LlamaForCausalLM
+
+    dtype = DTYPES[dtype_name]
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):  # a layer the adapter does not cover is still packed: dequantize it too
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
+            with torch.no_grad():
+                dense.weight.copy_(module.dequantize())  # in the dtype it was quantized from, as merged layers are
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    # A LoRA on lm_head of a tied model gives lm_head a weight of its own: it is written and the tie undone.
+    head, embed = model.lm_head.weight.to(dtype), model.model.embed_tokens.weight.to(dtype)
+    tied = model.config.tie_word_embeddings and torch.equal(head, embed)
+    config = dataclasses.replace(model.config, quantization_config=None, torch_dtype=dtype_name,
+                                 tie_word_embeddings=tied)  # fmt: skip
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
                if not (tied and k == "lm_head.weight")}  # fmt: skip
-    save_safetensors_atomic(tensors, os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
-    config = dataclasses.replace(model.config, quantization_config=None, torch_dtype=args.dtype)
-    config.save_pretrained(args.out)
-    for name in TOKENIZER_FILES:
-        src = os.path.join(base_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(args.out, name))
-    print(f"merged checkpoint ({args.dtype}, {len(tensors)} tensors) written to {args.out}")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()
+                    if not (tied and k == "lm_head.weight")}  # fmt: skip
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if got != expected:
+        missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+        wrong = [f"{k} {got[k]} (config: {expected[k]})" for k in sorted(expected.keys() & got.keys())
+                 if got[k] != expected[k]]  # fmt: skip
+        raise ValueError(f"the merged model does not match its config (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}, wrong shapes {wrong[:3]}); nothing was written")  # fmt: skip
+    return tensors, config
 
 
 def cmd_eval(args) -> None:
@@ -248,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             commands[args.command](args)
         else:
             args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"nf4lora: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # bad input, or a path that cannot be read or written (a full disk)
+        message = f"{e.filename!r}: {e.strerror}" if isinstance(e, OSError) and e.strerror and e.filename else e
+        print(f"nf4lora: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 
 import torch
 
@@ -45,8 +43,8 @@ def default_gguf_path() -> str:
 def default_model_dir() -> str:
     """The built-in model as a Hugging Face checkpoint directory, converted from GGUF on first use.
 
-    Conversion writes into a temporary sibling directory that is renamed into place when complete, so an
-    interrupted conversion is redone rather than half-used.
+    convert_gguf builds the directory beside its place and moves it there when complete, so an interrupted
+    conversion is redone rather than half-used.
     """
     from nf4lora.models import convert_gguf
 
@@ -54,17 +52,8 @@ def default_model_dir() -> str:
     if os.path.isfile(os.path.join(target, "config.json")):
         return target
     gguf = default_gguf_path()
-    os.makedirs(cache_dir(), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", dir=cache_dir())
     print(f"converting {gguf} -> {target} (once)")
-    try:
-        convert_gguf(gguf, tmp)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    convert_gguf(gguf, target)
     return target
 
 
