@@ -5,7 +5,8 @@
 Same weights, same inputs, same run. Ratios are peer time / ours (> 1: ours faster).
 - CPU: the torch path (what nf4lora.kernels runs for CPU tensors) vs bitsandbytes' CPU dequantize_4bit and
   matmul_4bit (its AVX-512 dequantize, then F.linear), bf16.
-- CUDA: GPU time of the kernels (CUDA-graph replay), plus a per-call table for what a Python caller pays.
+- CUDA: GPU time of the kernels with L2 flushed before every call (CUDA-graph replay, Timer), plus a per-call table
+  for what a Python caller pays.
   Dequantize (GB/s moved, % of peak bandwidth) vs bitsandbytes dequantize_4bit; matmul_4bit (its dispatch: batch-1
   GEMV, fused kernel or dequantize + cuBLAS, ops.FUSED_MAX_M) at M in {1, 16, 64, 512, 2048, 4096} on the
   LLaMA-7B shapes vs bitsandbytes matmul_4bit and vs F.linear with the dequantized bf16 weight; the grad-input
@@ -18,6 +19,7 @@ of gpu_check.sh). Targets are in ../shared/PERFORMANCE.md.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import traceback
@@ -26,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness import environment_block, fmt_ms, markdown_table, time_fn, write_results, write_results_in
+from harness import environment_block, fmt_time, markdown_table, time_fn, write_results, write_results_in
 
 from nf4lora.kernels import dequantize, matmul_4bit
 from nf4lora.kernels.dispatch import state_args
@@ -59,27 +61,84 @@ def import_bitsandbytes():
 class Timer:
     """Median and spread in seconds. On CUDA, two clocks:
 
-    - `timer(fn)`: GPU time of the kernels alone (triton.testing.do_bench_cudagraph: fn captured in a CUDA graph
-      and replayed, so no Python or launch cost between kernels). What the bandwidth and FLOP/s targets are about.
+    - `timer.row(*fns)`: GPU time of the kernels alone, each call starting with a cold L2 (the weight comes from
+      HBM, as in a model whose other layers ran in between). Each fn is captured CALLS_PER_GRAPH times in a CUDA
+      graph, every call preceded by a write of a FLUSH_BYTES buffer (larger than any L2); a graph of the writes
+      alone is replayed after each replay, and per call = (graph - writes-only graph) / CALLS_PER_GRAPH, median
+      and p20..p80 over REPLAYS such pairs. A graph has no Python or launch gaps between kernels. All fns of a
+      row are timed the same way: if one cannot be captured, every fn of the row is timed with
+      triton.testing.do_bench instead (CUDA events around each eager call, L2 flushed before each) and its
+      results say so (method FALLBACK). What the bandwidth and FLOP/s targets are about.
     - `timer.per_call(fn)`: wall time per call of 200 back-to-back eager calls (then one synchronize): what a
       Python caller pays, the larger of the host-side cost (argument checks, dispatch, launch) and the GPU time.
-    On the CPU both are harness.time_fn.
+    On the CPU both are harness.time_fn. `timer(fn)` is `timer.row(fn)` for a single fn.
     """
+
+    FLUSH_BYTES = 256 * 2**20  # H200's L2 is 50 MB; triton.testing.do_bench flushes with the same 256 MB
+    CALLS_PER_GRAPH = 10
+    REPLAYS = 25
+    GRAPH = "CUDA graph, L2 flushed"
+    FALLBACK = "do_bench, L2 flushed (CUDA graph capture failed in this row)"
 
     def __init__(self, device: str, repeat: int):
         self.device, self.repeat = device, repeat
+        self._flush = self._flush_only = None  # made on first CUDA use
 
     def __call__(self, fn) -> dict:
+        return self.row(fn)[0]
+
+    def row(self, *fns) -> list[dict | None]:
+        """One timing per fn (None for a fn that is None), all taken the same way."""
         if self.device != "cuda":
-            return time_fn(fn, warmup=1, repeat=self.repeat)
+            return [None if fn is None else time_fn(fn, warmup=1, repeat=self.repeat) for fn in fns]
+        try:
+            graphs = [None if fn is None else self._capture(fn) for fn in fns]
+        except Exception as e:  # noqa: BLE001 - reported, then the whole row is timed without graphs
+            print(f"CUDA graph capture failed ({type(e).__name__}: {e}); this row is timed with do_bench",
+                  file=sys.stderr)  # fmt: skip
+            return [None if fn is None else self._do_bench(fn) for fn in fns]
+        return [None if g is None else self._replay(g) for g in graphs]
+
+    def _capture(self, fn):
+        """A CUDA graph of CALLS_PER_GRAPH x [flush L2, fn()]; fn runs once eagerly first (compile, autotune)."""
+        if self._flush is None:
+            self._flush = torch.empty(self.FLUSH_BYTES, dtype=torch.int8, device="cuda")
+            self._flush_only = self._capture_calls(lambda: None)
+        return self._capture_calls(fn)
+
+    def _capture_calls(self, fn):
+        with torch.cuda.stream(torch.cuda.Stream()):  # warm-up and capture off the default stream, as triton's
+            fn()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(self.CALLS_PER_GRAPH):
+                    self._flush.zero_()
+                    fn()
+        torch.cuda.synchronize()
+        return graph
+
+    def _replay(self, graph) -> dict:
+        per_call = []
+        for _ in range(self.REPLAYS):  # paired with a writes-only replay each time, so drift cancels
+            per_call.append((self._time(graph) - self._time(self._flush_only)) / self.CALLS_PER_GRAPH)
+        p20, _, _, p80 = statistics.quantiles(per_call, n=5)
+        return {"median": statistics.median(per_call), "min": p20, "max": p80, "method": self.GRAPH}
+
+    @staticmethod
+    def _time(graph) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def _do_bench(self, fn) -> dict:
         import triton.testing
 
-        try:
-            median, low, high = triton.testing.do_bench_cudagraph(fn, quantiles=[0.5, 0.2, 0.8])
-        except Exception as e:  # noqa: BLE001 - reported, then timed without a graph
-            print(f"CUDA graph capture failed ({type(e).__name__}: {e}); timed with do_bench", file=sys.stderr)
-            median, low, high = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return {"median": median / 1e3, "min": low / 1e3, "max": high / 1e3}
+        median, low, high = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"median": median / 1e3, "min": low / 1e3, "max": high / 1e3, "method": self.FALLBACK}
 
     def per_call(self, fn, calls: int = 200) -> dict:
         if self.device != "cuda":
@@ -117,15 +176,17 @@ def dequant_bytes(n: int, k: int, double_quant: bool, out_bytes: int = 2) -> int
 def row(results: list, rows: list, what: str, shape, m, ours: dict, peers: dict[str, dict | None], extra=None):
     """Append one result (JSON) and its table row: our median and spread, each peer's median and ratio."""
     entry = {"what": what, "shape": list(shape), "m": m, "ours_s": ours, **(extra or {})}
-    cells = [what, f"{shape[0]}x{shape[1]}", "" if m is None else m, fmt_ms(ours["median"]),
-             f"{fmt_ms(ours['min'])}..{fmt_ms(ours['max'])}"]  # fmt: skip
+    if any(t is not None and t.get("method") == Timer.FALLBACK for t in (ours, *peers.values())):
+        what += " ‡"  # every timing of this row came from do_bench (see Timer)
+    cells = [what, f"{shape[0]}x{shape[1]}", "" if m is None else m, fmt_time(ours["median"]),
+             f"{fmt_time(ours['min'])}..{fmt_time(ours['max'])}"]  # fmt: skip
     for name, peer in peers.items():
         entry[f"{name}_s"] = peer
         if peer is None:
             cells += ["n/a", "n/a"]
         else:
             entry[f"ratio_{name}"] = peer["median"] / ours["median"]
-            cells += [fmt_ms(peer["median"]), f"{peer['median'] / ours['median']:.2f}x"]
+            cells += [fmt_time(peer["median"]), f"{peer['median'] / ours['median']:.2f}x"]
     if extra:
         cells.append(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in extra.items()))
     results.append(entry)
@@ -204,8 +265,8 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
     rows, overhead = [], []
     for n, k in shapes:
         _, (packed, state), peer = quantized_pair(n, k, device, bnb)
-        ours = timer(lambda: dequantize(packed, state, torch.bfloat16))
-        theirs = timer(lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None
+        ours, theirs = timer.row(lambda: dequantize(packed, state, torch.bfloat16),
+                                 (lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None)  # fmt: skip
         row(results, rows, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs},
             bandwidth(dequant_bytes(n, k, True), ours))  # fmt: skip
         if (n, k) == shapes[0]:
@@ -225,11 +286,12 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
     n, k = shapes[-1]
     _, (packed, state), _ = quantized_pair(n, k, device, None)
     args_ = state_args(packed, state)
-    current = timer(lambda: dequant_kernel.dequantize(*args_, torch.bfloat16))
     for per_program in (4096,) if args.quick else (1024, 2048, 4096, 8192, 16384):
         for warps in (4,) if args.quick else (4, 8):
-            t = timer(lambda: dequant_kernel.dequantize(*args_, torch.bfloat16, elements_per_program=per_program,
-                                                        num_warps=warps))  # fmt: skip
+            t, current = timer.row(  # the current setting timed again next to each, the same way
+                lambda: dequant_kernel.dequantize(*args_, torch.bfloat16, elements_per_program=per_program,
+                                                  num_warps=warps),
+                lambda: dequant_kernel.dequantize(*args_, torch.bfloat16))  # fmt: skip
             row(results, rows, f"dequantize, {per_program} per program, {warps} warps", (n, k), None, t,
                 {"current": current}, bandwidth(dequant_bytes(n, k, True), t))  # fmt: skip
     sections.append((f"Dequantize launch settings (current: {dequant_kernel.ELEMENTS_PER_PROGRAM} per program, "
@@ -244,10 +306,11 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
         for m in (1, 16) if args.quick else (1, 16, 64, 512, 2048, 4096):
             x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
             with torch.no_grad():
-                ours = timer(lambda: matmul_4bit(x, packed, state))
-                theirs = timer(lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None
-                dense = timer(lambda: F.linear(x, w_dense))
-                fused = timer(lambda: matmul.matmul(x, None, *args_)) if m > gemv.MAX_M else None
+                ours, theirs, dense, fused = timer.row(
+                    lambda: matmul_4bit(x, packed, state),
+                    (lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None,
+                    lambda: F.linear(x, w_dense),
+                    (lambda: matmul.matmul(x, None, *args_)) if m > gemv.MAX_M else None)  # fmt: skip
             extra = {"path": ops.matmul_path(m), "TFLOP/s": 2 * m * n * k / ours["median"] / 1e12}
             if m == 1:
                 extra.update(bandwidth(dequant_bytes(n, k, True, out_bytes=0) + 2 * (k + n), ours))
@@ -262,9 +325,8 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
                 row(results, overhead, "forward (no grad)", (n, k), m, ours, {"bitsandbytes": theirs})
         for m in (16,) if args.quick else (512, 2048, 4096):
             dy = torch.randn(m, n, dtype=torch.bfloat16, device=device)
-            ours = timer(lambda: ops.grad_input_impl(dy, *args_))
-            fused = timer(lambda: matmul.matmul_grad_input(dy, *args_))
-            dense = timer(lambda: dy @ w_dense)
+            ours, fused, dense = timer.row(lambda: ops.grad_input_impl(dy, *args_),
+                                           lambda: matmul.matmul_grad_input(dy, *args_), lambda: dy @ w_dense)
             row(results, rows, "grad-input dy @ W", (n, k), m, ours, {"bitsandbytes": None, "dense_bf16": dense},
                 {"TFLOP/s": 2 * m * n * k / ours["median"] / 1e12})  # fmt: skip
             row(results, fused_rows, "fused grad-input kernel", (n, k), m, fused, {"dispatch": ours,
@@ -284,9 +346,9 @@ def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
     args_ = state_args(packed, state)
     for m in (1, 8) if args.quick else (1, 2, 4, 8, 16):
         x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-        fused = timer(lambda: matmul.matmul(x, None, *args_))
-        small = timer(lambda: gemv.gemv(x, None, *args_)) if m <= gemv.MAX_M else None
-        unfused = timer(lambda: F.linear(x, dequantize(packed, state, torch.bfloat16)))
+        fused, small, unfused = timer.row(lambda: matmul.matmul(x, None, *args_),
+                                          (lambda: gemv.gemv(x, None, *args_)) if m <= gemv.MAX_M else None,
+                                          lambda: F.linear(x, dequantize(packed, state, torch.bfloat16)))  # fmt: skip
         row(results, rows, "fused kernel vs GEMV kernel", (n, k), m, fused, {"gemv": small, "dequant_cublas": unfused})
     sections.append((f"Dispatch crossover, GPU time (GEMV used for M <= {gemv.MAX_M})", ["op", "weight NxK", "M",
                      "fused", "p20..p80", "gemv", "gemv / fused", "dequant + cuBLAS", "dequant+cuBLAS / fused"],
@@ -316,7 +378,12 @@ def main():
         traceback.print_exc()
         stopped = f"{type(e).__name__}: {e}"
 
-    how = ("GPU time from triton.testing.do_bench_cudagraph (median, p20..p80) unless a table says per call"
+    how = (f"GPU time per call with L2 flushed before every call (median, p20..p80) unless a table says per call: "
+           f"each fn captured {Timer.CALLS_PER_GRAPH} times in a CUDA graph, each call after a write of a "
+           f"{Timer.FLUSH_BYTES // 2**20} MiB buffer (larger than L2, so the weight is read from HBM); a graph of the "
+           f"writes alone is replayed after each replay and subtracted; {Timer.REPLAYS} such pairs. Rows marked ‡: "
+           "a graph capture failed, so every entry of that row was timed with triton.testing.do_bench instead (CUDA "
+           "events around each eager call, L2 flushed before each)"
            if args.device == "cuda"
            else f"median of {args.repeat} runs after a warm-up run (range = min..max)")  # fmt: skip
     parts = [

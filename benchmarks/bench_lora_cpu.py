@@ -1,7 +1,10 @@
 """Linear4bit + LoRA forward+backward on the CPU: ours vs bitsandbytes Linear4bit + PEFT LoRA, same run.
 
 One 4096x4096 NF4 (double-quantized) layer with a rank-16 adapter, x of shape [8*512, 4096] in bf16 requiring
-grad (an inner layer of a model in training): forward, then backward to x and the LoRA weights. Also timed, for
+grad (an inner layer of a model in training): forward under bf16 autocast, as a QLoRA training step runs it
+(bench_qlora_step.py), then backward to x and the LoRA weights. Both sides quantize the same bf16 weight (as a
+checkpoint loaded with dtype=bfloat16 is), so both dequantize straight to bf16, and both run every matmul, the
+adapter's included, in bf16 (checked each run: the dtypes of every matmul's operands are recorded). Also timed, for
 context and to show where the time goes: the same layer with a plain bf16 weight (the matmul floor), the pieces
 (dequantize, the two matmuls) and a torch.profiler breakdown of our step.
 
@@ -19,14 +22,17 @@ import statistics
 
 import torch
 from harness import (
-    RESULTS, environment_block, fmt_ms, machine, markdown_table, peak_rss_mb, time_fn, versions, write_results_in,
+    RESULTS, environment_block, fmt_time, machine, markdown_table, peak_rss_mb, time_fn, versions, write_results_in,
 )
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nf4lora.kernels import dequantize
 from nf4lora.lora import Linear4bit, LoRALinear
 
 PEERS = ("bitsandbytes", "peft")
+AUTOCAST = torch.bfloat16  # both sides' forward runs under torch.autocast("cpu", dtype=AUTOCAST)
+OURS, PEER = "ours (Linear4bit + LoRALinear)", "bitsandbytes Linear4bit + PEFT LoRA"
 
 
 class _Wrapper(nn.Module):
@@ -51,28 +57,59 @@ def build_bf16_baseline(linear, r, alpha):
 
 
 def build_peer(linear, r, alpha):
+    """bitsandbytes Linear4bit quantized from `linear`'s weight in its dtype, as transformers builds it (the module
+    cast to the model dtype, the checkpoint loaded, then quantized); PEFT's LoRA around it."""
     import bitsandbytes as bnb
     import peft
 
     base = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")  # fmt: skip
+    base = base.to(linear.weight.dtype)  # else load_state_dict copies into a float32 weight
     base.load_state_dict(linear.state_dict())
     base = base.to("cpu")  # bitsandbytes quantizes on the move
+    if base.weight.quant_state.dtype != linear.weight.dtype:  # it dequantizes to this dtype, then casts
+        raise RuntimeError(f"bitsandbytes quantized a {base.weight.quant_state.dtype} weight, not {linear.weight.dtype}")
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=["proj"])
     return peft.get_peft_model(_Wrapper(base), config).train()
 
 
 def step_fn(module, x, dy):
-    """One forward + backward; gradients are cleared first so no step pays for accumulation."""
+    """One forward under bf16 autocast + backward (outside it, as a training loop calls it); gradients are cleared
+    first so no step pays for accumulation."""
     params = [p for p in module.parameters() if p.requires_grad]
 
     def step():
         x.grad = None
         for p in params:
             p.grad = None
-        module(x).backward(dy)
+        with torch.autocast(x.device.type, dtype=AUTOCAST):
+            y = module(x)
+        y.backward(dy)
 
     return step
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the dtypes of every matmul's operands (after autocast's casts: this mode sees the ops that run)."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default,
+               torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.MATMULS:
+            self.dtypes.update(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_dtypes(step) -> list[str]:
+    """The dtypes of the matmul operands of one call of `step` (both sides must show bf16 alone)."""
+    with _MatmulDtypes() as mode:
+        step()
+    return sorted(mode.dtypes)
 
 
 def interleaved(fns: dict, repeat: int) -> dict[str, dict[str, float]]:
@@ -121,55 +158,63 @@ def main():
 
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    linear = nn.Linear(args.dim, args.dim, bias=False)
+    linear = nn.Linear(args.dim, args.dim, bias=False).to(torch.bfloat16)  # a layer of a bf16 checkpoint
     x = torch.randn(args.tokens, args.dim, dtype=torch.bfloat16, requires_grad=True)
     dy = torch.randn(args.tokens, args.dim, dtype=torch.bfloat16)
     alpha = 2 * args.rank
 
     layers = {
-        "ours (Linear4bit + LoRALinear)": build_ours(linear, args.rank, alpha),
-        "bitsandbytes Linear4bit + PEFT LoRA": build_peer(linear, args.rank, alpha),
+        OURS: build_ours(linear, args.rank, alpha),
+        PEER: build_peer(linear, args.rank, alpha),
         "bf16 nn.Linear + LoRALinear (floor)": build_bf16_baseline(linear, args.rank, alpha),
     }
-    with torch.no_grad():  # same outputs (B = 0: the 4-bit bases), so both sides do the same work
-        y_ours = layers["ours (Linear4bit + LoRALinear)"](x)
-        y_peer = layers["bitsandbytes Linear4bit + PEFT LoRA"](x)
-    max_diff = (y_ours.float() - y_peer.float()).abs().max().item()
+    with torch.no_grad(), torch.autocast("cpu", dtype=AUTOCAST):  # same outputs (B = 0: the 4-bit bases)
+        max_diff = (layers[OURS](x).float() - layers[PEER](x).float()).abs().max().item()
+    steps = {name: step_fn(m, x, dy) for name, m in layers.items()}
+    dtypes = {name: matmul_dtypes(step) for name, step in steps.items()}  # also the warm-up of every step
+    quant_dtypes = {OURS: str(layers[OURS].base_layer.quant_state.dtype),
+                    PEER: str(layers[PEER].base_model.model.proj.weight.quant_state.dtype)}  # fmt: skip
 
-    timings = interleaved({name: step_fn(m, x, dy) for name, m in layers.items()}, args.repeat)
-    ours, peer = timings["ours (Linear4bit + LoRALinear)"], timings["bitsandbytes Linear4bit + PEFT LoRA"]
+    timings = interleaved(steps, args.repeat)
+    ours, peer = timings[OURS], timings[PEER]
     speedup = peer["median"] / ours["median"]
     paired = paired_ratios(peer, ours)
 
     # The pieces of a step, to show where the time goes.
     import bitsandbytes.functional as bnbF
 
-    base = layers["ours (Linear4bit + LoRALinear)"].base_layer
-    bnb_weight = layers["bitsandbytes Linear4bit + PEFT LoRA"].base_model.model.proj.weight
+    base = layers[OURS].base_layer
+    bnb_weight = layers[PEER].base_model.model.proj.weight
     w = base.dequantize(torch.bfloat16)
+    if bnbF.dequantize_4bit(bnb_weight.data, bnb_weight.quant_state).dtype != torch.bfloat16:
+        raise RuntimeError("bitsandbytes' dequantize_4bit does not produce bf16 here: the row below would mislabel it")
     pieces = {
         "ours: dequantize NF4+DQ -> bf16": lambda: dequantize(base.weight, base.quant_state, torch.bfloat16),
-        "bitsandbytes: dequantize_4bit -> bf16": lambda: bnbF.dequantize_4bit(bnb_weight.data, bnb_weight.quant_state),
+        "bitsandbytes: dequantize_4bit -> bf16 (its quant_state.dtype)": lambda: bnbF.dequantize_4bit(
+            bnb_weight.data, bnb_weight.quant_state),
         "forward matmul F.linear(x, W)": lambda: torch.nn.functional.linear(x.detach(), w),
         "grad-input matmul dy @ W (layout used by both)": lambda: dy @ w,
         "grad-input matmul (W.T @ dy.T).T (same result)": lambda: (w.t() @ dy.t()).t(),
     }
     piece_times = interleaved(pieces, args.repeat)
-    breakdown = profile_breakdown(step_fn(layers["ours (Linear4bit + LoRALinear)"], x, dy))
+    breakdown = profile_breakdown(steps[OURS])
     load = (load_before, os.getloadavg()[0])
 
     def spread(t):
-        return f"{fmt_ms(t['min'])} .. {fmt_ms(t['max'])}"
+        return f"{fmt_time(t['min'])} .. {fmt_time(t['max'])}"
 
-    rows = [[name, fmt_ms(t["median"]), spread(t), f"{peer['median'] / t['median']:.2f}x"] for name, t in timings.items()]
+    rows = [[name, fmt_time(t["median"]), spread(t), f"{peer['median'] / t['median']:.2f}x"] for name, t in timings.items()]
     md = [
         "# Linear4bit + LoRA forward+backward on the CPU",
         "",
         environment_block(*PEERS),
-        f"x [{args.tokens}, {args.dim}] bf16 (requires grad), weight {args.dim}x{args.dim} NF4 + double quant, "
-        f"blocksize 64, compute dtype bf16, LoRA r={args.rank}, alpha={alpha}, adapters float32. One step = forward + "
-        f"backward to x and the LoRA weights. Median of {args.repeat} runs after a warm-up, the "
-        f"contenders taking turns; spread is min .. max. "
+        f"x [{args.tokens}, {args.dim}] bf16 (requires grad), weight {args.dim}x{args.dim} bf16 quantized to NF4 + "
+        f"double quant, blocksize 64, on both sides (quant_state dtype: ours {quant_dtypes[OURS]}, bitsandbytes "
+        f"{quant_dtypes[PEER]}), compute dtype bf16, LoRA r={args.rank}, alpha={alpha}, adapter weights stored "
+        f"float32. One step = forward under torch.autocast(\"cpu\", dtype=torch.bfloat16) on every side (as a "
+        f"QLoRA training step runs), then backward to x and the LoRA weights. Matmul operand dtypes in one step: "
+        + "; ".join(f"{name}: {', '.join(d)}" for name, d in dtypes.items())
+        + f". Median of {args.repeat} runs after a warm-up, the contenders taking turns; spread is min .. max. "
         f"Output max |ours - peer| = {max_diff:.3g} (bf16). 1-minute load average {load[0]:.1f} at the start, "
         f"{load[1]:.1f} at the end ({os.cpu_count()} cores shared with other jobs: a load above {os.cpu_count()} "
         "means the contenders did not have the cores to themselves).",
@@ -184,7 +229,7 @@ def main():
         "",
         "## Where the time goes",
         "",
-        markdown_table(["piece", "median", "spread"], [[n, fmt_ms(t["median"]), spread(t)] for n, t in piece_times.items()]),
+        markdown_table(["piece", "median", "spread"], [[n, fmt_time(t["median"]), spread(t)] for n, t in piece_times.items()]),
         "",
         "Our step, torch.profiler self CPU time:",
         "",
@@ -199,7 +244,7 @@ def main():
             "machine": machine(), "versions": versions(*PEERS), "args": vars(args), "speedup_vs_peer": speedup,
             "paired_speedup": paired,
             "timings_s": timings, "pieces_s": piece_times, "profile": breakdown, "max_abs_diff": max_diff,
-            "load_average": load,
+            "load_average": load, "autocast": str(AUTOCAST), "matmul_dtypes": dtypes, "quant_state_dtypes": quant_dtypes,
         }  # fmt: skip
         print(write_results_in(args.out, "lora-cpu", markdown, data))
 

@@ -3,8 +3,10 @@
 Both sides train the same checkpoint on the same token batches with the same settings: the decoder Linear layers
 in NF4 + double quantization (blocksize 64) with bf16 compute, embeddings and norms in bf16, LoRA r=16, alpha=32,
 dropout 0 on every decoder Linear ("all-linear"), identical LoRA A initialisation (B = 0), bf16 autocast, the same
-AdamW hyper-parameters, gradient checkpointing on or off for both. Each (side, tokens-per-step) point runs in its
-own subprocess so that peak memory (RSS on the CPU; max allocated on CUDA) belongs to that side alone.
+AdamW hyper-parameters, gradient checkpointing on or off for both, glibc malloc with its default settings in both
+processes. Each (side, tokens-per-step) point runs in its own subprocess so that peak memory (RSS on the CPU; max
+allocated on CUDA) belongs to that side alone. On the CPU an ablation reruns both sides at the default point with
+freed memory kept (nf4lora's training loop sets that: train/allocator.py).
 
     .venv/bin/python benchmarks/bench_qlora_step.py                        # CPU, the built-in SmolLM2-135M
     .venv/bin/python benchmarks/bench_qlora_step.py --model DIR            # any HF LLaMA checkpoint directory
@@ -185,10 +187,13 @@ def run_worker(args) -> dict:
     """One side at one tokens-per-step point: load, then `warmup + steps` optimizer steps. Runs in its own process."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if args.malloc == "kept" and not cuda:
+    malloc = "default"
+    if args.malloc == "kept":
+        if cuda:  # the CUDA allocator holds the activations there: the glibc setting would measure nothing
+            raise ValueError("--malloc kept is a CPU ablation; CUDA runs keep glibc's defaults")
         from nf4lora.train.allocator import keep_freed_memory
 
-        keep_freed_memory()
+        malloc = "kept" if keep_freed_memory() else "default (keep_freed_memory had no effect: not glibc)"
     t0 = time.perf_counter()
     build = build_ours if args.worker == "ours" else build_peer
     model, optimizer, loss_fn, optimizer_name = build(args.model, device, args.grad_ckpt == "on")
@@ -217,7 +222,7 @@ def run_worker(args) -> dict:
     result = {
         "side": args.worker, "optimizer": optimizer_name, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_step": args.batch * args.seq_len, "losses": losses, "step_s": times, "load_s": load_s,
-        "peak_rss_mib": peak_rss_mb(), "trainable_params": trainable, "malloc": args.malloc,
+        "peak_rss_mib": peak_rss_mb(), "trainable_params": trainable, "malloc": malloc,
     }  # fmt: skip
     if cuda:
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -227,23 +232,19 @@ def run_worker(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the orchestrator
-# How each side runs its process: ours as nf4lora's training loop does (glibc malloc keeps freed memory,
-# train/allocator.py), the peer with the C library's defaults, as the Hugging Face Trainer leaves them.
-MALLOC = {"ours": "kept", "peer": "default"}
-
-
 def run_side(
-    side: str, args, model_dir: str, data_file: str, batch: int, profile: bool, malloc: str | None = None
+    side: str, args, model_dir: str, data_file: str, batch: int, profile: bool, malloc: str = "default"
 ) -> dict:
-    """One worker process of `side`; malloc overrides the side's MALLOC setting (the ablation)."""
-    malloc = malloc or MALLOC[side]
+    """One worker process of `side`. malloc: "default" (glibc's settings, both sides' headline runs) or "kept"
+    (freed memory kept, as nf4lora's training loop sets it: the CPU ablation)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model", model_dir,
            "--data-file", data_file, "--device", args.device, "--batch", str(batch), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--grad-ckpt", args.grad_ckpt,
            "--malloc", malloc]  # fmt: skip
     if profile:
         cmd.append("--profile")
-    print(f"[{side}, malloc {malloc}] batch {batch} x {args.seq_len} ...", flush=True)
+    how = "" if args.device.startswith("cuda") else f", glibc malloc {'defaults' if malloc == 'default' else 'keeping freed memory'}"
+    print(f"[{side}{how}] batch {batch} x {args.seq_len} ...", flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the {side} worker failed ({' '.join(cmd)}):\n{proc.stderr[-4000:]}")
@@ -348,10 +349,11 @@ def orchestrate(args) -> Path:
             for side in SIDES:
                 point[side] = merge_rounds(runs[side], args.warmup)
             if tokens == default and not args.device.startswith("cuda") and not args.no_ablation:
-                # Each side with the other side's malloc settings: how much of the gap is the allocator.
-                point["swapped_malloc"] = {
-                    side: merge_rounds([run_side(side, args, model_dir, data_file, batch, False, malloc)], args.warmup)
-                    for side, malloc in (("ours", "default"), ("peer", "kept"))
+                # The ablation: each side once more with freed memory kept, how much of each side's time is the
+                # allocator (the headline runs both with glibc's defaults).
+                point["malloc_kept"] = {
+                    side: merge_rounds([run_side(side, args, model_dir, data_file, batch, False, "kept")], args.warmup)
+                    for side in SIDES
                 }  # fmt: skip
             point["speedup"] = point["ours"]["tokens_per_s"]["median"] / point["peer"]["tokens_per_s"]["median"]
             mem = "peak_cuda_mib" if args.device.startswith("cuda") else "peak_rss_mib"
@@ -433,8 +435,9 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         f"- Loss: the same shifted cross-entropy on both sides. Ours computes lm_head + loss {LOSS_CHUNK_TOKENS} "
         "positions at a time (nf4lora's default, `loss_chunk_tokens`), never holding the full (tokens, vocab) "
         "logits; the peer materialises them, as transformers does.",
-        ("- Processes: ours with glibc malloc keeping freed memory, as nf4lora's training loop sets it; the peer "
-         "with the C library's defaults (see \"The allocator's share\" below).\n" if not cuda else "")
+        "- Processes: glibc malloc with its default settings on both sides"
+        + (" (nf4lora's training loop keeps freed memory instead; both sides with that setting: \"Ablation: the allocator's "
+           "share\" below).\n" if not cuda else ".\n")
         + f"- Each side and each point runs in its own process; {mem_name} is that process's peak"
         + (" (RSS includes the Python/torch runtime and, for the peer, transformers + PEFT + bitsandbytes)." if not cuda
            else " (torch's CUDA allocator; neither side's paged optimizer state is in it: ours lives in CPU memory, "
@@ -455,28 +458,31 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         md += ["", f"MFU (6N FLOP per token, N = {n_params / 1e6:.0f}M checkpoint parameters, peak "
                f"{args.peak_tflops} TFLOP/s bf16): " + ", ".join(
                    f"{p['tokens_per_step']} tokens: ours {p['ours']['mfu']:.1%}, peer {p['peer']['mfu']:.1%}" for p in points)]  # fmt: skip
-    if "swapped_malloc" in at:
-        swapped = at["swapped_malloc"]
-        ours_default = swapped["ours"]["tokens_per_s"]["median"]
-        peer_kept = swapped["peer"]["tokens_per_s"]["median"]
+    if "malloc_kept" in at:
+        kept = at["malloc_kept"]
+
+        def ratio(ours, peer):
+            return ours["tokens_per_s"]["median"] / peer["tokens_per_s"]["median"]
+
         md += [
             "",
-            f"## The allocator's share ({default} tokens per step, one extra process per row)",
+            f"## Ablation: the allocator's share ({default} tokens per step, one extra process per side)",
             "",
-            "Ours runs as nf4lora's training loop does: glibc malloc keeps freed memory for the next step "
-            "(`keep_freed_memory`, train/allocator.py; the peer's process keeps the C library's defaults, as the "
-            "Hugging Face Trainer leaves them). The default settings return freed activations to the OS, and each "
-            "step faults them in again. Each side with the other's settings:",
+            "The headline runs both sides with glibc malloc's defaults, which return freed activations to the OS, so "
+            "each step faults them in again. nf4lora's training loop keeps freed memory for the next step instead "
+            "(`keep_freed_memory`, train/allocator.py). Each side once more with that setting:",
             "",
             markdown_table(["side", "malloc", "tokens/s median (min .. max)", "peak RSS"], [
-                [LABELS["ours"], "kept (as in the table above)", tps(at["ours"]), f"{at['ours'][mem_key]:.0f} MiB"],
-                [LABELS["ours"], "glibc defaults", tps(swapped["ours"]), f"{swapped['ours'][mem_key]:.0f} MiB"],
-                [LABELS["peer"], "glibc defaults (as in the table above)", tps(at["peer"]), f"{at['peer'][mem_key]:.0f} MiB"],
-                [LABELS["peer"], "kept", tps(swapped["peer"]), f"{swapped['peer'][mem_key]:.0f} MiB"],
+                [LABELS["ours"], "glibc defaults (the headline)", tps(at["ours"]), f"{at['ours'][mem_key]:.0f} MiB"],
+                [LABELS["ours"], "freed memory kept", tps(kept["ours"]), f"{kept['ours'][mem_key]:.0f} MiB"],
+                [LABELS["peer"], "glibc defaults (the headline)", tps(at["peer"]), f"{at['peer'][mem_key]:.0f} MiB"],
+                [LABELS["peer"], "freed memory kept", tps(kept["peer"]), f"{kept['peer'][mem_key]:.0f} MiB"],
             ]),  # fmt: skip
             "",
-            f"Both with glibc defaults: ours {ours_default / at['peer']['tokens_per_s']['median']:.2f}x the peer. "
-            f"Both with freed memory kept: ours {at['ours']['tokens_per_s']['median'] / peer_kept:.2f}x the peer.",
+            f"Ours / peer: both with glibc defaults (the headline) {ratio(at['ours'], at['peer']):.2f}x; both with "
+            f"freed memory kept {ratio(kept['ours'], kept['peer']):.2f}x; ours kept vs the peer's defaults (nf4lora's "
+            f"training loop vs the Hugging Face Trainer's process, different settings) "
+            f"{ratio(kept['ours'], at['peer']):.2f}x.",
         ]
     md += [
         "",
@@ -521,7 +527,7 @@ def main(argv=None):
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak for MFU on CUDA (H200)")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-ablation", action="store_true",
-                        help="CPU: skip the extra run of each side with the other's malloc settings")
+                        help="CPU: skip the extra run of each side with freed memory kept (glibc malloc)")
     parser.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     # internal: one side in this process
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)

@@ -11,7 +11,7 @@ import argparse
 
 import bitsandbytes.functional as bnbF
 import torch
-from harness import environment_block, fmt_ms, markdown_table, time_fn, write_results
+from harness import environment_block, fmt_time, markdown_table, time_fn, write_results
 
 from nf4lora.kernels import dequantize
 from nf4lora.nf4 import dequantize_4bit, quantize_4bit
@@ -42,9 +42,9 @@ def main():
             for op, ours, bnb in (("quantize", ours_q, bnb_q), ("dequantize->bf16 (kernels)", ours_d, bnb_d),
                                   ("dequantize->bf16 (nf4 spec)", spec_d, bnb_d)):  # fmt: skip
                 ratio = bnb["median"] / ours["median"]
-                rows.append([f"{shape[0]}x{shape[1]}", name, op, fmt_ms(ours["median"]),
-                             f"{fmt_ms(ours['min'])}..{fmt_ms(ours['max'])}", fmt_ms(bnb["median"]),
-                             f"{fmt_ms(bnb['min'])}..{fmt_ms(bnb['max'])}", f"{ratio:.2f}x"])  # fmt: skip
+                rows.append([f"{shape[0]}x{shape[1]}", name, op, fmt_time(ours["median"]),
+                             f"{fmt_time(ours['min'])}..{fmt_time(ours['max'])}", fmt_time(bnb["median"]),
+                             f"{fmt_time(bnb['min'])}..{fmt_time(bnb['max'])}", f"{ratio:.2f}x"])  # fmt: skip
                 data.append({"shape": shape, "case": name, "op": op, "ours_s": ours, "bitsandbytes_s": bnb,
                              "speedup": ratio})  # fmt: skip
                 print(" | ".join(rows[-1]), flush=True)

@@ -6,9 +6,10 @@
 #   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--only STEPS] [--dry-run]
 #
 #   RESULTS_DIR       created if missing; gets summary.txt, env.txt, one log per step, test reports, benchmark files
-#   --bnb-wheels DIR  install bitsandbytes from the wheels in DIR (pip --no-index: nothing from the network), and
-#                     build nf4lora with a setuptools wheel from DIR if nf4lora needs installing; without it an
-#                     installed bitsandbytes is used, and without one the peer columns stay empty
+#   --bnb-wheels DIR  install bitsandbytes 0.50.* from the wheels in DIR over any installed version (pip --no-index
+#                     --force-reinstall --no-deps: nothing from the network), and build nf4lora with a setuptools
+#                     wheel from DIR if nf4lora needs installing; without it an installed bitsandbytes is used, and
+#                     without one the peer columns stay empty
 #   --python PY       interpreter to use (default: .venv/bin/python if present, else python3)
 #   --only STEPS      comma-separated subset of: tests, bench-kernels, bench-qlora-step, triton-tests-compiled
 #                     (default all, in that order); the others are named SKIPPED in summary.txt
@@ -21,7 +22,7 @@
 # summary.txt. Exit status is 1 if any step that ran failed.
 set -uo pipefail
 
-usage() { sed -n '6,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '6,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
 STEPS="tests,bench-kernels,bench-qlora-step,triton-tests-compiled"
 OUT="" WHEELS="" PY="" DRY=0 ONLY="$STEPS"
@@ -83,13 +84,14 @@ step() {
 say "nf4lora gpu_check $( ((DRY)) && echo '(dry run, CPU)' ) $(date -u +%Y-%m-%dT%H:%M:%SZ)"
 say "python: $PY"
 
-# -- environment ------------------------------------------------------------------------------------------------
-{
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    # A copied working tree may carry stale git metadata (the device tool's copy did): NF4LORA_COMMIT overrides.
-    echo "git: ${NF4LORA_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-    if command -v nvidia-smi > /dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
-    "$PY" - <<'EOF'
+# record_env: date, commit, GPU and the versions in use (called after the installs, so it names what ran).
+record_env() {
+    {
+        echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+        # A copied working tree may carry stale git metadata (the device tool's copy did): NF4LORA_COMMIT overrides.
+        echo "git: ${NF4LORA_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+        if command -v nvidia-smi > /dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+        "$PY" - <<'EOF'
 import importlib.metadata as md, platform
 import torch
 print("python", platform.python_version())
@@ -100,11 +102,13 @@ for name in ("torch", "triton", "bitsandbytes", "nf4lora", "pytest"):
         print(name, "not installed")
 print("cuda available:", torch.cuda.is_available(), "| device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "-")
 EOF
-} > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+    } > "$OUT/env.txt" 2>&1
+    cat "$OUT/env.txt"
+}
 
 HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 if ((DRY == 0)) && [[ "$HAS_CUDA" != 1 ]]; then
+    record_env
     say "FAILED   no CUDA device visible to $PY: nothing to check (use --dry-run on a CPU machine)"
     exit 1
 fi
@@ -112,21 +116,27 @@ fi
 # -- installs (local files only) -----------------------------------------------------------------------------------
 if ! "$PY" -c "import nf4lora.kernels" 2> /dev/null; then
     if ((DRY)); then
-        skip "install nf4lora" "dry run installs nothing, and nf4lora is not importable"; exit 1
+        skip "install nf4lora" "dry run installs nothing, and nf4lora is not importable"; record_env; exit 1
     fi
     if [[ -n "$WHEELS" ]]; then  # build in isolation with the setuptools wheel from DIR (pyproject needs >= 77)
-        step install-nf4lora 300 "$PY" -m pip install --no-deps --no-index --find-links "$WHEELS" -e "$REPO" || exit 1
+        step install-nf4lora 300 "$PY" -m pip install --no-deps --no-index --find-links "$WHEELS" -e "$REPO" \
+            || { record_env; exit 1; }
     else
-        step install-nf4lora 300 "$PY" -m pip install --no-deps --no-index --no-build-isolation -e "$REPO" || exit 1
+        step install-nf4lora 300 "$PY" -m pip install --no-deps --no-index --no-build-isolation -e "$REPO" \
+            || { record_env; exit 1; }
     fi
 fi
+# The wheel's bitsandbytes even where another version is installed (a plain pip install keeps that one);
+# --no-deps: its dependencies (torch, numpy) stay as they are.
+BNB_INSTALL=("$PY" -m pip install --no-index --find-links "$WHEELS" --force-reinstall --no-deps "bitsandbytes==0.50.*")
 if [[ -n "$WHEELS" ]]; then
     if ((DRY)); then
-        skip "install bitsandbytes" "dry run: would run pip install --no-index --find-links $WHEELS bitsandbytes"
+        skip "install bitsandbytes" "dry run: would run ${BNB_INSTALL[*]:1}"
     else
-        step install-bitsandbytes 300 "$PY" -m pip install --no-index --find-links "$WHEELS" bitsandbytes
+        step install-bitsandbytes 300 "${BNB_INSTALL[@]}"
     fi
 fi
+record_env  # after the installs: the versions the steps below use
 BNB_OK=$("$PY" -c "import bitsandbytes" > /dev/null 2>&1 && echo 1 || echo 0)
 PYTEST_OK=$("$PY" -c "import pytest" > /dev/null 2>&1 && echo 1 || echo 0)
 ((BNB_OK)) || skip "bitsandbytes peer" "not importable: benchmark peer columns are n/a and its GPU test is deselected"

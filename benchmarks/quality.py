@@ -1,5 +1,11 @@
 """Model quality after 4-bit quantization: perplexity on real English text and per-layer quantization error.
 
+Caveat for the default checkpoint: the built-in SmolLM2-135M-Instruct is converted from a Q4_1 GGUF, so its
+decoder Linear weights are 4-bit values (at most 16 per block of 32) dequantized to bf16. Its "16-bit baseline"
+is therefore already a 4-bit model, every 4-bit row re-quantizes it, and the gaps to the baseline understate what
+4-bit quantization costs a real 16-bit checkpoint (pass --model for one). The comparison of nf4lora with
+bitsandbytes (the same input weights on both sides) is unaffected. The results say so where this model is used.
+
 Perplexity of one checkpoint (default: the built-in SmolLM2-135M-Instruct) on a fixed slice of CPython's
 documentation text (pydoc_data.topics, in every Python), tokenized by nf4lora's Tokenizer, scored in windows of
 --seq-len tokens moved by --stride (each token is scored once, with up to seq-len - stride tokens of context):
@@ -35,6 +41,14 @@ PEERS = ("transformers", "bitsandbytes")
 FORMATS = ("nf4", "fp4")
 PEER_BLOCKSIZE = 64  # bitsandbytes' Linear4bit default; BitsAndBytesConfig cannot change it
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_MODEL_CAVEAT = (
+    "The 16-bit baseline is not a 16-bit model: the built-in SmolLM2-135M-Instruct is converted from a Q4_1 GGUF, "
+    "so its decoder Linear weights are 4-bit values (at most 16 per block of 32) dequantized to bf16. Every 4-bit row "
+    "re-quantizes an already-4-bit model, and its gap to the baseline understates what 4-bit quantization costs a "
+    "real 16-bit checkpoint. The nf4lora-vs-bitsandbytes comparison (the same input weights on both sides) is "
+    "unaffected."
+)
+PLOT_CAVEAT = "16-bit baseline = SmolLM2 dequantized from a Q4_1 GGUF (already 4-bit)"
 
 
 # ------------------------------------------------------------------------------------------------ perplexity
@@ -229,7 +243,8 @@ def run(args) -> Path:
     else:
         from nf4lora.train.resources import default_model_dir
 
-        model_dir, model_name = default_model_dir(), "built-in SmolLM2-135M-Instruct (from its Q4_1 GGUF)"
+        model_dir, model_name = default_model_dir(), "built-in SmolLM2-135M-Instruct (dequantized from its Q4_1 GGUF)"
+    caveat = None if args.model else DEFAULT_MODEL_CAVEAT
     blocksizes = sorted({int(b) for b in args.blocksizes.split(",")} | {PEER_BLOCKSIZE})  # 64: the peer comparison
     ids = text_ids(model_dir, args.tokens)
     t_start = time.perf_counter()
@@ -274,16 +289,20 @@ def run(args) -> Path:
 
     out = Path(args.out) if args.out else RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    plot_ppl(results, base["ppl"], f"Perplexity vs blocksize ({args.tokens} tokens of pydoc text)", out / "quality-ppl.png")
-    plot_sqnr(sqnr_rows, "Per-layer quantization error (blocksize 64, double quant)", out / "quality-sqnr.png")
-    markdown = report(args, model_name, results, base, same_bytes, sqnr_rows, elapsed)
+    second_line = f"\n{PLOT_CAVEAT}" if caveat else ""
+    plot_ppl(results, base["ppl"], f"Perplexity vs blocksize ({args.tokens} tokens of pydoc text){second_line}",
+             out / "quality-ppl.png")  # fmt: skip
+    plot_sqnr(sqnr_rows, f"Per-layer quantization error (blocksize 64, double quant){second_line}",
+              out / "quality-sqnr.png")  # fmt: skip
+    markdown = report(args, model_name, results, base, same_bytes, sqnr_rows, elapsed, caveat)
     print(markdown)
     data = {"machine": machine(), "versions": versions(*PEERS), "args": vars(args), "model": model_name,
-            "perplexity": results, "identical_bytes": same_bytes, "layers": sqnr_rows}  # fmt: skip
+            "baseline_caveat": caveat, "perplexity": results, "identical_bytes": same_bytes, "layers": sqnr_rows}  # fmt: skip
     return write_results_in(out, "quality", markdown, data)
 
 
-def report(args, model_name, results, base, same_bytes, sqnr_rows, elapsed) -> str:
+def report(args, model_name, results, base, same_bytes, sqnr_rows, elapsed, caveat=None) -> str:
+    """The markdown; `caveat` (the default model's) goes first, under the title, and under each plot."""
     def find(impl, fmt, dq=None, bs=None):
         return next(r for r in results if r["impl"] == impl and r["format"] == fmt and r["double_quant"] == dq
                     and r["blocksize"] == bs)  # fmt: skip
@@ -349,9 +368,11 @@ def report(args, model_name, results, base, same_bytes, sqnr_rows, elapsed) -> s
                             f"{sum(a - b for a, b in zip(nf4, fp4)) / len(pts):+.2f}"])  # fmt: skip
     full = [[r["layer"], "x".join(map(str, r["shape"])), f"{r['nf4_sqnr_db']:.2f}", f"{r['fp4_sqnr_db']:.2f}"]
             for r in sqnr_rows]  # fmt: skip
+    caption = f" *{PLOT_CAVEAT}.*" if caveat else ""
     md = [
         "# Quality: perplexity and per-layer quantization error",
         "",
+        *([f"**{caveat}**", ""] if caveat else []),
         environment_block(*PEERS),
         f"Model: {model_name} (`{args.model or 'default'}`). Text: the first {args.tokens} tokens of CPython's "
         f"documentation topics (pydoc_data.topics, keys in sorted order), tokenized by nf4lora's Tokenizer; windows "
@@ -362,7 +383,7 @@ def report(args, model_name, results, base, same_bytes, sqnr_rows, elapsed) -> s
         "",
         markdown_table(["implementation", "weights", "double quant", "blocksize", "perplexity", "vs 16-bit"], rows),
         "",
-        "![perplexity vs blocksize](quality-ppl.png)",
+        "![perplexity vs blocksize](quality-ppl.png)" + caption,
         "",
         "## nf4lora vs bitsandbytes on the same weights (blocksize 64)",
         "",
@@ -378,7 +399,7 @@ def report(args, model_name, results, base, same_bytes, sqnr_rows, elapsed) -> s
         "",
         markdown_table(["projection", "layers", "NF4 SQNR dB", "FP4 SQNR dB", "NF4 - FP4 dB"], by_proj),
         "",
-        "![per-layer SQNR](quality-sqnr.png)",
+        "![per-layer SQNR](quality-sqnr.png)" + caption,
         "",
         "<details><summary>Every layer</summary>",
         "",

@@ -1,19 +1,21 @@
 """Quantization error of NF4 vs FP4 vs a symmetric absmax int4 baseline, over blocksizes and double quantization,
 on Gaussian and heavy-tailed (Student-t, df=3) weights.
 
-    python benchmarks/quant_error.py [--size 1024]
+    python benchmarks/quant_error.py [--size 1024] [--out DIR]
 
-Writes benchmarks/results/quant_error.md, .json and quant_error.png.
+Every weight is drawn from one torch.Generator seeded with 0, so a rerun reproduces the tables. Writes
+quant_error.md, .json and quant_error.png into benchmarks/results/ (or --out).
 """
 
 import argparse
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from harness import RESULTS, environment_block, markdown_table, write_results  # noqa: E402
+from harness import RESULTS, environment_block, markdown_table, write_results_in  # noqa: E402
 
 from nf4lora.nf4 import BLOCKSIZES, dequantize_4bit, error_report, quantize_4bit  # noqa: E402
 
@@ -26,15 +28,24 @@ def int4_absmax_roundtrip(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor
     return w_hat, 4 + 32 / blocksize
 
 
+def student_t(df: int, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Student-t samples with integer `df` from `generator`: z / sqrt(chi2_df / df), chi2_df a sum of df squared
+    standard normals (torch.distributions.StudentT.sample takes no generator: it draws from the global RNG)."""
+    z = torch.randn(shape, generator=generator)
+    chi2 = torch.randn((df, *shape), generator=generator).square().sum(0)
+    return z / (chi2 / df).sqrt()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=1024, help="weights are size x size (default 1024)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results directory (default benchmarks/results)")
     args = parser.parse_args()
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(0)  # every weight comes from it, so a rerun reproduces the tables
     weights = {
         "gaussian": torch.randn(args.size, args.size, generator=g) * 0.02,
-        "student-t(3)": torch.distributions.StudentT(3.0).sample((args.size, args.size)) * 0.02,
+        "student-t(3)": student_t(3, (args.size, args.size), g) * 0.02,
     }
     rows, data = [], []
     for dist, w in weights.items():
@@ -70,22 +81,23 @@ def main():
     axes[0].legend()
     fig.suptitle("4-bit blockwise quantization error: NF4 vs FP4 vs int4 absmax")
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "quant_error.png", dpi=110)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out / "quant_error.png", dpi=110)
 
     header = ["weights", "blocksize", "format", "bits/param", "SQNR dB", "MSE", "rel. error", "max abs error"]
     md = "\n".join([
         "# Quantization error: NF4 vs FP4 vs int4 absmax",
         "",
         environment_block(),
-        f"Weights: {args.size}x{args.size} float32, scaled by 0.02. DQ = double quantization of the block absmax",
+        f"Weights: {args.size}x{args.size} float32, scaled by 0.02, drawn from a generator seeded with 0 (Student-t "
+        "as z / sqrt(chi2 / df)). DQ = double quantization of the block absmax",
         "(8-bit, blocks of 256). int4: symmetric round-to-nearest of x / absmax * 7 (no DQ).",
         "",
         "![SQNR vs blocksize](quant_error.png)",
         "",
         markdown_table(header, rows),
     ])  # fmt: skip
-    print(write_results("quant_error", md, {"results": data}))
+    print(write_results_in(args.out, "quant_error", md, {"results": data}))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from test_train_helpers import write_tiny_model
@@ -47,15 +48,17 @@ def test_bench_qlora_step_writes_both_sides(tiny_model, tmp_path):
         assert point["ours"]["losses"][0] == pytest.approx(point["peer"]["losses"][0], rel=2e-2)
     default = next(p for p in data["points"] if p["tokens_per_step"] == 64)
     assert default["ours"]["profile"] and default["peer"]["profile"]
-    # ours runs with nf4lora's malloc settings, the peer with the defaults; the ablation swaps them, once
-    assert (default["ours"]["malloc"], default["peer"]["malloc"]) == ("kept", "default")
-    swapped = default["swapped_malloc"]
-    assert (swapped["ours"]["malloc"], swapped["peer"]["malloc"]) == ("default", "kept")
-    assert swapped["ours"]["tokens_per_s"]["n"] == 2 and "swapped_malloc" not in data["points"][0]
+    # the headline runs both sides with the same (glibc default) malloc settings, at every point; the ablation
+    # reruns both with freed memory kept, once, at the default point only
+    assert all(p[side]["malloc"] == "default" for p in data["points"] for side in ("ours", "peer"))
+    kept = default["malloc_kept"]
+    assert (kept["ours"]["malloc"], kept["peer"]["malloc"]) == ("kept", "kept")
+    assert kept["ours"]["tokens_per_s"]["n"] == 2 and "malloc_kept" not in data["points"][0]
     md = (tmp_path / "qlora-step-cpu.md").read_text()
     # one row per point and side, plus two per side in the allocator table
     assert md.count("| ours (nf4lora) |") == 4 and md.count("| HF transformers + PEFT + bitsandbytes |") == 4
-    assert "Where the time goes" in md and "The allocator's share" in md
+    assert "Where the time goes" in md and "Ablation: the allocator's share" in md
+    assert "glibc malloc with its default settings on both sides" in md
     assert (tmp_path / "qlora-step-cpu.png").stat().st_size > 0
 
 
@@ -68,10 +71,16 @@ def test_bench_lora_cpu_compares_three_layers(tmp_path):
     paired = data["paired_speedup"]
     assert paired["n"] == 3 and paired["q1"] <= paired["median"] <= paired["q3"]
     assert data["max_abs_diff"] < 0.1  # the same NF4 bytes on both sides, B = 0: the base outputs agree in bf16
-    assert "Turn by turn" in (tmp_path / "lora-cpu.md").read_text()
+    # Same precision on every side: bf16 autocast, both quantized from the bf16 weight (so both dequantize to bf16),
+    # and every matmul of a step, the adapters' included, on bf16 operands.
+    assert data["autocast"] == "torch.bfloat16"
+    assert set(data["quant_state_dtypes"].values()) == {"torch.bfloat16"}
+    assert data["matmul_dtypes"] == {name: ["torch.bfloat16"] for name in data["timings_s"]}
+    md = (tmp_path / "lora-cpu.md").read_text()
+    assert "Turn by turn" in md and 'torch.autocast("cpu", dtype=torch.bfloat16) on every side' in md
 
 
-def test_quality_matches_bitsandbytes(tiny_model, tmp_path):
+def test_quality_matches_bitsandbytes(tiny_model, tmp_path, monkeypatch):
     run_script("quality.py", "--model", tiny_model, "--tokens", "128", "--seq-len", "64", "--stride", "32",
                "--blocksizes", "32", "--out", str(tmp_path))  # fmt: skip
     data = json.loads((tmp_path / "quality.json").read_text())
@@ -99,3 +108,54 @@ def test_quality_matches_bitsandbytes(tiny_model, tmp_path):
     assert "## nf4lora vs bitsandbytes on the same weights" in md and "| q_proj | 2 |" in md
     for png in ("quality-ppl.png", "quality-sqnr.png"):
         assert (tmp_path / png).stat().st_size > 0
+    # A checkpoint given with --model carries no caveat; the default one (dequantized from a Q4_1 GGUF) says first
+    # thing, and under each plot, that its 16-bit baseline is already a 4-bit model.
+    assert data["baseline_caveat"] is None and "Q4_1" not in md
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import quality
+
+    base = next(r for r in data["perplexity"] if r["impl"] == "nf4lora" and r["format"] == "16-bit")
+    args = SimpleNamespace(**data["args"])
+    md = quality.report(args, "built-in", data["perplexity"], base, data["identical_bytes"], data["layers"], 60.0,
+                        quality.DEFAULT_MODEL_CAVEAT)  # fmt: skip
+    assert md.splitlines()[2] == f"**{quality.DEFAULT_MODEL_CAVEAT}**"
+    assert md.count(quality.PLOT_CAVEAT) == 2
+
+
+def test_bench_load_checks_the_absolute_peak_without_import_costs(tiny_model, tmp_path):
+    run_script("bench_load.py", "--model", tiny_model, "--repeat", "1", "--out", str(tmp_path))
+    data = json.loads((tmp_path / "load_cpu.json").read_text())
+    for kind in ("ours", "hf"):
+        run = data["runs"][kind][0]
+        # the warm-up load imported every library the load path uses before the clock started
+        assert run["modules_imported_during_load"] == []
+        assert run["peak_rss_mib"] >= run["rss_before_mib"] > 0
+    # the target is on the absolute peak RSS, in MiB (300 MB = 286.1 MiB)
+    assert data["target_mib"] == pytest.approx(data["ours"]["model_mib"] + data["largest_tensor_mib"] + 300e6 / 2**20)
+    assert data["target_met"] == (data["ours"]["peak_rss_mib"] <= data["target_mib"])
+    md = (tmp_path / "load_cpu.md").read_text()
+    assert "**Peak RSS of our load: " in md and (": met." in md) == data["target_met"]
+    assert " MB" not in md.replace("300 MB", "")  # every figure in MiB
+
+
+def test_quant_error_reproduces(tmp_path):
+    for run in ("a", "b"):
+        run_script("quant_error.py", "--size", "64", "--out", str(tmp_path / run))
+    first, second = ((tmp_path / run / "quant_error.json").read_text() for run in ("a", "b"))
+    assert first == second and "student-t(3)" in first
+
+
+def test_results_page_headline_keeps_the_verdict(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import results_page
+
+    (tmp_path / "x.md").write_text("# X\n\n**ours 1.21x the peer** (target >= 1.5x | 0.7x): not met.\n")
+    _, headline, _ = results_page.section(tmp_path / "x.md")
+    assert headline == "**ours 1.21x the peer** (target >= 1.5x \\| 0.7x): not met."
+
+
+def test_fmt_time_resolves_microseconds(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    from harness import fmt_time
+
+    assert [fmt_time(t) for t in (20.4e-6, 123.4e-6, 0.9996e-3, 12.3456e-3)] == ["20.4 µs", "123 µs", "1.00 ms", "12.35 ms"]

@@ -42,6 +42,9 @@ class StubTimer:
         fn()
         return {"median": 1e-3, "min": 1e-3, "max": 1e-3}
 
+    def row(self, *fns):
+        return [None if fn is None else self(fn) for fn in fns]
+
     per_call = __call__
 
 
@@ -70,3 +73,28 @@ def test_a_failure_part_way_still_writes_the_results(bench, monkeypatch, tmp_pat
     assert "The run stopped part-way (RuntimeError: out of device time)" in markdown and "## Dequantize" in markdown
     data = json.loads((tmp_path / "kernels-cpu-quick.json").read_text())
     assert data["stopped"] == "RuntimeError: out of device time" and len(data["results"]) == 1
+
+
+def test_a_row_is_timed_one_way(bench, monkeypatch):
+    """If one fn of a row cannot be captured in a CUDA graph, every fn of that row is timed the fallback way (and
+    the table marks the row); otherwise every fn is timed from its graph. Timer's CUDA calls are stubbed here."""
+    timer = bench.Timer("cuda", repeat=1)
+    monkeypatch.setattr(timer, "_replay", lambda graph: {"median": 1e-5, "min": 1e-5, "max": 1e-5, "method": timer.GRAPH})
+    monkeypatch.setattr(timer, "_do_bench", lambda fn: {"median": 2e-5, "min": 2e-5, "max": 2e-5, "method": timer.FALLBACK})
+    monkeypatch.setattr(timer, "_capture", lambda fn: fn())
+
+    def ok():
+        return "graph"
+
+    def uncapturable():
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    assert [t["method"] for t in timer.row(ok, ok)] == [timer.GRAPH, timer.GRAPH]
+    ours, peer, missing = timer.row(ok, uncapturable, None)
+    assert ours["method"] == peer["method"] == timer.FALLBACK and missing is None
+
+    results, rows = [], []
+    bench.row(results, rows, "forward", (32, 64), 1, ours, {"bitsandbytes": peer})
+    bench.row(results, rows, "forward", (32, 64), 1, *timer.row(ok, ok)[:1], {"bitsandbytes": None})
+    assert rows[0][0] == "forward ‡" and rows[1][0] == "forward"
+    assert results[0]["ours_s"]["method"] == timer.FALLBACK

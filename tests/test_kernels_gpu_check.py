@@ -42,13 +42,16 @@ def test_dry_run_runs_every_step_and_writes_results(tmp_path):
 def test_only_runs_the_named_steps(tmp_path):
     """--only lets a short GPU slot run what is missing first; every step left out is named in the summary."""
     out = tmp_path / "gpu-results"
-    proc = run(str(out), "--dry-run", "--only", "tests", "--python", sys.executable)
+    proc = run(str(out), "--dry-run", "--only", "tests", "--bnb-wheels", str(tmp_path), "--python", sys.executable)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = (out / "summary.txt").read_text()
     assert "OK       gpu-tests-collect" in summary
     for name in ("bench-kernels", "bench-qlora-step", "triton-tests-compiled"):
         assert f"SKIPPED  {name}: not in --only tests" in summary
     assert "bench-kernels-dry" not in summary and not (out / "kernels-cpu-quick.json").exists()
+    # the wheel's bitsandbytes (0.50) replaces any installed version; env.txt names the versions in use
+    assert "--force-reinstall --no-deps bitsandbytes==0.50.*" in summary
+    assert "bitsandbytes " in (out / "env.txt").read_text()
 
 
 def test_usage_errors():
