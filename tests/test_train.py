@@ -89,6 +89,18 @@ def test_loss_falls_and_outputs_are_written(setup):
         assert m["tokens_per_s"] > 0 and m["grad_norm"] >= 0
 
 
+def test_a_non_finite_step_stops_training_before_it_spoils_anything(setup):
+    """lr 1e30 blows the adapter up in one update, so step 2's loss is not finite: training stops there with an
+    error, before the update, keeping step 1's checkpoint, its metrics and no adapter."""
+    cfg = _config(setup, "nonfinite", max_steps=4, warmup_steps=0, lr=1e30, save_every=1, schedule="constant")
+    with pytest.raises(ValueError, match=r"step 2: the loss \(.*\) or the gradient norm \(.*\) is not finite"):
+        train(cfg)
+    out = cfg.output_dir
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest.json", "step-00000001"]
+    assert [m["step"] for m in _metrics(out)] == [1]
+    assert not os.path.exists(os.path.join(out, "adapter"))
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(setup, monkeypatch):
     cfg = _config(setup, "atomic")
     model, _, _, _, _ = prepare(cfg)

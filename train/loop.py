@@ -202,6 +202,13 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
             (loss * (n / step_targets)).backward()
             loss_sum += float(loss.detach()) * n
         grad_norm = _grad_norm(params, config.max_grad_norm)
+        if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):  # before the update: nothing is spoiled
+            raise ValueError(
+                f"step {step + 1}: the loss ({loss_sum / max(step_targets, 1):.4g}) or the gradient norm "
+                f"({float(grad_norm):.4g}) is not finite (rows from data row {position['row']} of epoch "
+                f"{position['epoch']}); training stopped before updating the adapter, so the checkpoints in "
+                f"{ckpt_root!r} stay as they were: lower --lr or check the data, then --resume"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
