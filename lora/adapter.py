@@ -30,6 +30,8 @@ PLAIN_INITS = ("gaussian", "eva", "orthogonal")  # PEFT's init_lora_weights stri
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+# PEFT also saves the base weight of an adapted embedding-like layer (lm_head: its save_embedding_layers="auto").
+_BASE_SUFFIX = ".base_layer.weight"
 
 # PEFT LoraConfig fields that switch on features this implementation does not have, with the value that means
 # "off". An adapter that sets any of them otherwise is refused rather than silently loaded wrong.
@@ -206,9 +208,13 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {"A": tensor, "B": tensor}} from PEFT keys; raises on any key that is not a LoRA A/B."""
+    """{module path: {"A": tensor, "B": tensor[, "base": tensor]}} from PEFT keys ("base": PEFT's copy of the
+    adapted layer's own weight); raises on any other key."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
+        if key.startswith(KEY_PREFIX) and key.endswith(_BASE_SUFFIX):
+            modules.setdefault(key[len(KEY_PREFIX) : -len(_BASE_SUFFIX)], {})["base"] = value
+            continue
         suffix = next((s for s in _LORA_SUFFIXES if key.endswith(s)), None)
         if not key.startswith(KEY_PREFIX) or suffix is None:
             raise ValueError(
@@ -216,12 +222,27 @@ def _group_by_module(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, 
             )
         modules.setdefault(key[len(KEY_PREFIX) : -len(suffix)], {})[suffix[6]] = value
     for name, pair in modules.items():
-        if set(pair) != {"A", "B"}:
+        if not {"A", "B"} <= set(pair):
             missing = "lora_B" if "A" in pair else "lora_A"
             raise ValueError(f"{path}: {KEY_PREFIX}{name}.{missing}.weight is missing")
     if not modules:
         raise ValueError(f"{path} holds no LoRA tensors")
     return modules
+
+
+def _check_base_copy(layer: nn.Module, saved: torch.Tensor, where: str) -> None:
+    """PEFT's copy of an adapted layer's own weight is accepted when it is the model's weight (then it carries
+    nothing new). One that differs (another base, a resized vocabulary) would have to replace the model's, which
+    loading an adapter does not do: refused."""
+    base = layer.base_layer if isinstance(layer, LoRALinear) else layer
+    weight = getattr(base, "weight", None)
+    if not isinstance(base, nn.Linear) or weight is None or weight.dtype == torch.uint8:
+        raise ValueError(f"{where}: the adapter carries a copy of this layer's weight, which can only be checked "
+                         "against a 16-bit layer; load the adapter onto the model with that layer unquantized")  # fmt: skip
+    if saved.shape != weight.shape or not torch.equal(saved.to(weight.device, weight.dtype), weight.detach()):
+        raise ValueError(f"{where}: the adapter carries its own copy of this layer's weight (PEFT's "
+                         "save_embedding_layers) and it differs from the model's: it was saved from another base "
+                         "or with a resized vocabulary; load it onto that base")  # fmt: skip
 
 
 def load_adapter(model: nn.Module, directory) -> list[str]:
@@ -272,6 +293,8 @@ def load_adapter(model: nn.Module, directory) -> list[str]:
                 )
             if not pair[part].is_floating_point():
                 raise ValueError(f"{weights_path}: {KEY_PREFIX}{name}.lora_{part}.weight is {pair[part].dtype}, not a float")
+        if "base" in pair:
+            _check_base_copy(layer, pair["base"], f"{weights_path}: {KEY_PREFIX}{name}{_BASE_SUFFIX}")
     _check_wrappable(model, modules, str(weights_path))
 
     model.requires_grad_(False)

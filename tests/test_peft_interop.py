@@ -100,6 +100,26 @@ def test_peft_adapter_loads_in_ours(tmp_path, quantized):
     assert torch.allclose(logits, ref_logits, **LOGITS_TOL)
 
 
+def test_peft_adapter_on_lm_head_with_its_base_copy_loads_in_ours(tmp_path):
+    """PEFT saves an adapted lm_head's own weight beside its LoRA (save_embedding_layers="auto"): accepted when it
+    is the model's weight, refused when it differs (an adapter saved from another base)."""
+    base = _tiny_llama(seed=2)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False,
+                             task_type="CAUSAL_LM")  # fmt: skip
+    ref = peft.get_peft_model(copy.deepcopy(base), config).eval()
+    ref.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(base)
+    assert "lm_head" in load_adapter(ours, tmp_path / "peft")
+    ids = _tokens(21)
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, ref(input_ids=ids).logits, **LOGITS_TOL)
+
+    other = _tiny_llama(seed=3)
+    with pytest.raises(ValueError, match=r"lm_head\.base_layer\.weight: the adapter carries its own copy .* differs"):
+        load_adapter(other, tmp_path / "peft")
+    assert not any(isinstance(m, LoRALinear) for m in other.modules())
+
+
 class _Mixer(torch.nn.Module):
     """Linear layers inside nn.Sequential next to other modules: their short names ("0", "1") also name a GELU."""
 
