@@ -204,13 +204,19 @@ def test_targets_by_suffix_and_regex():
     assert add_lora(copy.deepcopy(model), 2, 2, target_modules=r"(fc\d|lm_head)") == ["fc1", "lm_head"]
 
 
-@pytest.mark.parametrize("base_kind", ["linear", "4bit"])
-def test_merge_then_unmerge_restores_exactly(base_kind):
+def _adapted_mlp(base_kind: str):
+    """_mlp() with LoRA (r=4, random B) on a 16-bit ("linear") or quantized ("4bit") base."""
     model = _mlp()
     if base_kind == "4bit":
         quantize_model(model)
     add_lora(model, r=4, alpha=8)
     _randomize_b(model)
+    return model
+
+
+@pytest.mark.parametrize("base_kind", ["linear", "4bit"])
+def test_merge_then_unmerge_restores_exactly(base_kind):
+    model = _adapted_mlp(base_kind)
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(5, 64)
     y = model(x)
@@ -237,11 +243,7 @@ def test_merge_then_unmerge_restores_exactly(base_kind):
 @pytest.mark.parametrize("base_kind", ["linear", "4bit"])
 def test_conversions_while_merged_reach_the_base_kept_for_unmerge(base_kind):
     """merge, cast the model, unmerge: the restored base is cast like the rest (it lives outside the module tree)."""
-    model = _mlp()
-    if base_kind == "4bit":
-        quantize_model(model)
-    add_lora(model, r=4, alpha=8)
-    _randomize_b(model)
+    model = _adapted_mlp(base_kind)
     cast = copy.deepcopy(model).to(torch.bfloat16)  # the same model cast without a merge in between
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the 4-bit merge's requantization warning
