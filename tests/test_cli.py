@@ -194,7 +194,12 @@ def test_eval_perplexity_matches_transformers_and_peft(capsys, files, adapter, t
     ids = AutoTokenizer.from_pretrained(files["model"]).encode(text.read_text())
     hf = AutoModelForCausalLM.from_pretrained(files["model"], dtype=torch.float32).eval()
     assert ours == pytest.approx(_hf_perplexity(hf, ids, 64), rel=1e-5)  # printed with 6 decimals, fp32
-    peft = PeftModel.from_pretrained(hf, adapter).eval()
+    # Without --seq-len the windows are 512 tokens, or the model's context when shorter (as here).
+    context = hf.config.max_position_embeddings
+    assert context < 512 and len(ids) > context
+    default = _eval(capsys, ["eval", *[a for a in common if a not in ("--seq-len", "64")]])
+    assert default == pytest.approx(_hf_perplexity(hf, ids, context), rel=1e-5)
+    peft = PeftModel.from_pretrained(hf, adapter).eval()  # wraps hf in place
     reference = _hf_perplexity(peft, ids, 64)
     assert ours_adapted == pytest.approx(reference, rel=1e-5)
     assert ours_adapted != pytest.approx(ours, rel=1e-3)  # the adapter does change the model

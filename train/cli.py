@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="base checkpoint directory (default: the built-in SmolLM2-135M-Instruct)")
     ev.add_argument("--adapter", help="PEFT adapter directory to apply")
     ev.add_argument("--data", help="JSONL or text file (default: the bundled held-out split)")
-    ev.add_argument("--seq-len", type=int, default=512, help="window length for text; longest record for JSONL")
+    ev.add_argument("--seq-len", type=int, default=None,
+                    help="window length for text; longest record for JSONL (default: 512, or the model's context "
+                    "if shorter)")  # fmt: skip
     ev.add_argument("--batch-size", type=int, default=8, help="rows per forward")
     _add_quant_flags(ev)
     ev.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
@@ -262,15 +264,16 @@ def cmd_eval(args) -> None:
     from .evaluate import file_examples, loss_and_perplexity
     from .resources import DEFAULT_VALID
 
-    if args.seq_len <= 0 or args.batch_size <= 0:
+    if (args.seq_len is not None and args.seq_len <= 0) or args.batch_size <= 0:
         raise ValueError(f"--seq-len and --batch-size must be positive, got {args.seq_len} and {args.batch_size}")
     data = args.data or DEFAULT_VALID
     device = resolve_device(args.device)
     model, tokenizer = _load_with_adapter(args, device, args.adapter)
-    if args.seq_len > model.config.max_position_embeddings:
-        context = model.config.max_position_embeddings
-        raise ValueError(f"--seq-len={args.seq_len} exceeds the model's context ({context} positions)")
-    examples = file_examples(data, tokenizer, args.seq_len)
+    context = model.config.max_position_embeddings
+    seq_len = min(512, context) if args.seq_len is None else args.seq_len
+    if seq_len > context:
+        raise ValueError(f"--seq-len={seq_len} exceeds the model's context ({context} positions)")
+    examples = file_examples(data, tokenizer, seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     r = loss_and_perplexity(model, examples, pad, args.batch_size)
     print(f"{data}: {r['tokens']} target tokens, loss {r['loss']:.6f}, perplexity {r['perplexity']:.6f}")
