@@ -55,7 +55,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     out_dir must be new or empty; overwrite=True lets it replace an existing checkpoint directory (one with
     config.json). The directory is built beside out_dir and swapped into place when complete (output_dir.py).
     """
-    from gguf import GGUFReader
+    from gguf import GGUFReader, Keys
 
     gguf_path, out_dir = os.fspath(gguf_path), os.fspath(out_dir)
     torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
@@ -73,7 +73,12 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
         config = _config(meta, tensors, torch_dtype)
         _write_weights(tensors, config, meta, tmp, torch_dtype)
         config.save_pretrained(tmp)
-        generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", config.eos_token_id),
+        # llama.cpp ends generation at the end-of-turn and end-of-message tokens too (Llama-3's <|eot_id|>):
+        # generation_config.json lists them with EOS, where transformers' generate and ours stop.
+        stops = [config.eos_token_id, meta.get(Keys.Tokenizer.EOT_ID, None), meta.get(Keys.Tokenizer.EOM_ID, None)]
+        stops = list(dict.fromkeys(i for i in stops if i is not None))
+        eos = stops[0] if len(stops) == 1 else stops or None
+        generation = {k: v for k, v in (("bos_token_id", config.bos_token_id), ("eos_token_id", eos),
                                         ("pad_token_id", config.pad_token_id)) if v is not None}  # fmt: skip
         write_json_atomic(os.path.join(tmp, "generation_config.json"), generation)
         _tokenizer(meta).save_pretrained(tmp)

@@ -29,7 +29,7 @@ def _llama_cpp_order(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _write_gguf(file, hf, config, tok_json=None, sp_pieces=None, weight_type=Q.F32, arch="llama", pre="smollm",
-                extra_tensors=None, drop=()):  # fmt: skip
+                extra_tensors=None, drop=(), eot=None):  # fmt: skip
     w = gguf.GGUFWriter(str(file), arch)
     c = config
     w.add_block_count(c["num_hidden_layers"])
@@ -56,6 +56,8 @@ def _write_gguf(file, hf, config, tok_json=None, sp_pieces=None, weight_type=Q.F
         w.add_bos_token_id(dict(vocab)["<|im_start|>"])
         w.add_eos_token_id(dict(vocab)["<|im_end|>"])
         w.add_pad_token_id(dict(vocab)["<|endoftext|>"])
+        if eot is not None:
+            w.add_eot_token_id(dict(vocab)[eot])
         w.add_add_bos_token(False)
     else:
         w.add_tokenizer_model("llama")
@@ -135,6 +137,22 @@ def test_float32_round_trip_reproduces_logits_and_tokenizer(tmp_path, overrides)
     )
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == converted.eos_token_id
+
+
+def test_end_of_turn_token_becomes_a_stop_id(tmp_path):
+    """A GGUF's EOT id (Llama-3's <|eot_id|>) is listed with EOS in generation_config.json, where generate stops."""
+    from nf4lora.models.generate import stop_token_ids
+
+    config = tiny_config()
+    (tmp_path / "orig").mkdir()
+    tok_json = byte_level_tokenizer(tmp_path / "orig")
+    _write_gguf(tmp_path / "m.gguf", hf_model(config), config, tok_json=tok_json, eot="<|endoftext|>")
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", dtype="float32")
+    tok = Tokenizer.from_pretrained(out)
+    eot = tok.token_to_id("<|endoftext|>")
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tok.eos_token_id, eot]
+    assert eot in stop_token_ids(out, LlamaConfig.from_pretrained(out), tok)
 
 
 # Worst-case absolute error of each format relative to the tensor's max |w|: half a step for Q8_0 (step max/127)
