@@ -99,8 +99,8 @@ def matmul_4bit(
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}: move both to one device")
         bias = bias.contiguous()  # the kernels read it with stride 1
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))  # (the meta device has no autocast to ask)
     if torch.compiler.is_compiling():  # the custom op: opaque to torch.compile, no graph break
         return ops.matmul_4bit(x, *state_args(packed, state), bias)
     return ops.Matmul4bit.apply(x, bias, *state_args(packed, state))

@@ -222,9 +222,9 @@ def _group_by_module(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, 
             )
         modules.setdefault(key[len(KEY_PREFIX) : -len(suffix)], {})[suffix[6]] = value
     for name, pair in modules.items():
-        if not {"A", "B"} <= set(pair):
-            missing = "lora_B" if "A" in pair else "lora_A"
-            raise ValueError(f"{path}: {KEY_PREFIX}{name}.{missing}.weight is missing")
+        missing = [f"{KEY_PREFIX}{name}.lora_{part}.weight" for part in ("A", "B") if part not in pair]
+        if missing:
+            raise ValueError(f"{path}: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
     if not modules:
         raise ValueError(f"{path} holds no LoRA tensors")
     return modules

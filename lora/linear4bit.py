@@ -165,7 +165,7 @@ class Linear4bit(nn.Module):
         """(compute dtype, output dtype) of forward(x): the autocast dtype for both under autocast, else
         compute_dtype (default x.dtype) and x.dtype."""
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
             return torch.get_autocast_dtype(device_type), torch.get_autocast_dtype(device_type)
         return self.compute_dtype or x.dtype, x.dtype
 

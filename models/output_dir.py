@@ -41,8 +41,8 @@ def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool = Fa
         raise ValueError(f"{flag}={path!r} cannot be read ({e.strerror})") from None
     if entries:
         if not overwrite:
-            raise ValueError(f"{flag}={path!r} is not empty; choose a new or empty directory, or pass --overwrite "
-                             "to replace a checkpoint directory (one with config.json) as a whole")  # fmt: skip
+            raise ValueError(f"{flag}={path!r} is not empty; choose a new or empty directory, or allow replacing a "
+                             "checkpoint directory (one with config.json) as a whole (--overwrite, overwrite=True)")  # fmt: skip
         if "config.json" not in entries:
             raise ValueError(f"{flag}={path!r} holds files but no config.json, so it is not a checkpoint that "
                              "--overwrite may replace; choose a new or empty directory")  # fmt: skip

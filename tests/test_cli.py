@@ -84,6 +84,8 @@ def test_demo_runs_again_into_its_directory_and_its_length_follows_epochs():
     resumed.validate()
     user = config_from_args(parser.parse_args(["finetune", "--model", "m", "--data", "d.jsonl"]))
     assert not user.overwrite  # a user's run is never replaced without --overwrite
+    elsewhere = config_from_args(parser.parse_args(["finetune", "--output-dir", "runs/mine"]))
+    assert not elsewhere.overwrite  # the demo replaces only its own runs/finetune
     by_epochs = config_from_args(parser.parse_args(["finetune", "--epochs", "3"]))
     assert (by_epochs.epochs, by_epochs.max_steps) == (3.0, 0)  # --epochs decides the length, not the demo's steps
     both = config_from_args(parser.parse_args(["finetune", "--epochs", "3", "--max-steps", "5"]))

@@ -322,3 +322,21 @@ def test_failed_conversion_leaves_out_dir_as_it_was(tmp_path, tiny_gguf_args):
         convert_gguf(bad, out, overwrite=True)
     assert {name: (tmp_path / "hf" / name).read_bytes() for name in os.listdir(out)} == before
     assert sorted(os.listdir(tmp_path)) == ["bad.gguf", "good.gguf", "hf", "orig"]
+
+
+def test_the_built_in_model_cache_recovers_from_a_leftover(tmp_path, monkeypatch):
+    """A cache folder without config.json (left by an older, interrupted conversion) is converted again, not
+    refused: it is nf4lora's own cache."""
+    from nf4lora.train import resources
+
+    config = tiny_config()
+    (tmp_path / "orig").mkdir()
+    _write_gguf(tmp_path / "m.gguf", hf_model(config), config, tok_json=byte_level_tokenizer(tmp_path / "orig"))
+    monkeypatch.setenv("NF4LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(resources, "default_gguf_path", lambda: str(tmp_path / "m.gguf"))
+    leftover = tmp_path / "cache" / resources.DEFAULT_MODEL_NAME
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half written")
+    target = resources.default_model_dir()
+    assert target == str(leftover) and LlamaConfig.from_pretrained(target).vocab_size == config["vocab_size"]
+    assert resources.default_model_dir() == target  # converted once

@@ -162,6 +162,13 @@ def test_compute_dtype_casts_and_returns_input_dtype():
     assert torch.equal(y, y_ref)
 
 
+def test_forward_on_the_meta_device_gives_shapes():
+    """Shape inference with empty weights: the meta device has no autocast state to ask."""
+    layer = Linear4bit.from_linear(_linear(seed=7)).to("meta")
+    y = layer(torch.empty(3, layer.in_features, device="meta"))
+    assert y.device.type == "meta" and y.shape == (3, layer.out_features)
+
+
 def test_to_moves_bytes_and_never_touches_the_state():
     layer = Linear4bit.from_linear(_linear(seed=7))
     before = {k: v.clone() for k, v in layer.state_dict().items()}

@@ -128,9 +128,18 @@ def test_plain_inits_load(tmp_path, init):
     assert load_adapter(Net(), path) == ["up", "down"]
 
 
-def test_config_is_serialized_before_anything_is_written(tmp_path):
+def test_config_is_serialized_before_anything_is_written(tmp_path, monkeypatch):
     path = _saved(tmp_path)
     before = {name: (path / name).read_bytes() for name in os.listdir(path)}
+
+    def unserializable(*args, **kwargs):
+        raise TypeError("cannot serialize")
+
+    with monkeypatch.context() as m:  # a config that fails to serialize leaves the old files, weights included
+        m.setattr(json, "dumps", unserializable)
+        with pytest.raises(TypeError, match="cannot serialize"):
+            save_adapter(_trained(seed=5), path)
+    assert {name: (path / name).read_bytes() for name in os.listdir(path)} == before
     with pytest.raises(TypeError, match=r"base_model_name_or_path must be a str, a path or None, got <object"):
         save_adapter(_trained(seed=5), path, base_model_name_or_path=object())
     with pytest.raises(TypeError, match="task_type must be a str or None, got 3"):

@@ -53,9 +53,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     demo = {}
     if given.get("model") is None and given.get("data") is None:
-        # The demo replaces its earlier run in runs/finetune unless asked to continue it; --epochs alone sets the
-        # length, which the demo's max_steps would otherwise override.
-        demo = {**DEMO_OVERRIDES, "overwrite": not given.get("resume", False)}
+        # The demo replaces its earlier run in its own runs/finetune (not in a --output-dir given) unless asked to
+        # continue it; --epochs alone sets the length, which the demo's max_steps would otherwise override.
+        demo = {**DEMO_OVERRIDES, "overwrite": "output_dir" not in given and not given.get("resume", False)}
         if "epochs" in given and "max_steps" not in given:
             del demo["max_steps"]
     return TrainConfig(**{**demo, **given})

@@ -207,7 +207,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
                 f"step {step + 1}: the loss ({loss_sum / max(step_targets, 1):.4g}) or the gradient norm "
                 f"({float(grad_norm):.4g}) is not finite (rows from data row {position['row']} of epoch "
                 f"{position['epoch']}); training stopped before updating the adapter, so the checkpoints in "
-                f"{ckpt_root!r} stay as they were: lower --lr or check the data, then --resume"
+                f"{ckpt_root!r} stay as they were: check the data, or start afresh with a lower --lr (--overwrite)"
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

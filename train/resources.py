@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 
 import torch
 
@@ -53,6 +54,8 @@ def default_model_dir() -> str:
         return target
     gguf = default_gguf_path()
     print(f"converting {gguf} -> {target} (once)")
+    if os.path.isdir(target):  # our cache, without config.json: what an older, interrupted conversion left
+        shutil.rmtree(target)
     convert_gguf(gguf, target)
     return target
 
