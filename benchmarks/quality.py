@@ -1,10 +1,7 @@
 """Model quality after 4-bit quantization: perplexity on real English text and per-layer quantization error.
 
-Caveat for the default checkpoint: the built-in SmolLM2-135M-Instruct is converted from a Q4_1 GGUF, so its
-decoder Linear weights are 4-bit values (at most 16 per block of 32) dequantized to bf16. Its "16-bit baseline"
-is therefore already a 4-bit model, every 4-bit row re-quantizes it, and the gaps to the baseline understate what
-4-bit quantization costs a real 16-bit checkpoint (pass --model for one). The comparison of nf4lora with
-bitsandbytes (the same input weights on both sides) is unaffected. The results say so where this model is used.
+Caveat for the default checkpoint (DEFAULT_MODEL_CAVEAT, written into the results where it is used): its
+"16-bit baseline" is already a 4-bit model, dequantized from a Q4_1 GGUF; pass --model for a real 16-bit one.
 
 Perplexity of one checkpoint (default: the built-in SmolLM2-135M-Instruct) on a fixed slice of CPython's
 documentation text (pydoc_data.topics, in every Python), tokenized by nf4lora's Tokenizer, scored in windows of

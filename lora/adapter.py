@@ -26,7 +26,6 @@ from .lora import LoRALinear, check_lora_args
 from .surgery import _check_root, _check_wrappable, _linear_layers, _lora_layers, _name_matches, _set_submodule
 
 CONFIG_NAME = "adapter_config.json"
-PLAIN_INITS = ("gaussian", "eva", "orthogonal")  # PEFT's init_lora_weights strings that keep the base as it is
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
@@ -35,6 +34,7 @@ _BASE_SUFFIX = ".base_layer.weight"
 
 # PEFT LoraConfig fields that switch on features this implementation does not have, with the value that means
 # "off". An adapter that sets any of them otherwise is refused rather than silently loaded wrong.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal")  # PEFT's init_lora_weights strings that keep the base as it is
 _UNSUPPORTED = {
     "use_dora": False,
     "rank_pattern": {},
@@ -191,11 +191,9 @@ def read_adapter_config(directory) -> dict:
     for key in ("r", "lora_alpha"):
         if key not in config:
             raise ValueError(f"{path} lacks {key!r}")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise ValueError(f"{path}: use_rslora must be true or false, got {config['use_rslora']!r}")
     try:
-        check_lora_args(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
-    except ValueError as e:
+        check_lora_args(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0), config.get("use_rslora", False))
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
     return config
 

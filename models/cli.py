@@ -68,8 +68,6 @@ def run_generate(args: argparse.Namespace, out=None) -> str:
     if args.temperature == 0 and sampling:
         raise ValueError(f"sampling flags {', '.join(sampling)} have no effect with --temperature=0 (greedy "
                          "decoding); give --temperature > 0 or drop them")  # fmt: skip
-    if args.system is not None and args.chat is False:
-        raise ValueError("--system needs the chat template, but --no-chat was given; drop one of them")
     device = resolve_device(args.device)
     dtype = DTYPES.get(args.compute_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = _resolve_model(args.model)
@@ -78,7 +76,8 @@ def run_generate(args: argparse.Namespace, out=None) -> str:
     tokenizer = Tokenizer.from_pretrained(path)
     chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
     if args.system is not None and not chat:
-        raise ValueError(f"--system needs a chat template, and the tokenizer of --model={path!r} has none")
+        why = "--no-chat was given" if args.chat is False else f"the tokenizer of --model={path!r} has none"
+        raise ValueError(f"--system needs the chat template, but {why}")
 
     quantize = None if args.quant_type == "none" else args.quant_type
     model = load_model(path, quantize=quantize, double_quant=args.double_quant, blocksize=args.blocksize,

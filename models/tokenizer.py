@@ -42,11 +42,12 @@ class Tokenizer:
         for key, value in self.special_tokens.items():
             if backend.token_to_id(value) is None:
                 raise ValueError(f"{key} {value!r} is not in the vocabulary")
-        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False))
-        # transformers 5 skips the clean-up for BPE models (it deletes real spaces before punctuation there)
-        # unless this long-named key forces it; decode follows it.
+        # Whether decode cleans up spaces. transformers 5 skips the clean-up for BPE models (it deletes real spaces
+        # before punctuation there) unless this long-named key forces it.
         force = config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
-        self._cleanup = self.clean_up_tokenization_spaces and (type(backend.model).__name__ != "BPE" or bool(force))
+        self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and (
+            type(backend.model).__name__ != "BPE" or bool(force)
+        )
 
     def set_bos_eos(self, add_bos: bool, add_eos: bool) -> None:
         """Make encode(add_special_tokens=True) add BOS and/or EOS (a TemplateProcessing post-processor)."""
@@ -154,7 +155,7 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
         text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
-        if self._cleanup:
+        if self.clean_up_tokenization_spaces:
             for before, after in _CLEANUP:
                 text = text.replace(before, after)
         return text

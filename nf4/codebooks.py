@@ -25,7 +25,8 @@ NF4_CODE = torch.tensor(
 # +0.0, as in bitsandbytes' table (its quant_map, and its CPU dequantization at every practical size; its CUDA
 # kernel alone gives -0.0 there).
 _FP4_MAGNITUDES = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0]
-FP4_CODE = torch.tensor([m / 12 for m in _FP4_MAGNITUDES] + [-m / 12 or 0.0 for m in _FP4_MAGNITUDES], dtype=torch.float32)
+FP4_CODE = torch.tensor([m / 12 for m in _FP4_MAGNITUDES] + [-m / 12 if m else 0.0 for m in _FP4_MAGNITUDES],
+                        dtype=torch.float32)  # fmt: skip
 
 QUANT_TYPES = ("nf4", "fp4")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)

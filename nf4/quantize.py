@@ -60,7 +60,7 @@ def _scale_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> t
     full = n - n % blocksize
     flat[:full].view(-1, blocksize).mul_(inv[: full // blocksize, None])
     if full < n:
-        flat[full:].div_(absmax[-1])
+        flat[full:].div_(absmax[-1].clamp(min=1e-38))
     return flat.clamp_(-1, 1)
 
 

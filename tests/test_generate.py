@@ -233,7 +233,7 @@ def test_generate_command_stops_at_generation_config_eos_like_transformers(tmp_p
         (["--top-p", "0.5", "--seed", "3"], "sampling flags --top-p, --seed have no effect"),
         (["--temperature", "0", "--seed", "3"], "sampling flags --seed have no effect"),
         (["--system", "be brief", "--no-chat"], "--system needs the chat template, but --no-chat was given"),
-        (["--system", "be brief"], "--system needs a chat template, and the tokenizer of --model="),
+        (["--system", "be brief"], "--system needs the chat template, but the tokenizer of --model="),
     ],
 )
 def test_generate_command_refuses_flags_it_would_ignore(tmp_path, argv, says):

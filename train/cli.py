@@ -233,7 +233,7 @@ def _merged_checkpoint(model, dtype_name: str):
         if isinstance(module, Linear4bit):  # a layer the adapter does not cover is still packed: dequantize it too
             dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
             with torch.no_grad():
-                dense.weight.copy_(module.dequantize())  # in the dtype it was quantized from, as merged layers are
+                dense.weight.copy_(module.dequantize())  # rounded to its original dtype, then this one, as merged layers
                 if module.bias is not None:
                     dense.bias.copy_(module.bias)
             parent, _, child = name.rpartition(".")

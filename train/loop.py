@@ -97,7 +97,7 @@ def prepare(config: TrainConfig):
     if config.threads:
         torch.set_num_threads(config.threads)
     check_writable_dir(config.output_dir)
-    _earlier_run(config)
+    _check_no_earlier_run(config)
     device = resolve_device(config.device)
     if config.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
@@ -121,18 +121,30 @@ def prepare(config: TrainConfig):
     return model, tokenizer, train_ex, val_ex, device
 
 
-def _earlier_run(config: TrainConfig) -> list[str]:
-    """The outputs of an earlier run in --output-dir that a fresh run (no --resume) would replace. Without
-    --overwrite they are an error: its checkpoints would stay for a later --resume to continue the wrong run."""
-    if config.resume:
-        return []
-    found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(config.output_dir, name))]
+def _earlier_run(output_dir: str) -> list[str]:
+    """The outputs of an earlier run (RUN_OUTPUTS) present in `output_dir`."""
+    return [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(output_dir, name))]
+
+
+def _check_no_earlier_run(config: TrainConfig) -> None:
+    """A fresh run (no --resume) into a directory holding an earlier run needs --overwrite: otherwise that run's
+    checkpoints would stay for a later --resume to continue the wrong run."""
+    found = [] if config.resume else _earlier_run(config.output_dir)
     if found and not config.overwrite:
         raise ValueError(
             f"--output-dir={config.output_dir!r} holds an earlier run ({', '.join(found)}): pass --resume to "
             "continue it, --overwrite to replace it, or a new --output-dir"
         )
-    return found
+
+
+def _remove_earlier_run(output_dir: str) -> None:
+    """--overwrite: remove an earlier run's outputs before training starts afresh."""
+    for name in _earlier_run(output_dir):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
@@ -171,12 +183,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         if os.path.exists(metrics_path):  # keep the history up to the checkpoint; later lines are redone
             metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
     else:
-        for name in _earlier_run(config):  # --overwrite (prepare refused the run without it)
-            path = os.path.join(out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+        _remove_earlier_run(out)  # what is there is what --overwrite allowed (prepare checked)
     _write_metrics(metrics_path, metrics)
 
     n_trainable = sum(p.numel() for p in params)
