@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test and GPU benchmark of nf4lora in one run, with all results written into one folder. Budget: the
-# steps' time caps add up to 9 minutes on one H200-class GPU (the first full run took 8 minutes). GPU time comes
+# steps' time caps add up to 10.5 minutes on one H200-class GPU (the first full run took 8 minutes; the last step,
+# kernel-versions, compares candidate kernels and may be left out with --only). GPU time comes
 # in short slots: run this, then commit what it wrote under benchmarks/results/ (see ../shared/PERFORMANCE.md).
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--only STEPS] [--dry-run]
@@ -11,8 +12,8 @@
 #                     wheel from DIR if nf4lora needs installing; without it an installed bitsandbytes is used, and
 #                     without one the peer columns stay empty
 #   --python PY       interpreter to use (default: .venv/bin/python if present, else python3)
-#   --only STEPS      comma-separated subset of: tests, bench-kernels, bench-qlora-step, triton-tests-compiled
-#                     (default all, in that order); the others are named SKIPPED in summary.txt
+#   --only STEPS      comma-separated subset of: tests, bench-kernels, bench-qlora-step, triton-tests-compiled,
+#                     kernel-versions (default all, in that order); the others are named SKIPPED in summary.txt
 #   --dry-run         on the CPU: check the script and its steps work (GPU tests are collected, not run; the
 #                     kernel benchmark runs with tiny shapes on the CPU); installs nothing. CI runs this.
 #
@@ -22,9 +23,9 @@
 # summary.txt. Exit status is 1 if any step that ran failed.
 set -uo pipefail
 
-usage() { sed -n '6,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '7,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
-STEPS="tests,bench-kernels,bench-qlora-step,triton-tests-compiled"
+STEPS="tests,bench-kernels,bench-qlora-step,triton-tests-compiled,kernel-versions"
 OUT="" WHEELS="" PY="" DRY=0 ONLY="$STEPS"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -162,7 +163,7 @@ fi
 # -- benchmarks -----------------------------------------------------------------------------------------------------
 # One entry per GPU benchmark: "name|timeout|script and GPU arguments|arguments of the CPU dry run" (the results
 # folder is appended as --out). The dry run is a quick CPU run of the same script: it proves it imports and writes
-# its files.
+# its files (with TRITON_INTERPRET=1, for the scripts that run Triton kernels on CPU tensors).
 BENCHES=(
     "bench-kernels|150|benchmarks/bench_kernels.py --device cuda|--device cpu --quick --repeat 1"
     "bench-qlora-step|150|benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 --batch 2 --tokens-per-step 2048,4096 --grad-ckpt on --steps 4 --warmup 2 --rounds 1 --no-profile|--device cpu --synthetic tiny --seq-len 32 --batch 2 --tokens-per-step 64 --steps 1 --warmup 1 --rounds 1 --no-profile"
@@ -173,7 +174,7 @@ for entry in "${BENCHES[@]}"; do
     if ! wanted "$name"; then
         continue
     elif ((DRY)); then
-        step "$name-dry" 240 env -u PYTHONSAFEPATH "$PY" $script $dry_args --out "$OUT"
+        step "$name-dry" 240 env -u PYTHONSAFEPATH TRITON_INTERPRET=1 "$PY" $script $dry_args --out "$OUT"
     else
         step "$name" "$limit" env -u PYTHONSAFEPATH "$PY" $cmd --out "$OUT"
     fi
@@ -186,6 +187,15 @@ elif ((DRY)); then
     skip "compiled kernel tests" "dry run: tests/test_kernels_triton.py runs in CI under the interpreter"
 elif ((PYTEST_OK)); then
     step triton-tests-compiled 80 "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py
+fi
+
+# -- candidate kernel versions against the ones in use (benchmarks/kernel_versions.py): last, as the least needed --
+if ! wanted kernel-versions; then
+    :
+elif ((DRY)); then
+    step kernel-versions-dry 240 env -u PYTHONSAFEPATH TRITON_INTERPRET=1 "$PY" benchmarks/kernel_versions.py --device cpu --out "$OUT"
+else
+    step kernel-versions 90 env -u PYTHONSAFEPATH "$PY" benchmarks/kernel_versions.py --device cuda --out "$OUT"
 fi
 
 say "total ${SECONDS}s; results in $OUT"

@@ -98,3 +98,30 @@ def test_a_row_is_timed_one_way(bench, monkeypatch):
     bench.row(results, rows, "forward", (32, 64), 1, *timer.row(ok, ok)[:1], {"bitsandbytes": None})
     assert rows[0][0] == "forward ‡" and rows[1][0] == "forward"
     assert results[0]["ours_s"]["method"] == timer.FALLBACK
+
+
+@pytest.fixture
+def versions(monkeypatch):
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    spec = importlib.util.spec_from_file_location("kernel_versions", os.path.join(BENCHMARKS, "kernel_versions.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_versions_check_catches_a_wrong_version_and_writes_results(versions, tmp_path):
+    """The CPU run (the interpreter) checks every version against F.linear; a version computing something else is
+    caught; and the GPU section's code runs here with the stub clock."""
+    versions.main(["--device", "cpu", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "kernel-versions-cpu.json").read_text())
+    assert {row[0] for row in written["checked"]} == {"v0 kernels.gemv", "v1 split (interpreter config)"}
+
+    def wrong(x, *state):  # x's even and odd columns swapped
+        return versions.gemv_split(x.view(1, -1, 2).flip(-1).reshape(1, -1).contiguous(), *state,
+                                   config=versions.CPU_CONFIG)  # fmt: skip
+
+    with pytest.raises(AssertionError, match="wrong 40x256"):
+        versions.check("cpu", versions.CPU_SHAPES[:1], {"wrong": wrong})
+    fns = {"a": lambda x, *s: versions.gemv_split(x, *s, config=versions.CPU_CONFIG)}
+    rows, records = versions.timed("cpu", versions.CPU_SHAPES[:1], fns, StubTimer(), peak=None)
+    assert len(rows) == len(records) == 1 and rows[0][-1] == "1.00x"
