@@ -19,7 +19,7 @@ from torch import nn
 from nf4lora.nf4 import BLOCKSIZES, QuantState, dequantize_4bit, quantize_4bit
 
 from .config import LlamaConfig
-from .llama import LlamaForCausalLM
+from .llama import LlamaForCausalLM, empty_init
 from .rope import rope_inv_freq
 from .safetensors_io import SafetensorsFile
 
@@ -146,7 +146,7 @@ def load_model(
     config = LlamaConfig.from_pretrained(path)
     _check_bnb_config(config, path)
     ckpt = Checkpoint(path)
-    with torch.device("meta"):
+    with empty_init():
         model = LlamaForCausalLM(config)
 
     consumed: set[str] = set()
@@ -269,7 +269,7 @@ def _read_bnb_weight(ckpt: Checkpoint, wkey: str, shape, consumed) -> tuple[torc
 
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     out_features, in_features = weight.shape
-    with torch.device("meta"):
+    with empty_init():
         layer = nn.Linear(in_features, out_features, bias=bias is not None)
     layer.weight = nn.Parameter(weight)
     if bias is not None:

@@ -1,6 +1,8 @@
 """load_model: sharded vs single-file checkpoints, quantize-on-load, HF + bitsandbytes 4-bit checkpoints."""
 
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -196,3 +198,18 @@ def test_load_reads_no_pickle(checkpoints, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     _, _, sharded = checkpoints
     assert isinstance(load_model(sharded, quantize="nf4"), LlamaForCausalLM)
+
+
+def test_load_imports_no_compiler_stack(checkpoints, tmp_path):
+    """Building the model on the meta device skips random initialisation (models.llama.empty_init): drawing it
+    there imports torch._dynamo, sympy and triton, about 140 MiB of RSS that a process loading a model on the CPU
+    never needs. Checked in a fresh interpreter, as a user's process starts."""
+    _, single, _ = checkpoints
+    code = (
+        "import sys, torch\n"
+        "from nf4lora.models import load_model\n"
+        f"load_model({str(single)!r}, quantize='nf4')\n"
+        "print(sorted(m for m in ('torch._dynamo', 'sympy', 'triton') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -227,6 +227,7 @@ def _merged_checkpoint(model, dtype_name: str):
     keys and shapes checked against a model built from the config, so what is written is what transformers loads."""
     from nf4lora.lora import Linear4bit
     from nf4lora.models import LlamaForCausalLM
+    from nf4lora.models.llama import empty_init
 
     dtype = DTYPES[dtype_name]
     for name, module in list(model.named_modules()):
@@ -245,7 +246,7 @@ def _merged_checkpoint(model, dtype_name: str):
                                  tie_word_embeddings=tied)  # fmt: skip
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
                if not (tied and k == "lm_head.weight")}  # fmt: skip
-    with torch.device("meta"):
+    with empty_init():
         expected = {k: tuple(v.shape) for k, v in LlamaForCausalLM(config).state_dict().items()
                     if not (tied and k == "lm_head.weight")}  # fmt: skip
     got = {k: tuple(v.shape) for k, v in tensors.items()}
