@@ -63,12 +63,17 @@ class SafetensorsFile:
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key][1]
 
-    def read(self, key: str) -> torch.Tensor:
-        """The tensor `key`, freshly allocated on the CPU in its stored dtype."""
+    def nbytes(self, key: str) -> int:
+        _, _, begin, end = self.entries[key]
+        return end - begin
+
+    def read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `key` on the CPU in its stored dtype: freshly allocated, or a view of `out` (a contiguous
+        uint8 CPU tensor of at least nbytes(key) bytes) read into."""
         if key not in self.entries:
             raise KeyError(f"{self.path}: no tensor named {key!r}")
         dtype, shape, begin, end = self.entries[key]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+        buf = torch.empty(end - begin, dtype=torch.uint8) if out is None else out[: end - begin]
         with open(self.path, "rb") as f:
             f.seek(self.data_start + begin)
             got = f.readinto(buf.numpy()) if end > begin else 0
