@@ -6,7 +6,7 @@ dropout 0 on every decoder Linear ("all-linear"), identical LoRA A initialisatio
 AdamW hyper-parameters, gradient checkpointing on or off for both, glibc malloc with its default settings in both
 processes. Each (side, tokens-per-step) point runs in its own subprocess so that peak memory (RSS on the CPU; max
 allocated on CUDA) belongs to that side alone. On the CPU an ablation reruns both sides at the default point with
-freed memory kept (nf4lora's training loop sets that: train/allocator.py).
+freed memory kept (what nf4lora's training loop does with --keep-freed-memory: train/allocator.py).
 
     .venv/bin/python benchmarks/bench_qlora_step.py                        # CPU, the built-in SmolLM2-135M
     .venv/bin/python benchmarks/bench_qlora_step.py --model DIR            # any HF LLaMA checkpoint directory
@@ -236,7 +236,7 @@ def run_side(
     side: str, args, model_dir: str, data_file: str, batch: int, profile: bool, malloc: str = "default"
 ) -> dict:
     """One worker process of `side`. malloc: "default" (glibc's settings, both sides' headline runs) or "kept"
-    (freed memory kept, as nf4lora's training loop sets it: the CPU ablation)."""
+    (freed memory kept, as nf4lora's training loop does with --keep-freed-memory: the CPU ablation)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", side, "--model", model_dir,
            "--data-file", data_file, "--device", args.device, "--batch", str(batch), "--seq-len", str(args.seq_len),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--grad-ckpt", args.grad_ckpt,
@@ -436,7 +436,7 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         "positions at a time (nf4lora's default, `loss_chunk_tokens`), never holding the full (tokens, vocab) "
         "logits; the peer materialises them, as transformers does.",
         "- Processes: glibc malloc with its default settings on both sides"
-        + (" (nf4lora's training loop keeps freed memory instead; both sides with that setting: \"Ablation: the allocator's "
+        + (" (nf4lora's training loop can keep freed memory instead, with --keep-freed-memory; both sides with that setting: \"Ablation: the allocator's "
            "share\" below).\n" if not cuda else ".\n")
         + f"- Each side and each point runs in its own process; {mem_name} is that process's peak"
         + (" (RSS includes the Python/torch runtime and, for the peer, transformers + PEFT + bitsandbytes)." if not cuda
@@ -469,8 +469,9 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
             f"## Ablation: the allocator's share ({default} tokens per step, one extra process per side)",
             "",
             "The headline runs both sides with glibc malloc's defaults, which return freed activations to the OS, so "
-            "each step faults them in again. nf4lora's training loop keeps freed memory for the next step instead "
-            "(`keep_freed_memory`, train/allocator.py). Each side once more with that setting:",
+            "each step faults them in again. nf4lora's training loop can keep freed memory for the next step "
+            "instead, with --keep-freed-memory (`keep_freed_memory`, train/allocator.py). Each side once more with "
+            "that setting:",
             "",
             markdown_table(["side", "malloc", "tokens/s median (min .. max)", "peak RSS"], [
                 [LABELS["ours"], "glibc defaults (the headline)", tps(at["ours"]), f"{at['ours'][mem_key]:.0f} MiB"],

@@ -9,8 +9,11 @@ tokens), the step got 3-18% faster depending on the VM's state (3.45 -> 2.84 s a
 rounds); in benchmarks/results/qlora-step-cpu.md ours went from 340 to 351 tokens/s and the HF + PEFT +
 bitsandbytes peer, given the same settings, from 315 to 347.
 
-This is a process-wide setting, so only the training loop (and the benchmark that mirrors it) applies it, and
-`--no-keep-freed-memory` turns it off.
+Since then the torch path dequantizes into reused per-thread buffers (kernels/torch_path.py), which removed most
+of those faults, and the setting stopped paying: on 2026-11-29 the step benchmark's ablation gave ours 299 tok/s
+with and without it (benchmarks/results/qlora-step-cpu.md, the run of that day), and the built-in demo trained at
+146 and 162 tok/s with it against 168 and 164 without (alternating runs, 119-141 s against 121-122 s). As it
+changes malloc for the whole process, the training loop applies it only when asked (`--keep-freed-memory`).
 """
 
 from __future__ import annotations

@@ -86,9 +86,10 @@ class TrainConfig:
     seed: int = _f(0, "seed for LoRA init, dropout, the validation split and the data order")
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     threads: int = _f(0, "CPU threads for torch (0 = torch's default, one per core)")
-    # 3-18% faster steps on the 2-core CI VM at the same peak RSS (train/allocator.py has the measurements)
-    keep_freed_memory: bool = _f(True, "CPU runs: glibc malloc keeps freed memory for the next step instead of "
-                                       "returning it to the OS and faulting it in again (process-wide)")
+    # Off: no gain once the kernels reuse their own buffers, and it changes malloc for the whole process
+    # (train/allocator.py has the measurements, then and now)
+    keep_freed_memory: bool = _f(False, "CPU runs: glibc malloc keeps freed memory for the next step instead of "
+                                        "returning it to the OS and faulting it in again (process-wide)")
     resume: bool = _f(False, "continue from the newest checkpoint in --output-dir")
     overwrite: bool = _f(False, "start afresh in an --output-dir that holds an earlier run: its checkpoints, "
                                 "metrics.jsonl, adapter and loss.png are removed first")  # fmt: skip
