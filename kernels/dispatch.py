@@ -32,6 +32,14 @@ def state_args(packed: torch.Tensor, state: QuantState) -> tuple:
     )  # fmt: skip
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts to on `device_type`, or None when it is off there (or the device has no autocast,
+    as the meta device has not): the one rule matmul_4bit and Linear4bit both follow."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def _check_state(packed: torch.Tensor, state: QuantState) -> None:
     if not isinstance(state, QuantState):
         raise TypeError(f"state must be a nf4lora.nf4.QuantState, got {type(state).__name__}")
@@ -99,8 +107,9 @@ def matmul_4bit(
         if bias.device != x.device:
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}: move both to one device")
         bias = bias.contiguous()  # the kernels read it with stride 1
-    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))  # (the meta device has no autocast to ask)
+    cast = autocast_dtype(x.device.type)
+    if cast is not None:
+        x = x.to(cast)
     if torch.compiler.is_compiling():  # the custom op: opaque to torch.compile, no graph break
         return ops.matmul_4bit(x, *state_args(packed, state), bias)
     return ops.Matmul4bit.apply(x, bias, *state_args(packed, state))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nf4lora.kernels import dequantize, matmul_4bit
+from nf4lora.kernels.dispatch import autocast_dtype
 from nf4lora.nf4 import QuantState, quantize_4bit
 
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -164,9 +165,9 @@ class Linear4bit(nn.Module):
     def dtypes_for(self, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
         """(compute dtype, output dtype) of forward(x): the autocast dtype for both under autocast, else
         compute_dtype (default x.dtype) and x.dtype."""
-        device_type = x.device.type
-        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-            return torch.get_autocast_dtype(device_type), torch.get_autocast_dtype(device_type)
+        cast = autocast_dtype(x.device.type)
+        if cast is not None:
+            return cast, cast
         return self.compute_dtype or x.dtype, x.dtype
 
     # -- moving ----------------------------------------------------------------------------------------------

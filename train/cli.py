@@ -183,6 +183,12 @@ def _show_generations(result, n: int, device, prompt_and_answer, eos: list[int])
         print(f"  {ex.question()!r:58} -> {got!r} ({'ok' if got == want else 'expected ' + repr(want)})")
 
 
+def _check_adapter_dir(adapter: str | None) -> None:
+    """Before anything is loaded or written: an --adapter given must be a directory."""
+    if adapter is not None and not os.path.isdir(adapter):
+        raise ValueError(f"--adapter={adapter!r} is not a directory")
+
+
 def _load_with_adapter(args, device, adapter: str | None):
     from nf4lora.lora import load_adapter
 
@@ -190,10 +196,9 @@ def _load_with_adapter(args, device, adapter: str | None):
 
     quant = argparse.Namespace(quant_type=args.quant_type, double_quant=args.double_quant,
                                blocksize=args.blocksize, compute_dtype=args.compute_dtype)  # fmt: skip
+    _check_adapter_dir(adapter)
     model, tokenizer = load_base(args.model, quant, device)
     if adapter is not None:
-        if not os.path.isdir(adapter):
-            raise ValueError(f"--adapter={adapter!r} is not a directory")
         load_adapter(model, adapter)  # raises ValueError for an adapter of another model (names or shapes)
     return model.eval(), tokenizer
 
@@ -206,8 +211,7 @@ def cmd_merge(args) -> None:
     from .resources import resolve_model
 
     base_dir = resolve_model(args.model)
-    if not os.path.isdir(args.adapter):
-        raise ValueError(f"--adapter={args.adapter!r} is not a directory")
+    _check_adapter_dir(args.adapter)
     inputs = [("--model", base_dir), ("--adapter", args.adapter)]
     with atomic_output_dir(args.out, "--out", overwrite=args.overwrite, inputs=inputs) as tmp:  # checked first
         model, _ = _load_with_adapter(args, torch.device("cpu"), args.adapter)
