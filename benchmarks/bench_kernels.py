@@ -13,7 +13,7 @@ Same weights, same inputs, same run. Ratios are peer time / ours (> 1: ours fast
   product; the fused kernel alone at the same sizes; fused vs GEMV vs dequantize + cuBLAS for M = 1..16 (where
   the dispatch crossovers should be). Prints which config autotuning chose per key.
 Writes kernels-<device>.md and .json into DIR (default benchmarks/results/). --quick uses tiny shapes (the dry run
-of gpu_check.sh). Targets are in ../shared/PERFORMANCE.md.
+of gpu_check.sh). Targets are in docs/benchmarking.md.
 """
 
 from __future__ import annotations
@@ -393,7 +393,7 @@ def main():
         f"Timing: {how}. Weights blocksize 64, NF4 + double quantization unless stated; ratios are peer / ours",
         "(> 1: ours faster). bitsandbytes " + ("was not available in this run." if bnb is None else "ran in the same process."),
         "",
-        "Targets (../shared/PERFORMANCE.md): " + TARGETS[args.device],
+        "Targets (docs/benchmarking.md): " + TARGETS[args.device],
     ]  # fmt: skip
     if stopped:
         parts += ["", f"**The run stopped part-way ({stopped}): the tables hold the sections it finished, the "

@@ -56,7 +56,7 @@ def main():
         "",
         environment_block("bitsandbytes"),
         f"Median of {args.repeat} runs after 2 warm-up runs (range = min..max). Both run in the same process on the",
-        "same tensors. Target (PERFORMANCE.md): quantize NF4+DQ >= 1.5x, dequantize >= 1.0x.",
+        "same tensors. Target (docs/benchmarking.md): quantize NF4+DQ >= 1.5x, dequantize >= 1.0x.",
         "",
         markdown_table(header, rows),
     ])  # fmt: skip

@@ -2,7 +2,7 @@
 # Every GPU test and GPU benchmark of nf4lora in one run, with all results written into one folder. Budget: the
 # steps' time caps add up to 10.5 minutes on one H200-class GPU (the first full run took 8 minutes; the last step,
 # kernel-versions, compares candidate kernels and may be left out with --only). GPU time comes
-# in short slots: run this, then commit what it wrote under benchmarks/results/ (see ../shared/PERFORMANCE.md).
+# in short slots: run this, then commit what it wrote under benchmarks/results/ (see docs/benchmarking.md).
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--only STEPS] [--dry-run]
 #
@@ -55,7 +55,7 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 FAILED=0
 
-# Never put the checkout on sys.path: its kernels/ and models/ folders shadow unrelated packages (ARCHITECTURE.md).
+# Never put the checkout on sys.path: its kernels/ and models/ folders shadow unrelated packages (docs/architecture.md).
 # Benchmark scripts run without it (they import harness.py from their own folder, which is safe).
 export PYTHONSAFEPATH=1
 cd "$REPO"

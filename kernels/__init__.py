@@ -1,8 +1,8 @@
 """4-bit kernels: Triton on CUDA, plain torch on the CPU, one dispatch point (backend.py, used by ops.py).
 
-Layers (STYLE.md 3): @triton.jit kernels and their launchers in dequant.py, matmul.py, gemv.py; the fast torch
-path in torch_path.py; in ops.py the rule that picks a kernel, the torch custom ops (for torch.compile) and the
-eager autograd.Function; checked public entry points in dispatch.py.
+Layers (docs/architecture.md, "Kernels in layers"): @triton.jit kernels and their launchers in dequant.py,
+matmul.py, gemv.py; the fast torch path in torch_path.py; in ops.py the rule that picks a kernel, the torch custom
+ops (for torch.compile) and the eager autograd.Function; checked public entry points in dispatch.py.
 """
 
 # Run only as nf4lora.kernels. Found through sys.path as a top-level "kernels" (the checkout's root on sys.path,

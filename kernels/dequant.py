@@ -1,7 +1,7 @@
 """Triton dequantization of blockwise 4-bit weights (NF4/FP4, with or without double quantization).
 
 Also home of the two @triton.jit helpers every 4-bit kernel shares (matmul.py, gemv.py), so the decode arithmetic
-of FORMATS.md sections 2-3 is written once for the GPU:
+of docs/formats.md sections 2-3 is written once for the GPU:
 - `load_scales`: the float32 scale of a 4-bit block, decoding the nested (8-bit) absmax in the kernel;
 - `load_weight_tile`: a (BLOCK_N, BLOCK_K) float32 tile of the dequantized weight W (N, K).
 
@@ -56,7 +56,7 @@ def load_scales(
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)  # uint8 code into the dynamic map
         value = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
         nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        # Two float32 roundings, product then sum (FORMATS.md 3.4); the launch forbids contracting them to an FMA.
+        # Two float32 roundings, product then sum (docs/formats.md 3.4); the launch forbids contracting them to an FMA.
         scales = tl.where(mask, value * nested + tl.load(offset_ptr), 0.0)
     else:
         scales = tl.load(absmax_ptr + block, mask=mask, other=0.0)

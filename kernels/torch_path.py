@@ -64,7 +64,7 @@ def block_scales(
     """The float32 scale of every 4-bit block (n_blocks,), decoding double quantization when nested_absmax is set.
 
     With double quantization absmax holds uint8 codes: scale = float32(map[code] * nested_absmax[b // 256]),
-    then + offset as a separate float32 add (FORMATS.md 3.4). Computed _chunk_elements() blocks at a time.
+    then + offset as a separate float32 add (docs/formats.md 3.4). Computed _chunk_elements() blocks at a time.
     """
     if nested_absmax is None:
         return absmax

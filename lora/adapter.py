@@ -1,4 +1,4 @@
-"""LoRA adapters on disk in PEFT's format (../shared/FORMATS.md section 5): a directory holding
+"""LoRA adapters on disk in PEFT's format (docs/formats.md section 5): a directory holding
 adapter_config.json and adapter_model.safetensors (metadata {"format": "pt"}) with keys
 `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`.
 

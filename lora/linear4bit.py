@@ -1,6 +1,6 @@
 """Linear4bit: a frozen nn.Linear whose weight is stored as packed 4-bit NF4/FP4 codes plus a QuantState.
 
-Storage and state dict follow bitsandbytes' Linear4bit (../shared/FORMATS.md section 4): `weight` is the packed
+Storage and state dict follow bitsandbytes' Linear4bit (docs/formats.md section 4): `weight` is the packed
 uint8 tensor of shape ((out * in + 1) // 2, 1) and the quantization state is written next to it as
 `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map` and
 `weight.quant_state.bitsandbytes__<nf4|fp4>`, so state dicts move between the two libraries unchanged.

@@ -1,5 +1,5 @@
 """LoRALinear: a frozen linear layer (Linear4bit or nn.Linear) plus a trainable low-rank update (PEFT conventions,
-../shared/FORMATS.md section 5):
+docs/formats.md section 5):
 
     y = base(x) + lora_B(lora_A(dropout(x))) * scaling,   scaling = alpha / r   (rsLoRA: alpha / sqrt(r))
 

@@ -1,6 +1,6 @@
 """LlamaConfig: the hyper-parameters of a LLaMA-family model, read from a Hugging Face config.json.
 
-Both RoPE styles are read (../shared/FORMATS.md section 6): older files carry `rope_theta` + `rope_scaling`,
+Both RoPE styles are read (docs/formats.md section 6): older files carry `rope_theta` + `rope_scaling`,
 transformers 5 writes `rope_parameters: {"rope_theta": ..., "rope_type": ...}`. The config is normalised to one
 `rope_theta` plus an optional `rope_scaling` dict whose "rope_type" is "linear" or "llama3"; any other scaling
 is refused here, once, rather than silently computing different frequencies than the checkpoint was trained with.

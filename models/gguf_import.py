@@ -4,7 +4,7 @@ Reads metadata and tensors with the `gguf` package (GGUFReader, gguf.quants.dequ
 model.safetensors (sharded if large), config.json, generation_config.json, tokenizer.json and
 tokenizer_config.json. Two format differences are undone:
 - llama.cpp stores q/k projection rows in interleaved RoPE order (pairs 2i, 2i+1 of each head); Hugging Face
-  pairs i with i + head_dim/2 (FORMATS.md section 6), so each head's rows are de-interleaved.
+  pairs i with i + head_dim/2 (docs/formats.md section 6), so each head's rows are de-interleaved.
 - the tokenizer lives in metadata (tokens, merges or piece types); it is rebuilt as a `tokenizers` pipeline.
 """
 

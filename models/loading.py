@@ -3,7 +3,7 @@
 The model is built on the meta device (no weight memory), then filled tensor by tensor: each decoder Linear weight
 is read in its stored dtype, quantized with nf4lora.nf4.quantize_4bit and wrapped in a Linear4bit, so the peak is
 the 4-bit model plus one 16-bit tensor (plus quantize_4bit's chunk buffers). Embeddings, norms and lm_head stay in
-`compute_dtype`. A checkpoint that transformers + bitsandbytes saved in 4 bits (FORMATS.md section 4) is loaded
+`compute_dtype`. A checkpoint that transformers + bitsandbytes saved in 4 bits (docs/formats.md section 4) is loaded
 as stored, without re-quantizing (a 4-bit lm_head is dequantized to `compute_dtype`).
 """
 

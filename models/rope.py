@@ -1,6 +1,6 @@
 """Rotary position embeddings in the Hugging Face layout (rotate_half: dimension i pairs with i + head_dim/2).
 
-The inverse frequencies follow ../shared/FORMATS.md section 6: plain RoPE, "linear" scaling (every frequency
+The inverse frequencies follow docs/formats.md section 6: plain RoPE, "linear" scaling (every frequency
 divided by the factor) and Llama-3.1 "llama3" scaling (low frequencies divided, high kept, a blend between).
 """
 

@@ -1,7 +1,7 @@
 """The code tables: NF4, FP4 and the signed 8-bit dynamic map used by double quantization.
 
 Each table is defined once here, at full precision; everything else (sorted orders, midpoints, byte LUTs, the
-tensors handed to kernels) is derived from these. See ../shared/FORMATS.md sections 1 and 3.
+tensors handed to kernels) is derived from these. See docs/formats.md sections 1 and 3.
 """
 
 import functools

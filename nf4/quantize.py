@@ -1,6 +1,6 @@
 """Blockwise 4-bit quantization (NF4 / FP4) with optional double quantization: the plain-torch specification.
 
-The algorithm is ../shared/FORMATS.md sections 2-3, written for clarity first and for speed second: work is done
+The algorithm is docs/formats.md sections 2-3, written for clarity first and for speed second: work is done
 in chunks of whole blocks, so quantizing a large matrix needs the packed output plus a few float32 chunk
 buffers (CHUNK_ELEMENTS elements each), never a float32 copy of the whole tensor.
 """

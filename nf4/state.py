@@ -1,5 +1,5 @@
 """QuantState: everything needed to undo a blockwise 4-bit quantization, and its Hugging Face / bitsandbytes
-state-dict format (../shared/FORMATS.md section 4)."""
+state-dict format (docs/formats.md section 4)."""
 
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def decode_absmax(
 ) -> torch.Tensor:
     """Double quantization undone: scale[b] = float32(map[codes[b]] * nested_absmax[b // 256]) + offset.
 
-    Two separate float32 roundings, product then sum, as bitsandbytes does (FORMATS.md 3.4). (n_blocks,) float32.
+    Two separate float32 roundings, product then sum, as bitsandbytes does (docs/formats.md 3.4). (n_blocks,) float32.
     """
     values = nested_code[codes.long()]  # (n_blocks,) float32
     return values * nested_absmax.repeat_interleave(nested_blocksize)[: codes.numel()] + offset

@@ -38,7 +38,7 @@ def bnb_dequantize(packed, bnb_state, out_shape=None):
     """bitsandbytes.functional.dequantize_4bit, called with the flattened shape.
 
     bitsandbytes 0.50.2's CPU dequantize kernel (used when the last dimension is even) restarts blocks at every
-    row, while its quantizer (and CUDA, and FORMATS.md) cut blocks from the flattened tensor: for a (48, 80)
+    row, while its quantizer (and CUDA, and docs/formats.md) cut blocks from the flattened tensor: for a (48, 80)
     weight in blocks of 64 it returns wrong values (see test_bitsandbytes_cpu_dequantize_row_blocks). With the
     flat shape, rows and blocks agree, and its kernel computes the format's result.
     """
@@ -59,7 +59,7 @@ def assert_last_block_deviations(w, ours, theirs, state_absmax, blocksize, quant
     """Packed codes must be identical, except in a partial last block.
 
     There bitsandbytes' CPU path scales with x / absmax instead of x * (1 / absmax) (the CUDA kernel and
-    FORMATS.md use the reciprocal); a 1-ulp difference can cross a midpoint. Allow only such cases, and only where
+    docs/formats.md use the reciprocal); a 1-ulp difference can cross a midpoint. Allow only such cases, and only where
     our code is at least as near to the exact x / absmax as theirs.
     """
     n = w.numel()
@@ -110,7 +110,7 @@ def test_quantize_matches_bitsandbytes(quant_type, blocksize, dtype, kind):
 def assert_nested_codes_at_least_as_near(absmax, ours: QuantState, ref_codes: torch.Tensor):
     """Where our 8-bit absmax codes differ from bitsandbytes', ours must be at least as near the true value.
 
-    The true value is s = (absmax - offset) / nested_absmax in float32 (FORMATS.md 3.2); distances in float64.
+    The true value is s = (absmax - offset) / nested_absmax in float32 (docs/formats.md 3.2); distances in float64.
     """
     v = absmax - ours.offset
     scale = ours.nested.absmax.clamp(min=1e-38).repeat_interleave(256)[: v.numel()]
@@ -219,7 +219,7 @@ def test_state_dict_matches_bitsandbytes_format(quant_type, double_quant):
     assert ours_sd.keys() == ref_sd.keys()
     for k in ref_sd:
         assert ours_sd[k].dtype == ref_sd[k].dtype and ours_sd[k].shape == ref_sd[k].shape, k
-    # the tables to the bit (FP4's entry 8 is +0.0 in bitsandbytes' quant_map: FORMATS.md 1)
+    # the tables to the bit (FP4's entry 8 is +0.0 in bitsandbytes' quant_map: docs/formats.md 1)
     for k in ("layer.weight.quant_map", *(["layer.weight.nested_quant_map"] if double_quant else [])):
         assert torch.equal(ours_sd[k].view(torch.int32), ref_sd[k].view(torch.int32)), k
 

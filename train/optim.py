@@ -2,7 +2,7 @@
 
 QLoRA's point is that the frozen 4-bit base fits where a 16-bit one does not; the optimizer state of the
 trainable parameters (two fp32 tensors per parameter, 8 bytes/param) should not take that room back.
-bitsandbytes pages state through CUDA unified memory and synchronises after every parameter (FORMATS.md, sec. 7).
+bitsandbytes pages state through CUDA unified memory and synchronises after every parameter (docs/formats.md, sec. 7).
 Here the state is an ordinary (pinned) CPU tensor per parameter; for a CUDA parameter the update streams the
 state through two device page buffers on a side stream, so the copy of page i+1 overlaps the update of page i,
 and the buffers are released when `step()` returns. On a CPU-only machine the state is updated in place.
