@@ -5,12 +5,25 @@ matmul.py, gemv.py; the fast torch path in torch_path.py; in ops.py the rule tha
 ops (for torch.compile) and the eager autograd.Function; checked public entry points in dispatch.py.
 """
 
-# Run only as nf4lora.kernels. Found through sys.path as a top-level "kernels" (the checkout's root on sys.path,
-# and bitsandbytes and transformers both look for Hugging Face's "kernels" package on import), this module stays
-# empty: running it again would register the nf4lora:: torch custom ops a second time, which frees the first
-# registration, and torch.compile then crashes in the freed operator.
+# Run only as nf4lora.kernels. Found through sys.path as a top-level "kernels" (the checkout's root on sys.path),
+# running this module again would register the nf4lora:: torch custom ops a second time, which frees the first
+# registration, and torch.compile then crashes in the freed operator. Under that name the module hands the name
+# to the installed package that owns it, if any (Hugging Face's `kernels`, which transformers >= 5.25 requires
+# and imports along with bitsandbytes), so the checkout shadows nothing; without one it stays empty.
 if __name__ == "nf4lora.kernels":
     from .backend import backend_for
     from .dispatch import dequantize, matmul_4bit, matmul_4bit_grad_input
 
     __all__ = ["dequantize", "matmul_4bit", "matmul_4bit_grad_input", "backend_for"]
+else:
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
+
+    _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    _elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec(__name__, _elsewhere)
+    if _spec is not None:  # the import statement returns what sys.modules holds once this module has run
+        _sys.modules[__name__] = _owner = _util.module_from_spec(_spec)
+        _spec.loader.exec_module(_owner)

@@ -2,6 +2,7 @@
 matmul_4bit and its gradients against dense F.linear, what backward saves, torch.compile without graph breaks,
 backend selection and bad input. The Triton kernels themselves are tested in test_kernels_triton.py."""
 
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -307,23 +308,35 @@ def test_grad_input_entry_point_matches_autograd_and_checks_its_input():
 
 def test_kernels_runs_only_as_nf4lora_kernels():
     """With the checkout's root on sys.path (`python -c` or `python -m pytest` run there), kernels/ is also a
-    top-level package "kernels", which bitsandbytes and transformers both try to import (they look for Hugging
-    Face's package of that name). That ran nf4lora's kernels a second time, and registering the nf4lora:: custom
-    ops again freed the first registration (torch.compile then crashed now and then in
-    test_torch_compile_fullgraph_matches_eager). Under a foreign name the folder must stay an empty module."""
+    top-level package "kernels", which bitsandbytes and transformers both import (Hugging Face's package of that
+    name; transformers >= 5.25 requires it). That ran nf4lora's kernels a second time, and registering the
+    nf4lora:: custom ops again freed the first registration (torch.compile then crashed now and then in
+    test_torch_compile_fullgraph_matches_eager); with Hugging Face's package installed, transformers failed to
+    import from it. Under the foreign name the name must go to the installed package, or stay an empty module."""
     code = "\n".join([
         "import sys, torch, nf4lora.kernels",
         "import kernels, bitsandbytes, transformers.integrations.hub_kernels",
-        "print('top-level kernels:', sorted(n for n in vars(kernels) if not n.startswith('_')))",
-        "print('stray:', sorted(m for m in sys.modules if m.startswith('kernels.')))",
+        "print('top-level kernels file:', getattr(kernels, '__file__', None))",
+        "print('top-level kernels names:', sorted(n for n in vars(kernels) if not n.startswith('_')))",
+        "print('stray:', sorted(m for m, mod in sys.modules.items() if m == 'kernels' or m.startswith('kernels.')",
+        "                        if (getattr(mod, '__file__', None) or '').startswith(sys.argv[1])))",
         "from nf4lora.kernels import matmul_4bit",  # the first registration still works
         "print(torch.ops.nf4lora.matmul_4bit.default._schema.name)",
     ])  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    ours = os.path.join(root, "kernels") + os.sep  # the checkout's folder (a venv may live inside the root too)
+    proc = subprocess.run([sys.executable, "-c", code, ours], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "top-level kernels: []" in proc.stdout and "stray: []" in proc.stdout
-    assert "nf4lora::matmul_4bit" in proc.stdout
+    assert "stray: []" in proc.stdout and "nf4lora::matmul_4bit" in proc.stdout
+    try:
+        importlib.metadata.distribution("kernels")
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    if installed:  # the name went to Hugging Face's package, found beyond the checkout
+        assert "top-level kernels file: " + ours not in proc.stdout and "get_kernel" in proc.stdout
+    else:
+        assert "top-level kernels names: []" in proc.stdout
 
 
 def test_autocast_output_dtype_is_the_same_eager_and_compiled():
