@@ -32,7 +32,8 @@ def versions(*packages: str) -> dict[str, str]:
 
 
 def machine() -> dict[str, str]:
-    """Where the numbers were taken: CPU model and cores, GPU if any, Python, date."""
+    """Where the numbers were taken: CPU model, its ISA (what decides the fast dtypes and kernels) and cores, GPU
+    if any, Python, date."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -41,8 +42,11 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
+    from nf4lora.kernels.precision import isa_label
+
     info = {
         "cpu": cpu,
+        "isa": f"{isa_label()} (torch's ATen kernels: {torch.backends.cpu.get_cpu_capability()})",
         "cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "python": platform.python_version(),

@@ -18,6 +18,7 @@ from torch import nn
 
 from nf4lora.kernels import dequantize, matmul_4bit
 from nf4lora.kernels.dispatch import autocast_dtype
+from nf4lora.kernels.precision import AUTO, auto_dtype
 from nf4lora.nf4 import QuantState, quantize_4bit
 
 _COMPUTE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -34,15 +35,19 @@ def _check_features(name: str, value) -> int:
 
 
 def _check_compute_dtype(compute_dtype) -> None:
-    if compute_dtype is not None and compute_dtype not in _COMPUTE_DTYPES:
-        raise TypeError(f"compute_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {compute_dtype!r}")
+    if compute_dtype is not None and compute_dtype != AUTO and compute_dtype not in _COMPUTE_DTYPES:
+        raise TypeError(
+            f"compute_dtype must be 'auto', None, torch.float32, torch.float16 or torch.bfloat16, got {compute_dtype!r}"
+        )
 
 
 class Linear4bit(nn.Module):
     """y = x @ dequant(W).T + bias with W frozen in 4 bits; differentiable in x (and bias).
 
-    compute_dtype: the dtype the matmul runs in (None: the input's dtype). As in bitsandbytes, the output is cast
-    back to the input dtype, except under autocast, where it is the autocast dtype like any autocast linear.
+    compute_dtype: the dtype the matmul runs in: "auto" (default) the fastest one of the device the input is on
+    (nf4lora.kernels.precision: bf16 on GPUs and on CPUs with native bf16, else float32 / float16), None the
+    input's dtype, or a torch dtype. As in bitsandbytes, the output is cast back to the input dtype, except under
+    autocast, where it is the autocast dtype like any autocast linear.
     """
 
     def __init__(
@@ -54,7 +59,7 @@ class Linear4bit(nn.Module):
         blocksize: int = 64,
         quant_type: str = "nf4",
         double_quant: bool = True,
-        compute_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | str | None = AUTO,
         device=None,
     ):
         super().__init__()
@@ -84,7 +89,7 @@ class Linear4bit(nn.Module):
         blocksize: int = 64,
         quant_type: str = "nf4",
         double_quant: bool = True,
-        compute_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | str | None = AUTO,
         device=None,
     ) -> Linear4bit:
         """Quantize an nn.Linear's weight (on `device` if given, else where it lies); the bias is copied as is."""
@@ -107,7 +112,7 @@ class Linear4bit(nn.Module):
         packed: torch.Tensor,
         state: QuantState,
         bias: torch.Tensor | None = None,
-        compute_dtype: torch.dtype | None = None,
+        compute_dtype: torch.dtype | str | None = AUTO,
     ) -> Linear4bit:
         """Wrap already-quantized tensors (e.g. read from a checkpoint): the packed weight and state are used as
         they are (no copy, no re-quantization); the bias is copied into a parameter."""
@@ -164,10 +169,12 @@ class Linear4bit(nn.Module):
 
     def dtypes_for(self, x: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
         """(compute dtype, output dtype) of forward(x): the autocast dtype for both under autocast, else
-        compute_dtype (default x.dtype) and x.dtype."""
+        compute_dtype ("auto": the device's, None: x.dtype) and x.dtype."""
         cast = autocast_dtype(x.device.type)
         if cast is not None:
             return cast, cast
+        if self.compute_dtype == AUTO:
+            return auto_dtype(x.device.type, x.device.index), x.dtype
         return self.compute_dtype or x.dtype, x.dtype
 
     # -- moving ----------------------------------------------------------------------------------------------

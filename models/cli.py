@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from nf4lora.kernels.precision import resolve_compute_dtype
+
 from .loading import resolve_device
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -38,7 +40,8 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="double quantization (default: on)")  # fmt: skip
     p.add_argument("--blocksize", type=int, default=64, help="quantization block size (default: 64)")
     p.add_argument("--compute-dtype", choices=("auto", *DTYPES), default="auto",
-                   help="activation dtype (default: bfloat16 on CUDA, float32 on CPU)")  # fmt: skip
+                   help="dtype the model computes in (default: auto, the device's fastest: bfloat16 where native, "
+                        "else float32)")  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
 
 
@@ -69,7 +72,9 @@ def run_generate(args: argparse.Namespace, out=None) -> str:
         raise ValueError(f"sampling flags {', '.join(sampling)} have no effect with --temperature=0 (greedy "
                          "decoding); give --temperature > 0 or drop them")  # fmt: skip
     device = resolve_device(args.device)
-    dtype = DTYPES.get(args.compute_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    chosen = resolve_compute_dtype(args.compute_dtype, device)
+    print(f"compute dtype: {chosen}", file=sys.stderr)  # stdout carries only the generated text
+    dtype = chosen.dtype
     path = _resolve_model(args.model)
     if args.adapter is not None and not os.path.isdir(args.adapter):
         raise ValueError(f"--adapter={args.adapter!r} is not a directory")

@@ -16,6 +16,7 @@ import os
 import torch
 from torch import nn
 
+from nf4lora.kernels.precision import resolve_compute_dtype
 from nf4lora.nf4 import BLOCKSIZES, QuantState, dequantize_4bit, quantize_4bit
 
 from .config import LlamaConfig
@@ -122,7 +123,7 @@ def load_model(
     quantize: str | None = "nf4",
     double_quant: bool = True,
     blocksize: int = 64,
-    compute_dtype: torch.dtype = torch.bfloat16,
+    compute_dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
 ) -> LlamaForCausalLM:
     """Load a Hugging Face LLaMA-family checkpoint directory (config.json + safetensors, single or sharded).
@@ -141,11 +142,12 @@ def load_model(
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be a bool, got {double_quant!r}")
-    if compute_dtype not in COMPUTE_DTYPES:
-        raise TypeError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    if compute_dtype != "auto" and compute_dtype not in COMPUTE_DTYPES:
+        raise TypeError(f"compute_dtype must be 'auto' or one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model path {path!r} is not a directory")
     device = torch.device(device)
+    compute_dtype = resolve_compute_dtype(compute_dtype, device).dtype
 
     config = LlamaConfig.from_pretrained(path)
     _check_bnb_config(config, path)

@@ -62,7 +62,9 @@ def test_bnb_state_dict_loads_into_ours(quant_type, double_quant, dtype):
     linear = _linear()
     ref = _bnb_from_linear(linear, quant_type, double_quant, compute_dtype=dtype)
     sd = ref.state_dict()
-    ours = Linear4bit(IN, OUT)  # default nf4 + DQ: the loaded state replaces the settings
+    # default nf4 + DQ: the loaded state replaces the settings; compute_dtype=None computes in x.dtype, as
+    # bitsandbytes does with the compute_dtype it was given
+    ours = Linear4bit(IN, OUT, compute_dtype=None)
     ours.load_state_dict(sd)
     assert (ours.quant_type, ours.double_quant) == (quant_type, double_quant)
     # Same keys, same bytes (the JSON blob included) when written back out.
@@ -84,7 +86,8 @@ def test_bnb_state_dict_loads_into_ours(quant_type, double_quant, dtype):
 @pytest.mark.parametrize("quant_type,double_quant", CONFIGS)
 def test_our_state_dict_loads_into_bnb(quant_type, double_quant):
     linear = _linear(seed=1)
-    ours = Linear4bit.from_linear(linear, quant_type=quant_type, double_quant=double_quant)
+    # compute_dtype=None: x.dtype, as bitsandbytes' default
+    ours = Linear4bit.from_linear(linear, quant_type=quant_type, double_quant=double_quant, compute_dtype=None)
     sd = ours.state_dict()
     ref = _bnb_from_state_dict(sd, quant_type, double_quant)
     w_ref = bnb_dequantize_4bit(ref.weight.data, ref.weight.quant_state)

@@ -161,7 +161,7 @@ def test_index_lists_a_key_its_shard_lacks(sharded):
     [
         ({"quantize": "int8"}, ValueError, "quantize must be one of .* got 'int8'"),
         ({"blocksize": 100}, ValueError, "blocksize must be one of .* got 100"),
-        ({"compute_dtype": torch.int8}, TypeError, "compute_dtype must be one of"),
+        ({"compute_dtype": torch.int8}, TypeError, "compute_dtype must be 'auto' or one of .* got torch.int8"),
         ({"double_quant": "yes"}, TypeError, "double_quant must be a bool"),
     ],
 )

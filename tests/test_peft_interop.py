@@ -47,7 +47,7 @@ def _tokens(seed, shape=(2, 12)):
 def test_our_adapter_loads_in_peft(tmp_path):
     base = _tiny_llama()
     ours = copy.deepcopy(base)
-    quantize_model(ours)
+    quantize_model(ours, compute_dtype=torch.float32)  # PEFT's twin below computes in float32
     names = add_lora(ours, r=8, alpha=16, dropout=0.05, target_modules="all-linear")
     assert len(names) == 2 * 7 and "lm_head" not in names
     ours.train()
@@ -83,7 +83,7 @@ def test_peft_adapter_loads_in_ours(tmp_path, quantized):
                              init_lora_weights=False, task_type="CAUSAL_LM")  # fmt: skip
     ours = copy.deepcopy(base)
     if quantized:
-        quantize_model(ours, quant_type="fp4")
+        quantize_model(ours, quant_type="fp4", compute_dtype=torch.float32)  # as PEFT's float32 twin
         base = _dequantized_twin(base, ours)
     ref = peft.get_peft_model(copy.deepcopy(base), config).eval()
     ref.save_pretrained(tmp_path / "peft")

@@ -39,7 +39,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default})"
-        if f.type == "bool":
+        if f.type in ("bool", "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="output directory for the merged checkpoint (new or empty)")
     mg.add_argument("--overwrite", action="store_true",
                     help="replace --out if it already holds a checkpoint (a directory with config.json)")  # fmt: skip
-    _add_quant_flags(mg)
+    _add_quant_flags(mg, compute_dtype=False)  # merging computes in float32 and rounds once to --dtype
     mg.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of the written weights")
 
     ev = sub.add_parser(
@@ -122,14 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_quant_flags(p: argparse.ArgumentParser) -> None:
+def _add_quant_flags(p: argparse.ArgumentParser, compute_dtype: bool = True) -> None:
     p.add_argument("--quant-type", choices=("nf4", "fp4", "none"), default="nf4",
                    help="how the base is held, as in training: nf4, fp4, none = 16-bit (default: nf4)")  # fmt: skip
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="double quantization, as in training (default: on)")  # fmt: skip
     p.add_argument("--blocksize", type=int, default=64, help="quantization block size, as in training (default: 64)")
-    p.add_argument("--compute-dtype", choices=tuple(DTYPES), default="float32",
-                   help="dtype the base is dequantized to (default: float32)")  # fmt: skip
+    if compute_dtype:
+        p.add_argument("--compute-dtype", choices=("auto", *DTYPES), default="auto",
+                       help="dtype the model computes in (default: auto, the device's fastest: bfloat16 where native, "
+                            "else float32)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -189,13 +191,13 @@ def _check_adapter_dir(adapter: str | None) -> None:
         raise ValueError(f"--adapter={adapter!r} is not a directory")
 
 
-def _load_with_adapter(args, device, adapter: str | None):
+def _load_with_adapter(args, device, adapter: str | None, compute_dtype: str):
     from nf4lora.lora import load_adapter
 
     from .resources import load_base
 
     quant = argparse.Namespace(quant_type=args.quant_type, double_quant=args.double_quant,
-                               blocksize=args.blocksize, compute_dtype=args.compute_dtype)  # fmt: skip
+                               blocksize=args.blocksize, compute_dtype=compute_dtype)  # fmt: skip
     _check_adapter_dir(adapter)
     model, tokenizer = load_base(args.model, quant, device)
     if adapter is not None:
@@ -214,7 +216,9 @@ def cmd_merge(args) -> None:
     _check_adapter_dir(args.adapter)
     inputs = [("--model", base_dir), ("--adapter", args.adapter)]
     with atomic_output_dir(args.out, "--out", overwrite=args.overwrite, inputs=inputs) as tmp:  # checked first
-        model, _ = _load_with_adapter(args, torch.device("cpu"), args.adapter)
+        # float32: the merged weight is computed exactly and rounded once to --dtype; so are the weights the
+        # adapter does not change (embeddings, norms), whatever dtype the checkpoint stored them in
+        model, _ = _load_with_adapter(args, torch.device("cpu"), args.adapter, "float32")
         merge_lora(model, dequantize=True, unload=True)
         tensors, config = _merged_checkpoint(model, args.dtype)
         save_safetensors_atomic(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -264,6 +268,7 @@ def _merged_checkpoint(model, dtype_name: str):
 
 
 def cmd_eval(args) -> None:
+    from nf4lora.kernels.precision import resolve_compute_dtype
     from nf4lora.models.loading import resolve_device
 
     from .evaluate import file_examples, loss_and_perplexity
@@ -273,7 +278,9 @@ def cmd_eval(args) -> None:
         raise ValueError(f"--seq-len and --batch-size must be positive, got {args.seq_len} and {args.batch_size}")
     data = args.data or DEFAULT_VALID
     device = resolve_device(args.device)
-    model, tokenizer = _load_with_adapter(args, device, args.adapter)
+    chosen = resolve_compute_dtype(args.compute_dtype, device)
+    print(f"compute dtype: {chosen}")
+    model, tokenizer = _load_with_adapter(args, device, args.adapter, chosen.name)
     context = model.config.max_position_embeddings
     seq_len = min(512, context) if args.seq_len is None else args.seq_len
     if seq_len > context:

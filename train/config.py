@@ -10,8 +10,10 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 SCHEDULES = ("constant", "cosine")
-COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")  # plus "none" for a 16-bit base (plain LoRA)
 
 # Fields a resumed run may change: they decide how the run executes (where outputs go, how often it evaluates or
@@ -45,7 +47,10 @@ class TrainConfig:
     quant_type: str = _f("nf4", "4-bit data type of the frozen base: nf4, fp4, or none for a 16-bit base")
     double_quant: bool = _f(True, "quantize the absmax scales too (saves ~0.37 bit/param at no measurable cost)")
     blocksize: int = _f(64, "elements per quantization block")  # 64: the QLoRA paper's accuracy/size trade-off
-    compute_dtype: str = _f("bfloat16", "dtype the base weights are dequantized to: bfloat16, float16, float32")
+    # auto: bf16 where the hardware multiplies it natively (GPUs, CPUs with AVX512-BF16 or AMX), else float32
+    # (fp16 on GPUs without bf16): bf16 matmul on an AVX2-only CPU is ~30-50x slower than float32
+    compute_dtype: str = _f("auto", "dtype the model computes in: auto (the device's fastest: bfloat16 where "
+                                    "native, else float32), bfloat16, float16, float32")  # fmt: skip
 
     # -- LoRA (QLoRA paper: adapters on every linear layer matter more than the rank) --------------------------
     lora_r: int = _f(16, "LoRA rank")
@@ -73,7 +78,9 @@ class TrainConfig:
     max_steps: int = _f(0, "optimizer steps to run; 0 = derive from --epochs")
 
     # -- precision and memory ----------------------------------------------------------------------------------
-    bf16: bool = _f(True, "bfloat16 autocast for the forward and backward")  # half the activation traffic
+    # None: autocast exactly when the compute dtype is bfloat16 (half the activation traffic where bf16 is native)
+    bf16: bool | None = _f(None, "bfloat16 autocast for the forward and backward (default: when the compute "
+                                 "dtype is bfloat16)")  # fmt: skip
     gradient_checkpointing: bool = _f(True, "recompute each decoder block in backward instead of storing it")
     # 128 positions x a 49K vocabulary = 25 MB of float32 logits per chunk instead of ~0.8 GB for 1,024 tokens
     loss_chunk_tokens: int = _f(128, "compute lm_head + loss over this many positions at a time, never holding "
@@ -98,6 +105,20 @@ class TrainConfig:
     @property
     def grad_accum_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
+
+    def resolve(self, device) -> str:
+        """Fix "auto" (compute_dtype) and None (bf16) to what runs on `device`, in place, so that checkpoints record
+        what ran and a resumed run compares like with like. Returns the choice in words, e.g.
+        "float32 (this CPU has no native bf16: AVX2)"."""
+        from nf4lora.kernels.precision import resolve_compute_dtype
+
+        chosen = resolve_compute_dtype(self.compute_dtype, device)
+        if self.compute_dtype == "auto":
+            self._resolved_from_auto = f"auto: {chosen.reason}"
+        self.compute_dtype = chosen.name
+        if self.bf16 is None:
+            self.bf16 = chosen.dtype == torch.bfloat16
+        return str(chosen)
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and what is allowed; touches no files."""
@@ -147,7 +168,8 @@ class TrainConfig:
             if f.name in RESUMABLE_CHANGES or (f.name in saved and saved[f.name] == given):
                 continue
             before = repr(saved[f.name]) if f.name in saved else "(not saved)"
-            diffs.append(f"--{f.name.replace('_', '-')}: saved {before}, given {given!r}")
+            auto = getattr(self, "_resolved_from_auto", None) if f.name == "compute_dtype" else None
+            diffs.append(f"--{f.name.replace('_', '-')}: saved {before}, given {given!r}" + (f" ({auto})" if auto else ""))
         if diffs:
             raise ValueError(
                 f"--resume: {where} was saved by a run with other settings, and continuing it with these would "

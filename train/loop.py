@@ -99,6 +99,7 @@ def prepare(config: TrainConfig):
     check_writable_dir(config.output_dir)
     _check_no_earlier_run(config)
     device = resolve_device(config.device)
+    print(f"compute dtype: {config.resolve(device)}")  # "auto" becomes what this device multiplies fastest
     if config.keep_freed_memory and device.type == "cpu":
         keep_freed_memory()
     data_path, val_path = resolve_data(config.data, config.val_data)
@@ -226,6 +227,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
             "step": step + 1, "loss": loss_sum / max(step_targets, 1), "lr": lr, "grad_norm": float(grad_norm),
             "tokens": tokens, "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed,
             "data_epoch": position["epoch"], "data_row": position["row"], "batch_sha1": _batch_fingerprint(batches),
+            "compute_dtype": config.compute_dtype, "bf16_autocast": autocast,
         }  # fmt: skip
         done = step + 1
         if val_batches and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):

@@ -85,12 +85,13 @@ def resolve_data(data: str | None, val_data: str | None) -> tuple[str, str | Non
 def load_base(model: str | None, config, device: torch.device):
     """(quantized model, tokenizer) for a TrainConfig-like object with quant_type, double_quant, blocksize,
     compute_dtype."""
+    from nf4lora.kernels.precision import resolve_compute_dtype
     from nf4lora.models import load_model
     from nf4lora.models.tokenizer import Tokenizer
 
     path = resolve_model(model)
     quantize = None if config.quant_type == "none" else config.quant_type
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[config.compute_dtype]
+    dtype = resolve_compute_dtype(config.compute_dtype, device).dtype
     net = load_model(path, quantize=quantize, double_quant=config.double_quant, blocksize=config.blocksize,
                      compute_dtype=dtype, device=device)  # fmt: skip
     return net, Tokenizer.from_pretrained(path)
