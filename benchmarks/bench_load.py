@@ -204,9 +204,9 @@ resident): ours {ours["peak_increase_mib"]:.0f} MiB, transformers + bitsandbytes
 Ratios ours / transformers: time {ours["seconds"] / hf["seconds"]:.2f}x, peak RSS {ours["peak_rss_mib"] / hf["peak_rss_mib"]:.2f}x,
 the load's own increase {f'{ours["peak_increase_mib"] / hf["peak_increase_mib"]:.2f}x' if hf["peak_increase_mib"] > 0 else "n/a"}.
 
-Why ours stays low: the model is built on the meta device and every tensor is read with `readinto` into a fresh
-buffer (no memory map, so file pages are never counted in RSS), quantized, and the 16-bit copy dropped before the
-next read. "Model held" counts parameters, buffers and quantization state of the loaded model (our embeddings
+Why ours stays low: the model is built on the meta device and every 16-bit weight is read with `readinto` into
+one reused buffer sized for the largest (no memory map, so file pages are never counted in RSS; no fresh tensor
+per weight, so malloc's heap does not fragment), quantized from there, and overwritten by the next read. "Model held" counts parameters, buffers and quantization state of the loaded model (our embeddings
 and lm_head are tied in SmolLM2 and counted once).
 """
     print(md)

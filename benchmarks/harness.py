@@ -46,7 +46,7 @@ def machine() -> dict[str, str]:
 
     info = {
         "cpu": cpu,
-        "isa": f"{isa_label()} (torch's ATen kernels: {torch.backends.cpu.get_cpu_capability()})",
+        "isa": f"{isa_label()} (torch ATen kernels: {torch.backends.cpu.get_cpu_capability()})",
         "cores": str(os.cpu_count()),
         "torch_threads": str(torch.get_num_threads()),
         "python": platform.python_version(),

@@ -48,7 +48,8 @@ def machine_and_date(markdown: str) -> tuple[str, str]:
     if not match:
         return "not recorded", "not recorded"
     fields = dict(item.split(": ", 1) for item in match.group(1).split(", ") if ": " in item)
-    where = fields.get("gpu") or f"{fields.get('cpu', '?')}, {fields.get('cores', '?')} cores"
+    isa = f", {fields['isa']}" if "isa" in fields else ""
+    where = fields.get("gpu") or f"{fields.get('cpu', '?')}{isa}, {fields.get('cores', '?')} cores"
     return where, fields.get("date", "not recorded")
 
 

@@ -54,13 +54,14 @@ def cpu_isa() -> str:
 
 def isa_label() -> str:
     """cpu_isa(), plus the caps that make this process compute like a lesser CPU, for results files: e.g.
-    "AVX512-BF16 capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2)"."""
+    "AVX512-BF16 capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2; ATEN_CPU_CAPABILITY=avx2)" (no commas: results files
+    list machine fields separated by ", ")."""
     caps = [f"{var}={os.environ[var]}" for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
             if os.environ.get(var)]  # fmt: skip
     if not caps:
         return cpu_isa()
     onednn = next((c.split("=", 1)[1] for c in caps if "MAX_CPU_ISA" in c), None)
-    return f"{cpu_isa()} capped to {onednn or 'its ATen kernels'} ({', '.join(caps)})"
+    return f"{cpu_isa()} capped to {onednn or 'its ATen kernels'} ({'; '.join(caps)})"
 
 
 def _onednn_cap() -> str | None:
