@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_model_helpers import hf_model, tiny_config
+from test_model_helpers import hf_4bit_model, hf_model, tiny_config
 from torch import nn
 
 from nf4lora.lora import Linear4bit
@@ -92,16 +92,8 @@ def test_tied_embeddings_stay_tied(tmp_path):
 
 def test_hf_bitsandbytes_4bit_checkpoint_loads_without_requantizing(checkpoints, tmp_path):
     """transformers + bitsandbytes quantize and save; we load the saved bytes and match its 4-bit logits."""
-    import transformers
-
     _, single, _ = checkpoints
-    bnb_config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )  # fmt: skip
-    hf4 = transformers.AutoModelForCausalLM.from_pretrained(
-        single, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
-    ).eval()
+    hf4 = hf_4bit_model(single, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     hf4.save_pretrained(tmp_path)
     stored = load_file(tmp_path / "model.safetensors")
 
@@ -122,11 +114,6 @@ def test_hf_bitsandbytes_4bit_checkpoint_loads_without_requantizing(checkpoints,
             assert torch.equal(layer.weight.view(-1), stored[key].view(-1)), key
             assert torch.equal(layer.quant_state.absmax, stored[key + ".absmax"]), key
 
-    # On CPUs with AVX512-BF16, bitsandbytes' eval-mode Linear4bit repacks the weight and multiplies in bfloat16
-    # (error ~1e-2); its portable fp32 path is the specification we compare against.
-    for module in hf4.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
     ids = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf4(ids).logits
@@ -143,21 +130,11 @@ def test_hf_bitsandbytes_4bit_checkpoint_loads_without_requantizing(checkpoints,
 
 def test_hf_bitsandbytes_checkpoint_with_a_4bit_lm_head(checkpoints, tmp_path):
     """llm_int8_skip_modules without lm_head: transformers quantizes the head too; we load it dequantized."""
-    import transformers
-
     _, single, _ = checkpoints
-    bnb_config = transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=[],
-    )  # fmt: skip
-    hf4 = transformers.AutoModelForCausalLM.from_pretrained(
-        single, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
-    ).eval()
+    hf4 = hf_4bit_model(single, bnb_4bit_quant_type="nf4", llm_int8_skip_modules=[])
     hf4.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert "lm_head.weight.quant_state.bitsandbytes__nf4" in f.keys()
-    for module in hf4.modules():  # its portable fp32 path, as in the test above
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
     ours = load_model(tmp_path, quantize="nf4", compute_dtype=torch.float32)
     assert type(ours.lm_head) is nn.Linear and ours.lm_head.weight.dtype == torch.float32
     ids = torch.randint(0, CONFIG["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(1))

@@ -32,16 +32,15 @@ def tiny_config(**overrides) -> dict:
 
 
 def hf_model(config: dict, seed: int = 0):
-    """transformers' LlamaForCausalLM (MistralForCausalLM for model_type "mistral") in float32 with random weights
+    """transformers' model of config["model_type"] (LlamaForCausalLM when absent) in float32 with random weights
     (biases and norms too, so they matter)."""
     import transformers
 
     torch.manual_seed(seed)
-    family = "Mistral" if config.get("model_type") == "mistral" else "Llama"
     kwargs = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
-    cfg = getattr(transformers, f"{family}Config")(**kwargs)
+    cfg = transformers.AutoConfig.for_model(config.get("model_type", "llama"), **kwargs)
     cfg._attn_implementation = "eager"  # the plainest reference: explicit softmax(QK^T)V
-    model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -50,6 +49,23 @@ def hf_model(config: dict, seed: int = 0):
                 p.copy_(0.1 * torch.randn_like(p))
             else:
                 p.normal_(0, 0.08)
+    return model
+
+
+def hf_4bit_model(path, **bnb_kwargs):
+    """transformers + bitsandbytes 4-bit model of the checkpoint at `path` (float32 compute) on the CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes' eval-mode Linear4bit repacks the weight and multiplies in bfloat16
+    (error ~1e-2); it is switched to its portable fp32 path, the specification we compare against."""
+    import transformers
+
+    bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, **bnb_kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=bnb_config, dtype=torch.float32, device_map="cpu"
+    ).eval()
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
