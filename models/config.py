@@ -1,9 +1,11 @@
-"""LlamaConfig: the hyper-parameters of a LLaMA-family model, read from a Hugging Face config.json.
+"""LlamaConfig: the hyper-parameters of the one decoder, read from a Hugging Face config.json of any supported family.
 
-Both RoPE styles are read (docs/formats.md section 6): older files carry `rope_theta` + `rope_scaling`,
-transformers 5 writes `rope_parameters: {"rope_theta": ..., "rope_type": ...}`. The config is normalised to one
-`rope_theta` plus an optional `rope_scaling` dict whose "rope_type" is "linear" or "llama3"; any other scaling
-is refused here, once, rather than silently computing different frequencies than the checkpoint was trained with.
+LLaMA, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 are one LLaMA-style decoder with a few
+switches (biases, q/k norms, GeGLU, Gemma's norms and embedding scale, soft-capping, sliding windows, fused
+projections, RoPE variants). Each switch is a field below whose default reproduces LLaMA; families.py says how
+each family's config.json sets them, as transformers reads it. A value the decoder cannot run is refused here,
+once, with a ValueError naming the field, rather than silently computing something the checkpoint was not
+trained for.
 """
 
 from __future__ import annotations
@@ -12,33 +14,55 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-MODEL_TYPES = ("llama", "mistral")
-ROPE_TYPES = ("default", "linear", "llama3")
-MISTRAL_SLIDING_WINDOW = 4096  # transformers' MistralConfig default, for a config.json without the key
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+import torch.nn.functional as F
+
+from .families import FAMILIES, FULL, MODEL_TYPES, SLIDING, family_keys, family_of, normalise_rope_scaling, read_switches
+
+# The gated MLP's activations, by their transformers (ACT2FN) names: SwiGLU and Gemma's GeGLU.
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# Keys every family reads the same way (the rest come from families.read_switches).
+_SHARED = _REQUIRED + ("num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
+                       "tie_word_embeddings", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
+                       "torch_dtype", "quantization_config")  # fmt: skip
 
 
 @dataclass
 class LlamaConfig:
+    model_type: str = "llama"  # the family (families.FAMILIES): which config.json to_dict writes
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int | None = None  # None: plain multi-head attention (= num_attention_heads)
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads (Mistral-Nemo, Gemma-style differ)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (Mistral-Nemo, Qwen3, Gemma differ)
     rms_norm_eps: float = 1e-6
     max_position_embeddings: int = 4096
-    tie_word_embeddings: bool = False  # True: lm_head shares embed_tokens.weight (SmolLM, Llama-3.2-1B)
-    attention_bias: bool = False
+    tie_word_embeddings: bool = False  # True: lm_head shares embed_tokens.weight (SmolLM, Llama-3.2-1B, Gemma)
+    attention_bias: bool = False  # biases on q/k/v/o_proj
+    qkv_bias: bool = False  # biases on q/k/v_proj only (Qwen2: its o_proj has none)
     mlp_bias: bool = False
-    hidden_act: str = "silu"  # the only activation of the LLaMA family (SwiGLU MLP)
-    # Mistral: a query sees only the newest sliding_window positions, itself included (None: all of them).
+    hidden_act: str = "silu"  # the gated MLP's activation (ACTIVATIONS): SwiGLU, or Gemma's GeGLU
+    fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj Linear instead of three and two
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim of each query and key head, before RoPE
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight), computed in float32
+    scale_embeddings: bool = False  # Gemma: embeddings times sqrt(hidden_size), rounded to their dtype
+    sandwich_norms: bool = False  # Gemma 2/3: a norm on the attention output and norms before and after the MLP
+    query_pre_attn_scalar: float | None = None  # Gemma: scores scaled by its -1/2 power; None: head_dim's
+    attn_logit_softcapping: float | None = None  # Gemma 2: attention scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # Gemma 2: logits -> cap * tanh(logits / cap)
+    # A sliding-window layer's query sees only the newest sliding_window positions, itself included (None: all).
     sliding_window: int | None = None
+    # Per layer "full_attention" or "sliding_attention" (Qwen2, Gemma); None: every layer slides when
+    # sliding_window is set (Mistral, Phi-3).
+    layer_types: list[str] | None = None
     attention_dropout: float = 0.0  # dropout on the attention probabilities, in training only
+    resid_pdrop: float = 0.0  # Phi-3: dropout on each block's attention and MLP outputs, in training only
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", ...}; None = plain RoPE
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"longrope", ...}; None = plain RoPE
+    rope_local_base_freq: float | None = None  # Gemma 3: sliding layers' plain-RoPE base; None: as the others
+    partial_rotary_factor: float = 1.0  # Phi-3 variants: RoPE rotates the first int(head_dim * this) dimensions
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
@@ -50,7 +74,15 @@ class LlamaConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        self.rope_scaling = _normalise_rope_scaling(self.rope_scaling)
+        if self.model_type == "llama" and self.sliding_window is not None:
+            self.model_type = "mistral"  # LLaMA has no window; Mistral is LLaMA with one
+        self.rope_scaling = normalise_rope_scaling(self.rope_scaling)
+        if self.layer_types is not None:  # one form per meaning: None when every layer is of one kind
+            self._validate_layer_types()
+            kinds = set(self.layer_types)
+            self.layer_types = list(self.layer_types) if len(kinds) == 2 else None
+            if kinds == {FULL}:
+                self.sliding_window = None  # no layer uses it
         self.validate()
 
     def validate(self) -> None:
@@ -59,28 +91,69 @@ class LlamaConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {value!r}")
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"LlamaConfig.model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"LlamaConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"LlamaConfig.head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.hidden_act != "silu":
-            raise ValueError(f"LlamaConfig.hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"LlamaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"LlamaConfig.hidden_act must be one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")
+        for name in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
+                     "attn_logit_softcapping", "final_logit_softcapping"):  # fmt: skip
+            value = getattr(self, name)
+            optional = name != "rms_norm_eps" and name != "rope_theta"
+            if not (optional and value is None) and not (_is_number(value) and value > 0):
+                raise ValueError(f"LlamaConfig.{name} must be > 0{' or null' if optional else ''}, got {value!r}")
+        if not (_is_number(self.partial_rotary_factor) and 0 < self.partial_rotary_factor <= 1):
+            raise ValueError(f"LlamaConfig.partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        if self.rotary_dim == 0 or self.rotary_dim % 2:
+            raise ValueError(
+                f"LlamaConfig: rotary embeddings need an even, positive number of rotated dimensions, got "
+                f"{self.rotary_dim} (head_dim {self.head_dim} x partial_rotary_factor {self.partial_rotary_factor})"
+            )
         window = self.sliding_window
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
             raise ValueError(f"LlamaConfig.sliding_window must be a positive integer or null, got {window!r}")
-        if not 0 <= self.attention_dropout < 1:
-            raise ValueError(f"LlamaConfig.attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        self._validate_layer_types()
+        for name in ("attention_dropout", "resid_pdrop"):
+            if not (_is_number(getattr(self, name)) and 0 <= getattr(self, name) < 1):
+                raise ValueError(f"LlamaConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(self.rope_scaling[key]) != self.rotary_dim // 2:
+                    raise ValueError(f"LlamaConfig.rope_scaling {key} must have rotary_dim / 2 = "
+                                     f"{self.rotary_dim // 2} entries, got {len(self.rope_scaling[key])}")  # fmt: skip
+
+    def _validate_layer_types(self) -> None:
+        kinds = self.layer_types
+        if kinds is None:
+            return
+        if len(kinds) != self.num_hidden_layers or not set(kinds) <= {FULL, SLIDING}:
+            raise ValueError(f"LlamaConfig.layer_types must list {FULL!r} or {SLIDING!r} for each of the "
+                             f"{self.num_hidden_layers} layers, got {kinds!r}")  # fmt: skip
+        if SLIDING in kinds and self.sliding_window is None:
+            raise ValueError(f"LlamaConfig.layer_types has {SLIDING!r} layers, but sliding_window is null")
+
+    def is_sliding(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` attends through the sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer_idx] == SLIDING
+
+    def layer_kinds(self) -> list[str]:
+        """layer_types spelled out: "sliding_attention" or "full_attention" for every layer."""
+        return [SLIDING if self.is_sliding(i) else FULL for i in range(self.num_hidden_layers)]
 
     @property
     def rope_type(self) -> str:
         return "default" if self.rope_scaling is None else self.rope_scaling["rope_type"]
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dimensions of each head RoPE rotates (transformers: int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -95,28 +168,17 @@ class LlamaConfig:
         """Build from a Hugging Face config dict; `source` names the file in error messages."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        archs = d.get("architectures") or []
-        model_type = d.get("model_type")
-        if model_type is not None and model_type not in MODEL_TYPES:
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported; supported: {MODEL_TYPES}")
-        unsupported = [a for a in archs if a not in ARCHITECTURES]
-        if unsupported:
-            raise ValueError(f"{source}: architectures {unsupported} are not supported; supported: {ARCHITECTURES}")
-        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                               "num_attention_heads") if k not in d]  # fmt: skip
+        missing = [k for k in _REQUIRED if k not in d]
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
-
-        rope_theta, rope_scaling = _read_rope(d, source)
-        known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling", "sliding_window"}
-        kwargs = {k: v for k, v in d.items() if k in known}
-        # transformers' Mistral reads sliding_window (default 4096 when absent); its Llama ignores the key.
-        if model_type == "mistral" or (model_type is None and "MistralForCausalLM" in archs):
-            kwargs["sliding_window"] = d.get("sliding_window", MISTRAL_SLIDING_WINDOW)
-        if kwargs.get("torch_dtype") is None and "dtype" in d:  # transformers 5 renamed torch_dtype -> dtype
-            kwargs["torch_dtype"] = d["dtype"]
         try:
-            return cls(**kwargs, rope_theta=rope_theta, rope_scaling=rope_scaling)
+            family = family_of(d)
+            defaults = {f.name: f.default for f in fields(cls)} | family.defaults
+            kwargs = {k: d.get(k, defaults[k]) for k in _SHARED}
+            if "torch_dtype" not in d and "dtype" in d:  # transformers 5 renamed torch_dtype -> dtype
+                kwargs["torch_dtype"] = d["dtype"]
+            kwargs |= read_switches(family, d)
+            return cls(model_type=family.model_type, **kwargs)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
 
@@ -135,22 +197,32 @@ class LlamaConfig:
         return cls.from_dict(d, source=file)
 
     def to_dict(self) -> dict:
-        """A config.json that transformers 4.x and 5.x both read (old-style rope keys, which 5.x converts): a
-        Mistral one when the model has a sliding window, else a Llama one."""
-        d = {k: v for k, v in asdict(self).items() if v is not None and k != "quantization_config"}
-        if self.quantization_config is not None:
-            d["quantization_config"] = self.quantization_config
-        if self.rope_scaling is None:
-            d.pop("rope_scaling", None)
-        else:
-            d["rope_scaling"] = {**self.rope_scaling, "type": self.rope_scaling["rope_type"]}
-        if self.sliding_window is not None:  # only Mistral's attention has the window
-            return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **d}
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **d}
+        """A config.json of this model's family that transformers 4.x and 5.x both read (old-style rope keys, which
+        5.x converts). Raises ValueError when a switch cannot be expressed in that family's config.json (say
+        qk_norm on a LLaMA): what is written always reads back as this config."""
+        family = FAMILIES[self.model_type]
+        shared = {k: getattr(self, k) for k in _SHARED if k not in ("torch_dtype", "quantization_config")}
+        d = {"architectures": [family.architecture], "model_type": self.model_type, **shared,
+             "rope_theta": self.rope_theta, **family_keys(self)}  # fmt: skip
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = {**self.rope_scaling, "type": self.rope_type}
+        for key in ("torch_dtype", "quantization_config"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        again = type(self).from_dict(json.loads(json.dumps(d)), source="to_dict")
+        lost = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                if getattr(again, f.name) != getattr(self, f.name)]  # fmt: skip
+        if lost:
+            raise ValueError(f"LlamaConfig: a {self.model_type} config.json cannot express {', '.join(lost)}")
+        return d
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """Write `<out_dir>/config.json` atomically."""
         write_json_atomic(os.path.join(out_dir, "config.json"), self.to_dict())
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def write_json_atomic(file: str, obj) -> None:
@@ -159,55 +231,3 @@ def write_json_atomic(file: str, obj) -> None:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
     os.replace(tmp, file)
-
-
-def _read_rope(d: dict, source: str) -> tuple[float, dict | None]:
-    """(rope_theta, rope_scaling) from either config style."""
-    params = d.get("rope_parameters")
-    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"{source}: per-layer-type rope_parameters are not supported")
-    scaling = params if params is not None else d.get("rope_scaling")
-    theta = d.get("rope_theta")
-    if isinstance(scaling, dict) and "rope_theta" in scaling:
-        theta = scaling["rope_theta"]
-    if isinstance(scaling, dict) and scaling.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{source}: partial_rotary_factor={scaling['partial_rotary_factor']} is not supported")
-    if d.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{source}: partial_rotary_factor={d['partial_rotary_factor']} is not supported")
-    try:
-        scaling = _normalise_rope_scaling(scaling)
-        old_style = _normalise_rope_scaling(d.get("rope_scaling"))
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    if params is not None and d.get("rope_scaling") is not None and old_style != scaling:
-        raise ValueError(f"{source}: rope_parameters {params} and rope_scaling {d['rope_scaling']} disagree")
-    return float(theta if theta is not None else 10000.0), scaling
-
-
-def _normalise_rope_scaling(scaling: dict | None) -> dict | None:
-    """None for plain RoPE, else {"rope_type": ..., <its parameters>}; raises for unsupported types."""
-    if scaling is None:
-        return None
-    if not isinstance(scaling, dict):
-        raise ValueError(f"rope_scaling must be a dict or null, got {scaling!r}")
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"RoPE type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
-    if rope_type == "default":
-        return None
-    if rope_type == "linear":
-        keys = ("factor",)
-    else:
-        keys = _LLAMA3_KEYS
-    missing = [k for k in keys if scaling.get(k) is None]
-    if missing:
-        raise ValueError(f"rope_scaling of type {rope_type!r} lacks {missing}")
-    out = {"rope_type": rope_type, **{k: scaling[k] for k in keys}}
-    if not float(out["factor"]) > 0:
-        raise ValueError(f"rope_scaling factor must be > 0, got {out['factor']!r}")
-    if rope_type == "llama3" and not float(out["high_freq_factor"]) > float(out["low_freq_factor"]):
-        raise ValueError(
-            f"llama3 rope_scaling needs high_freq_factor > low_freq_factor, got {out['high_freq_factor']} "
-            f"and {out['low_freq_factor']}"
-        )
-    return out

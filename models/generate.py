@@ -64,13 +64,20 @@ def generate(
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 
+    config = model.config
+    # Longrope (Phi-3) switches to its long-context frequencies once a sequence passes the pretraining length, but
+    # the cached keys were rotated with the short ones: the cache is rebuilt at that step, as transformers'
+    # Phi3ForCausalLM.prepare_inputs_for_generation does.
+    rebuild_at = config.rope_scaling["original_max_position_embeddings"] + 1 if config.rope_type == "longrope" else 0
+
+    def new_cache():
+        dtype = model.model.embed_tokens.weight.dtype
+        return KVCache(config, B, T + max_new_tokens, device=device, dtype=dtype)
+
     was_training = model.training
     model.eval()  # LoRA dropout etc. must be off while decoding
     try:
-        cache = None
-        if use_cache:
-            dtype = model.model.embed_tokens.weight.dtype
-            cache = KVCache(model.config, B, T + max_new_tokens, device=device, dtype=dtype)
+        cache = new_cache() if use_cache else None
         logits = model(ids, kv_cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
         new: list[torch.Tensor] = []
         finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -87,10 +94,12 @@ def generate(
                     break
             if step + 1 == max_new_tokens:
                 break
-            if use_cache:
+            if use_cache and T + len(new) != rebuild_at:
                 logits = model(token[:, None], kv_cache=cache).logits[:, -1]
             else:
-                logits = model(torch.cat([ids, torch.stack(new, dim=1)], dim=1), logits_to_keep=1).logits[:, -1]
+                cache = new_cache() if use_cache else None
+                everything = torch.cat([ids, torch.stack(new, dim=1)], dim=1)
+                logits = model(everything, kv_cache=cache, logits_to_keep=1).logits[:, -1]
     finally:
         model.train(was_training)
     out = torch.stack(new, dim=1)  # (B, n)

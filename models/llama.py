@@ -1,9 +1,11 @@
-"""A minimal LLaMA-family decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+"""The one decoder behind every native family: RMSNorm, RoPE, grouped-query attention, a gated MLP, and the
+switches of LlamaConfig that turn it into Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) or Phi-3.
 
-Module and parameter names mirror Hugging Face's LlamaForCausalLM (`model.embed_tokens`,
-`model.layers.N.self_attn.q_proj`, `model.layers.N.mlp.gate_proj`, `model.norm`, `lm_head`), so checkpoints load
-one-to-one and LoRA adapter keys come out PEFT-compatible. Any Linear may be swapped for nf4lora's Linear4bit or
-LoRA wrapper: the model only calls the modules.
+Module and parameter names mirror each family's Hugging Face model (`model.embed_tokens`,
+`model.layers.N.self_attn.q_proj` or Phi-3's fused `qkv_proj`, `self_attn.q_norm`, `mlp.gate_proj` or
+`mlp.gate_up_proj`, Gemma's `pre_feedforward_layernorm`, `model.norm`, `lm_head`), so checkpoints load one-to-one
+and LoRA adapter keys come out PEFT-compatible. Any Linear may be swapped for nf4lora's Linear4bit or LoRA wrapper:
+the model only calls the modules.
 
 Shapes: B batch, T new tokens, S = past + T key positions, H hidden, nh query heads, nkv key/value heads, hd head dim.
 """
@@ -20,12 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import LlamaConfig
+from .config import ACTIVATIONS, LlamaConfig
 from .kv_cache import KVCache
-from .loss import IGNORE_INDEX, chunked_lm_loss
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
-
-
+from .loss import IGNORE_INDEX, chunked_lm_loss, softcap
+from .rope import RotaryEmbedding, apply_rope
 
 # What module constructors draw initial weights with (nn.Linear, nn.Embedding, our _init_weights).
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
@@ -55,15 +55,20 @@ class CausalLMOutput:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    """RMSNorm; with unit_offset (Gemma) the stored weight is w - 1 and the output is scaled by (1 + w)."""
+
+    def __init__(self, hidden_size: int, eps: float, unit_offset: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(hidden_size) if unit_offset else torch.ones(hidden_size))
+        self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (bf16 squares lose too much), cast back, then scale: the HF order of operations.
+        # Normalise in float32 (bf16 squares lose too much). LLaMA's order of operations: cast back, then scale;
+        # Gemma's: scale in float32, then cast.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
@@ -73,50 +78,111 @@ class LlamaAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.dropout = config.attention_dropout
-        h, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=bias)
+        # None: SDPA's own head_dim ** -0.5, exactly as before the switch existed
+        self.scale = None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar**-0.5
+        self.softcap = config.attn_logit_softcapping
+        h, q_out, kv_out = config.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.fused = config.fused_projections
+        if self.fused:  # Phi-3: rows [q | k | v] of one Linear
+            self.qkv_proj = nn.Linear(h, q_out + 2 * kv_out, bias=qkv_bias)
+        else:
+            self.q_proj = nn.Linear(h, q_out, bias=qkv_bias)
+            self.k_proj = nn.Linear(h, kv_out, bias=qkv_bias)
+            self.v_proj = nn.Linear(h, kv_out, bias=qkv_bias)
+        self.o_proj = nn.Linear(q_out, h, bias=config.attention_bias)
+        self.qk_norm = config.qk_norm
+        if self.qk_norm:  # Qwen3 / Gemma 3: per-head RMSNorm over hd, before RoPE
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.norm_unit_offset)
 
     def forward(self, x, cos, sin, mask, is_causal: bool, kv_cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, *[self.n_kv * self.head_dim] * 2], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, nkv, hd)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh | nkv, T, hd)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv != self.n_heads,
-        )  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        dropout = self.dropout if self.training else 0.0
+        if self.softcap is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout,
+                                               scale=self.scale, enable_gqa=self.n_kv != self.n_heads)  # fmt: skip
+        else:
+            y = _softcapped_attention(q, k, v, mask, self.scale, self.softcap, dropout)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # y: (B, nh, T, hd)
+
+
+def _softcapped_attention(q, k, v, mask, scale: float | None, cap: float, dropout: float) -> torch.Tensor:
+    """Gemma 2's attention, which SDPA cannot express: scores -> cap * tanh(scores / cap) before the mask and a
+    float32 softmax, as its eager attention. q (B, nh, T, hd), k/v (B, nkv, S, hd), mask (B, 1, T, S) bool, or None
+    for plain causality (then T == S). Returns (B, nh, T, hd)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
+    scores = softcap(q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale), cap)
+    if mask is None:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    return F.dropout(probs, dropout) @ v if dropout else probs @ v
 
 
 class LlamaMLP(nn.Module):
+    """The gated MLP: down(act(gate(x)) * up(x)), act SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.fused = config.fused_projections
+        if self.fused:  # Phi-3: rows [gate | up] of one Linear
+            self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
+        else:
+            self.gate_proj = nn.Linear(h, i, bias=bias)
+            self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(self.act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). With sandwich_norms (Gemma 2/3),
+    post_attention_layernorm normalises the attention output (in LLaMA it is the MLP's input norm), and
+    pre_/post_feedforward_layernorm surround the MLP."""
+
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        eps, offset = config.rms_norm_eps, config.norm_unit_offset
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, offset)
         self.self_attn = LlamaAttention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, offset)
         self.mlp = LlamaMLP(config)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+            self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps, offset)
+        self.sliding = config.is_sliding(layer_idx)  # which mask and RoPE table the model hands this layer
+        self.resid_pdrop = config.resid_pdrop
 
     def forward(self, x, cos, sin, mask, is_causal: bool, kv_cache: KVCache | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, kv_cache)
+        if self.sandwich:
+            x = x + self._dropout(self.post_attention_layernorm(h))
+            return x + self._dropout(self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))))
+        x = x + self._dropout(h)
+        return x + self._dropout(self.mlp(self.post_attention_layernorm(x)))
+
+    def _dropout(self, h):
+        return F.dropout(h, self.resid_pdrop, self.training) if self.resid_pdrop else h
 
 
 class LlamaModel(nn.Module):
@@ -124,16 +190,16 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # Not persistent: HF checkpoints do not carry it (old ones do, under another name, and it is ignored).
-        # Computed on the CPU, then moved: on the meta device (empty_init) arange runs a Python kernel whose first
-        # use imports torch._dynamo and more (see empty_init).
-        inv_freq = rope_inv_freq(config, device="cpu").to(torch.get_default_device())
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_unit_offset)
+        # Buffers only (checkpoints do not carry them). Computed on the CPU, then moved: on the meta device
+        # (empty_init) arange runs a Python kernel whose first use imports torch._dynamo and more (see empty_init).
+        self.rotary_emb = RotaryEmbedding(config, device="cpu").to(torch.get_default_device())
 
 
 class LlamaForCausalLM(nn.Module):
-    """LLaMA / Mistral / SmolLM / TinyLlama causal LM.
+    """The one causal-LM decoder for every native family: LLaMA (SmolLM, TinyLlama), Mistral, Qwen2/2.5, Qwen3,
+    Gemma 2, Gemma 3 (text) and Phi-3, told apart only by the switches of its LlamaConfig. (The name is LLaMA's,
+    whose layout all of them share.)
 
     Set `model.gradient_checkpointing = True` to recompute each decoder block in backward (non-reentrant
     torch.utils.checkpoint) instead of keeping its activations; it only acts in training mode with grad enabled.
@@ -200,19 +266,23 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("doc_ids (sequence packing) cannot be combined with a non-empty kv_cache")
         if position_ids is None:
             position_ids = _default_positions(B, T, past, doc_ids, input_ids.device)
-        mask, is_causal = _attention_mask(
-            B, T, past, attention_mask, doc_ids, self.config.sliding_window, input_ids.device
-        )
-
-        base = self.model
+        config, base = self.config, self.model
         x = base.embed_tokens(input_ids)  # (B, T, H)
-        cos, sin = rope_cos_sin(base.inv_freq, position_ids, x.dtype)  # (B, T, hd)
+        if config.scale_embeddings:  # Gemma: by sqrt(H) rounded to the embedding dtype, as transformers does
+            x = x * torch.tensor(config.hidden_size**0.5, dtype=x.dtype, device=x.device)
+        # Per layer kind (False: global, True: sliding window): its (mask, is_causal) and its RoPE (cos, sin),
+        # each (B, T, rotary_dim). Gemma 3's sliding layers have a RoPE base of their own.
+        kinds = {layer.sliding for layer in base.layers}
+        masks = {s: _attention_mask(B, T, past, attention_mask, doc_ids, config.sliding_window if s else None,
+                                    input_ids.device) for s in kinds}  # fmt: skip
+        ropes = {s: base.rotary_emb(position_ids, x.dtype, local=s) for s in kinds}
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in base.layers:
+            args = (x, *ropes[layer.sliding], *masks[layer.sliding])
             if use_checkpoint:
-                x = checkpoint(layer, x, cos, sin, mask, is_causal, None, use_reentrant=False)
+                x = checkpoint(layer, *args, None, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, is_causal, kv_cache)
+                x = layer(*args, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = base.norm(x)
@@ -222,10 +292,13 @@ class LlamaForCausalLM(nn.Module):
             if logits_to_keep > 0:
                 raise ValueError("labels cannot be combined with logits_to_keep")
             if self.loss_chunk_tokens > 0 and self.training and torch.is_grad_enabled():
-                return CausalLMOutput(logits=None, loss=chunked_lm_loss(x, labels, self.lm_head, self.loss_chunk_tokens))
+                loss = chunked_lm_loss(x, labels, self.lm_head, self.loss_chunk_tokens, config.final_logit_softcapping)
+                return CausalLMOutput(logits=None, loss=loss)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)  # (B, T, V)
+        if config.final_logit_softcapping is not None:
+            logits = softcap(logits, config.final_logit_softcapping)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(

@@ -1,4 +1,5 @@
-"""load_model: a Hugging Face LLaMA checkpoint directory -> LlamaForCausalLM, quantized to 4 bits as it is read.
+"""load_model: a Hugging Face checkpoint directory of a native family -> LlamaForCausalLM, quantized to 4 bits as it
+is read.
 
 The model is built on the meta device (no weight memory), then filled tensor by tensor: each decoder Linear weight
 is read in its stored dtype, quantized with nf4lora.nf4.quantize_4bit and wrapped in a Linear4bit, so the peak is
@@ -21,7 +22,7 @@ from nf4lora.nf4 import BLOCKSIZES, QuantState, dequantize_4bit, quantize_4bit
 
 from .config import LlamaConfig
 from .llama import LlamaForCausalLM, empty_init
-from .rope import rope_inv_freq
+from .rope import RotaryEmbedding
 from .safetensors_io import SafetensorsFile
 
 QUANTIZE = ("nf4", "fp4", None)
@@ -126,11 +127,12 @@ def load_model(
     compute_dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
 ) -> LlamaForCausalLM:
-    """Load a Hugging Face LLaMA-family checkpoint directory (config.json + safetensors, single or sharded).
+    """Load a Hugging Face checkpoint directory (config.json + safetensors, single or sharded) of any family
+    LlamaConfig reads (LLaMA, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text, Phi-3).
 
-    quantize: "nf4" or "fp4" to hold every decoder Linear (q/k/v/o, gate/up/down) as a Linear4bit quantized with
-        `blocksize` and `double_quant`; None for a plain model in `compute_dtype`. lm_head, embeddings and norms
-        are never quantized.
+    quantize: "nf4" or "fp4" to hold every decoder Linear (q/k/v/o or qkv, gate/up/down or gate_up) as a
+        Linear4bit quantized with `blocksize` and `double_quant`; None for a plain model in `compute_dtype`.
+        lm_head, embeddings and norms (q/k norms included) are never quantized.
     A checkpoint saved by transformers + bitsandbytes in 4 bits is read as stored (its own blocksize and double
     quantization win); with quantize=None its weights are dequantized to `compute_dtype`.
     Returns the model in eval mode on `device`.
@@ -182,13 +184,13 @@ def load_model(
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
         consumed.add("lm_head.weight")  # some tied checkpoints still store a copy; it is the same matrix
-    model.model.inv_freq = rope_inv_freq(config, device=device)
+    model.model.rotary_emb = RotaryEmbedding(config, device=device)  # its buffers were built on the meta device
 
     unexpected = [k for k in ckpt.keys() if k not in consumed and not k.endswith(_IGNORED_SUFFIXES)]
     if unexpected:
         shown = ", ".join(f"{k!r} (in {os.path.basename(ckpt.file_of(k))})" for k in sorted(unexpected)[:5])
         raise ValueError(
-            f"checkpoint {path!r} has {len(unexpected)} tensors this LLaMA config does not use, e.g. {shown}: "
+            f"checkpoint {path!r} has {len(unexpected)} tensors this {config.model_type} config does not use, e.g. {shown}: "
             "the architecture does not match config.json"
         )
     return model.eval()

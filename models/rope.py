@@ -1,7 +1,10 @@
-"""Rotary position embeddings in the Hugging Face layout (rotate_half: dimension i pairs with i + head_dim/2).
+"""Rotary position embeddings in the Hugging Face layout (rotate_half: dimension i pairs with i + rotary_dim/2).
 
-The inverse frequencies follow docs/formats.md section 6: plain RoPE, "linear" scaling (every frequency
-divided by the factor) and Llama-3.1 "llama3" scaling (low frequencies divided, high kept, a blend between).
+The inverse frequencies follow docs/formats.md section 6: plain RoPE, "linear" scaling (every frequency divided
+by the factor), Llama-3.1 "llama3" scaling (low frequencies divided, high kept, a blend between) and Phi-3's
+"longrope" (per-frequency divisors, one set up to the pretraining length and one beyond, and cos/sin scaled by an
+attention factor). Phi-3 variants rotate only the first rotary_dim dimensions of a head (partial_rotary_factor);
+Gemma 3 gives its sliding-window layers a plain RoPE of their own base (rope_local_base_freq).
 """
 
 from __future__ import annotations
@@ -9,16 +12,24 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from .config import LlamaConfig
 
 
-def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
-    """(head_dim // 2,) float32 inverse frequencies for `config`."""
-    dim = config.head_dim
+def rope_inv_freq(config: LlamaConfig, device=None, local: bool = False, long: bool = False) -> torch.Tensor:
+    """(rotary_dim // 2,) float32 inverse frequencies of `config`'s global layers, or with local=True of Gemma 3's
+    sliding-window layers. For longrope: the short-context ones, or with long=True those past the pretraining
+    length."""
+    dim = config.rotary_dim
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv_freq = 1.0 / (config.rope_theta**exponents)
+    if local and config.rope_local_base_freq is not None:
+        return 1.0 / (config.rope_local_base_freq**exponents)
     scaling = config.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "longrope":
+        factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device=device)
+        return 1.0 / (factors * config.rope_theta**exponents)  # transformers' order of operations
+    inv_freq = 1.0 / (config.rope_theta**exponents)
     if scaling is None:
         return inv_freq
     factor = float(scaling["factor"])
@@ -34,11 +45,48 @@ def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
     return torch.where(medium, blended, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos, sin of shape (B, T, head_dim) for integer positions (B, T); computed in float32, then cast."""
-    freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd): both halves share a frequency (rotate_half layout)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def longrope_attention_factor(config: LlamaConfig) -> float:
+    """The factor longrope multiplies cos and sin by: sqrt(1 + ln(factor) / ln(orig)), where factor defaults to
+    max_position_embeddings / original_max_position_embeddings (transformers' _compute_longrope_parameters)."""
+    scaling = config.rope_scaling
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    orig = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor", config.max_position_embeddings / orig)
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+
+
+class RotaryEmbedding(nn.Module):
+    """The inverse-frequency tables of a model, as non-persistent buffers (checkpoints do not carry them)."""
+
+    def __init__(self, config: LlamaConfig, device=None):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config, device), persistent=False)
+        local = rope_inv_freq(config, device, local=True) if config.rope_local_base_freq is not None else None
+        self.register_buffer("local_inv_freq", local, persistent=False)
+        self.attention_scaling, self.long_after = 1.0, None
+        long = None
+        if config.rope_type == "longrope":
+            long = rope_inv_freq(config, device, long=True)
+            self.attention_scaling = longrope_attention_factor(config)
+            self.long_after = config.rope_scaling["original_max_position_embeddings"]
+        self.register_buffer("long_inv_freq", long, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype, local: bool = False):
+        """cos, sin of shape (B, T, rotary_dim) for integer positions (B, T); computed in float32, then cast.
+        local: for a sliding-window layer (its own table where the config gives one, else the global one)."""
+        local = local and self.local_inv_freq is not None
+        inv_freq = self.local_inv_freq if local else self.inv_freq
+        if self.long_inv_freq is not None and not local:
+            # longrope, as transformers: the long factors for the whole call once any position passes the
+            # pretraining length (chosen on the device, no host sync).
+            inv_freq = torch.where(position_ids.max() + 1 > self.long_after, self.long_inv_freq, inv_freq)
+        freqs = position_ids[..., None].float() * inv_freq.float()  # (B, T, rd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rd): both halves share a frequency (rotate_half layout)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +95,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, hd) by the angles in cos/sin (B, T, hd)."""
+    """Rotate the first rotary_dim dimensions of x (B, heads, T, hd) by the angles in cos/sin (B, T, rotary_dim);
+    the rest pass through (partial rotary)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)

@@ -175,7 +175,7 @@ def test_checkpointing_recomputes_blocks_in_backward():
         ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "yarn"),
         ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "dynamic"),
         ({"architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
-        ({"model_type": "qwen2"}, "qwen2"),
+        ({"model_type": "gpt_neox"}, "gpt_neox"),
         ({"num_attention_heads": 3}, "num_key_value_heads"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"model_type": "mistral", "sliding_window": 0}, "sliding_window"),
