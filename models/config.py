@@ -99,7 +99,8 @@ class LlamaConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"LlamaConfig.hidden_act must be one of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")
+            raise ValueError(f"LlamaConfig.hidden_act (config.json: hidden_act; Gemma: hidden_activation) must be one "
+                             f"of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")  # fmt: skip
         for name in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
                      "attn_logit_softcapping", "final_logit_softcapping"):  # fmt: skip
             value = getattr(self, name)

@@ -269,7 +269,7 @@ class LlamaForCausalLM(nn.Module):
         config, base = self.config, self.model
         x = base.embed_tokens(input_ids)  # (B, T, H)
         if config.scale_embeddings:  # Gemma: by sqrt(H) rounded to the embedding dtype, as transformers does
-            x = x * torch.tensor(config.hidden_size**0.5, dtype=x.dtype, device=x.device)
+            x = x * torch.full((), config.hidden_size**0.5, dtype=x.dtype, device=x.device)  # a fill: no host copy
         # Per layer kind (False: global, True: sliding window): its (mask, is_causal) and its RoPE (cos, sin),
         # each (B, T, rotary_dim). Gemma 3's sliding layers have a RoPE base of their own.
         kinds = {layer.sliding for layer in base.layers}

@@ -17,7 +17,7 @@ import os
 
 import pytest
 import torch
-from test_model_helpers import hf_4bit_model, hf_model, tiny_config
+from test_model_helpers import hf_4bit_model, hf_model, our_model_from_hf, tiny_config
 from test_train_helpers import date_records, write_jsonl, write_tokenizer
 
 from nf4lora.lora import Linear4bit, add_lora, load_adapter, save_adapter
@@ -232,6 +232,21 @@ def test_written_config_reads_back_in_transformers_as_the_same_model(family, tmp
     ids = _ids()
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, hf(ids).logits, atol=0, rtol=0)
+
+
+def test_gemma_embeddings_are_scaled_in_their_own_dtype():
+    """sqrt(72) = 8.485 is 8.5 in bfloat16: Gemma multiplies bf16 embeddings by the bf16 scale, and so do we (the
+    first block's input is bit-equal to transformers')."""
+    config = {**FAMILIES["gemma2"], "hidden_size": 72}
+    hf = hf_model(config).to(torch.bfloat16)
+    ours = our_model_from_hf(hf, config).to(torch.bfloat16)
+    seen = []
+    for model in (hf, ours):
+        model.model.layers[0].register_forward_pre_hook(lambda module, args, kwargs: seen.append(args[0] if args else
+                                                        kwargs["hidden_states"]), with_kwargs=True)  # fmt: skip
+        with torch.no_grad():
+            model(_ids(T=6))
+    assert seen[0].dtype == torch.bfloat16 and torch.equal(seen[1], seen[0])
 
 
 def test_phi3_su_and_rope_parameters_styles_read_as_longrope():
