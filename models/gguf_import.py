@@ -1,10 +1,11 @@
-"""convert_gguf: a LLaMA-architecture GGUF file (llama.cpp) -> a Hugging Face model directory.
+"""convert_gguf: a LLaMA, Qwen2/2.5 or Qwen3 GGUF file (llama.cpp) -> a Hugging Face model directory.
 
 Reads metadata and tensors with the `gguf` package (GGUFReader, gguf.quants.dequantize) and writes
 model.safetensors (sharded if large), config.json, generation_config.json, tokenizer.json and
 tokenizer_config.json. Two format differences are undone:
-- llama.cpp stores q/k projection rows in interleaved RoPE order (pairs 2i, 2i+1 of each head); Hugging Face
-  pairs i with i + head_dim/2 (docs/formats.md section 6), so each head's rows are de-interleaved.
+- llama.cpp stores LLaMA's q/k projection rows in interleaved RoPE order (pairs 2i, 2i+1 of each head); Hugging
+  Face pairs i with i + head_dim/2 (docs/formats.md section 6), so each head's rows are de-interleaved. Qwen's
+  files keep Hugging Face's order (llama.cpp runs them with NEOX-style RoPE).
 - the tokenizer lives in metadata (tokens, merges or piece types); it is rebuilt as a `tokenizers` pipeline.
 """
 
@@ -22,7 +23,14 @@ from .rope import rope_inv_freq
 from .safetensors_io import save_safetensors_atomic
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
-ARCHITECTURES = ("llama",)
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+# Refused, with the reason: their GGUF metadata lacks what config.json needs, or their tensors are stored
+# transformed. Convert the Hugging Face checkpoint of these families instead.
+_NOT_IMPORTED = {
+    "gemma2": "llama.cpp stores Gemma's norm weights plus one and keeps no query_pre_attn_scalar",
+    "gemma3": "llama.cpp stores Gemma's norm weights plus one and hard-codes its layer pattern and local RoPE base",
+    "phi3": "not implemented (fused tensors and longrope factor tensors)",
+}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SHARD_BYTES = 2 * 1024**3  # shard the output above 2 GiB, as transformers does by default (5 GB) but smaller
 # GGUF tensor name (per block `{bid}`) -> Hugging Face name
@@ -30,19 +38,21 @@ _LAYER_NAMES = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
 }  # fmt: skip
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # llama.cpp pre-tokenizer ids -> how its regex splits text (llama-vocab.cpp). "digits": each digit alone, then
-# the GPT-2 regex; "gpt2": the GPT-2 regex; "llama3": the Llama-3 regex, numbers in groups of up to three.
+# the GPT-2 regex; "gpt2": the GPT-2 regex; "llama3": the Llama-3 regex, numbers in groups of up to three;
+# "qwen2": the Llama-3 regex with each digit alone.
 _PRE_TOKENIZERS = {
     "default": "gpt2", "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2", "jais": "gpt2",
     "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits", "command-r": "digits",
-    "llama-bpe": "llama3", "llama3": "llama3", "dbrx": "llama3", "smaug-bpe": "llama3",
+    "llama-bpe": "llama3", "llama3": "llama3", "dbrx": "llama3", "smaug-bpe": "llama3", "qwen2": "qwen2",
 }  # fmt: skip
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_REGEXES = {"llama3": _LLAMA3_REGEX, "qwen2": _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")}
 _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 3, 4
 
 
@@ -92,7 +102,8 @@ class _Metadata:
         self.fields, self.path = reader.fields, path
         self.arch = self.get("general.architecture")
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"{path}: general.architecture {self.arch!r} is not supported; supported: {ARCHITECTURES}")
+            why = f" ({_NOT_IMPORTED[self.arch]}; load its Hugging Face checkpoint instead)" if self.arch in _NOT_IMPORTED else ""
+            raise ValueError(f"{path}: general.architecture {self.arch!r} is not supported{why}; supported: {ARCHITECTURES}")
 
     def get(self, key: str, default=..., arch: bool = False):
         key = key.format(arch=self.arch) if arch else key
@@ -116,7 +127,9 @@ def _config(meta: _Metadata, tensors: dict, dtype: torch.dtype) -> LlamaConfig:
     if rope_dim != head_dim:
         raise ValueError(f"{meta.path}: partial rotary embeddings (rope.dimension_count {rope_dim} != head dim {head_dim}) are not supported")
     tokens = get(Keys.Tokenizer.LIST)
-    kwargs = dict(
+    # config.json as the family's Hugging Face checkpoint would have it, read by LlamaConfig like any other
+    d = dict(
+        model_type=meta.arch,
         vocab_size=get(Keys.LLM.VOCAB_SIZE, len(tokens), arch=True),
         hidden_size=hidden,
         intermediate_size=get(Keys.LLM.FEED_FORWARD_LENGTH, arch=True),
@@ -128,22 +141,21 @@ def _config(meta: _Metadata, tensors: dict, dtype: torch.dtype) -> LlamaConfig:
         max_position_embeddings=get(Keys.LLM.CONTEXT_LENGTH, 4096, arch=True),
         rope_theta=float(get(Keys.Rope.FREQ_BASE, 10000.0, arch=True)),
         tie_word_embeddings="output.weight" not in tensors,
-        attention_bias="blk.0.attn_q.bias" in tensors,
-        mlp_bias="blk.0.ffn_up.bias" in tensors,
         bos_token_id=get(Keys.Tokenizer.BOS_ID, None),
         eos_token_id=get(Keys.Tokenizer.EOS_ID, None),
         pad_token_id=get(Keys.Tokenizer.PAD_ID, None),
         torch_dtype=str(dtype).removeprefix("torch."),
     )
+    if meta.arch in ("llama", "qwen3"):  # Qwen2's q/k/v always carry biases, its o_proj never (families.py)
+        d["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if meta.arch == "llama":
+        d["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
     scaling = get(Keys.Rope.SCALING_TYPE, "none", arch=True)
     if scaling == "linear":
-        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": float(get(Keys.Rope.SCALING_FACTOR, arch=True))}
+        d["rope_scaling"] = {"rope_type": "linear", "factor": float(get(Keys.Rope.SCALING_FACTOR, arch=True))}
     elif scaling not in ("none", ""):
         raise ValueError(f"{meta.path}: RoPE scaling type {scaling!r} is not supported; supported: linear")
-    try:
-        config = LlamaConfig(**kwargs)
-    except ValueError as e:
-        raise ValueError(f"{meta.path}: {e}") from None
+    config = LlamaConfig.from_dict(d, source=meta.path)
     if "rope_freqs.weight" in tensors:
         config.rope_scaling = _llama3_scaling(meta, config, _dequantize(tensors["rope_freqs.weight"], meta.path))
     return config
@@ -197,25 +209,12 @@ def _hf_name(gguf_name: str) -> str | None:
 
 
 def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    h, q, kv = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        layer = {"input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-                 "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
-                 "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
-                 "mlp.gate_proj.weight": (c.intermediate_size, h), "mlp.up_proj.weight": (c.intermediate_size, h),
-                 "mlp.down_proj.weight": (h, c.intermediate_size)}  # fmt: skip
-        if c.attention_bias:
-            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
-                          "self_attn.o_proj.bias": (h,)})  # fmt: skip
-        if c.mlp_bias:
-            layer.update({"mlp.gate_proj.bias": (c.intermediate_size,), "mlp.up_proj.bias": (c.intermediate_size,),
-                          "mlp.down_proj.bias": (h,)})  # fmt: skip
-        shapes.update({p + k: v for k, v in layer.items()})
-    return shapes
+    """The tensors a checkpoint of `c` holds, with their shapes: those of the model built on the meta device."""
+    from .llama import LlamaForCausalLM, empty_init
+
+    with empty_init():
+        model = LlamaForCausalLM(c)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (c.tie_word_embeddings and k == "lm_head.weight")}
 
 
 def _write_weights(tensors: dict, config: LlamaConfig, meta: _Metadata, out_dir: str, dtype: torch.dtype) -> None:
@@ -227,7 +226,7 @@ def _write_weights(tensors: dict, config: LlamaConfig, meta: _Metadata, out_dir:
             continue
         hf = _hf_name(name)
         if hf is None or hf not in expected:
-            raise ValueError(f"{meta.path}: tensor {name!r} has no place in a LLaMA model with this metadata")
+            raise ValueError(f"{meta.path}: tensor {name!r} has no place in a {meta.arch} model with this metadata")
         by_hf[hf] = tensor
     missing = [k for k in expected if k not in by_hf]
     if missing:
@@ -240,9 +239,9 @@ def _write_weights(tensors: dict, config: LlamaConfig, meta: _Metadata, out_dir:
         w = _dequantize(tensor, meta.path)
         if tuple(w.shape) != expected[hf]:
             raise ValueError(f"{meta.path}: tensor {tensor.name!r} has shape {tuple(w.shape)}, the metadata implies {expected[hf]}")
-        if ".q_proj." in hf:
+        if meta.arch == "llama" and ".q_proj." in hf:
             w = _unpermute(w, config.num_attention_heads)
-        elif ".k_proj." in hf:
+        elif meta.arch == "llama" and ".k_proj." in hf:
             w = _unpermute(w, config.num_key_value_heads)
         w = w.to(dtype)
         if size and size + w.numel() * w.element_size() > _SHARD_BYTES:
@@ -297,11 +296,11 @@ def _tokenizer(meta: _Metadata):
         merges = [tuple(m.split(" ", 1)) for m in meta.get(Keys.Tokenizer.MERGES)]
         vocab = {t: i for i, t in enumerate(tokens)}
         backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=style == "llama3"))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style != "llama3")
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style not in _REGEXES)
         if style == "digits":
             backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        elif style == "llama3":
-            split = pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False)
+        elif style in _REGEXES:
+            split = pre_tokenizers.Split(Regex(_REGEXES[style]), behavior="isolated", invert=False)
             backend.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
         else:
             backend.pre_tokenizer = byte_level

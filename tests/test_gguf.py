@@ -18,7 +18,11 @@ STRINGS = ["Hello world", " two  spaces", "digits 12345, 3.14", "ünïcödé 日
 CHAT = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]
 LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
          "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}  # fmt: skip
+         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+         "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # fmt: skip
+# Qwen2's pre-tokenizer regex, as its tokenizer.json has it (llama.cpp's "qwen2")
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+               r"\s+(?!\S)|\s+")
 
 
 def _llama_cpp_order(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -80,9 +84,9 @@ def _write_gguf(file, hf, config, tok_json=None, sp_pieces=None, weight_type=Q.F
             _, _, i, rest = name.split(".", 3)
             module, suffix = rest.rsplit(".", 1)
             gname = f"blk.{i}.{LAYER[module]}.{suffix}"
-            if module == "self_attn.q_proj":
+            if arch == "llama" and module == "self_attn.q_proj":  # Qwen keeps HF's order (NEOX RoPE)
                 t = _llama_cpp_order(t, heads)
-            elif module == "self_attn.k_proj":
+            elif arch == "llama" and module == "self_attn.k_proj":
                 t = _llama_cpp_order(t, kv_heads)
         else:
             gname = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -137,6 +141,49 @@ def test_float32_round_trip_reproduces_logits_and_tokenizer(tmp_path, overrides)
     )
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert generation["eos_token_id"] == converted.eos_token_id
+
+
+QWEN = {
+    "qwen2": tiny_config(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1e6),
+    "qwen3": tiny_config(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=32, attention_bias=True,
+                         tie_word_embeddings=True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(QWEN))
+def test_qwen_round_trip_reproduces_logits_and_its_tokenizer(tmp_path, arch):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms, head_dim 32) files: no q/k reordering, the family's config.json,
+    and Qwen2's pre-tokenizer (pre "qwen2")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = QWEN[arch]
+    hf = hf_model(config)
+    (tmp_path / "orig").mkdir()
+    # punctuation glued to words, which only Qwen2's regex keeps together ("(hello", ".hi")
+    text = "(hello) [world] 'hi' there.hi,hello ok. digits 12345 "
+    tok_json = byte_level_tokenizer(tmp_path / "orig", split_regex=QWEN2_REGEX, text=text)
+    _write_gguf(tmp_path / "m.gguf", hf, config, tok_json=tok_json, arch=arch, pre="qwen2")
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "hf", dtype="float32")
+    assert LlamaConfig.from_pretrained(out).model_type == arch
+    ids = torch.randint(0, config["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(reloaded) is type(hf)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        torch.testing.assert_close(load_model(out, quantize=None, compute_dtype=torch.float32)(ids).logits, ref,
+                                   atol=1e-5, rtol=0)  # fmt: skip
+        torch.testing.assert_close(reloaded(ids).logits, ref, atol=1e-5, rtol=0)
+    original, converted = AutoTokenizer.from_pretrained(tmp_path / "orig"), Tokenizer.from_pretrained(out)
+    for s in STRINGS + [text, "it's 2024, (hello) they'll pay 1,000,000!"]:
+        assert converted.encode(s) == original.encode(s), s
+
+
+def test_gemma_and_phi3_files_are_refused_saying_why(tmp_path, tiny_gguf_args):
+    hf, config, tok_json = tiny_gguf_args
+    for arch, why in (("gemma2", "norm weights plus one"), ("gemma3", "layer pattern"), ("phi3", "not implemented")):
+        _write_gguf(tmp_path / f"{arch}.gguf", hf, config, tok_json=tok_json, arch=arch)
+        with pytest.raises(ValueError, match=rf"general\.architecture '{arch}' is not supported \(.*{why}.*Hugging Face"):
+            convert_gguf(tmp_path / f"{arch}.gguf", tmp_path / arch)
 
 
 def test_end_of_turn_token_becomes_a_stop_id(tmp_path):

@@ -86,21 +86,28 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_level_tokenizer(path, vocab_size: int = 96) -> dict:
-    """Write a tiny GPT-2 style byte-level BPE (SmolLM-like: digits split, ChatML specials) into `path`
-    (tokenizer.json + tokenizer_config.json) and return the tokenizer.json object."""
+def byte_level_tokenizer(path, vocab_size: int = 96, split_regex: str | None = None,
+                         text: str = "hello world, hi there. digits 12345 ") -> dict:  # fmt: skip
+    """Write a tiny GPT-2 style byte-level BPE (SmolLM-like: digits split, ChatML specials), trained on `text`, into
+    `path` (tokenizer.json + tokenizer_config.json) and return the tokenizer.json object. With `split_regex` the
+    text is split by that regex instead, then byte-level encoded (Llama-3 / Qwen2 style)."""
+    from tokenizers import Regex
     from tokenizers import Tokenizer as Backend
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = Backend(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
+    if split_regex is None:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split_regex), "isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                                   initial_alphabet=sorted(pre_tokenizers.ByteLevel.alphabet())[:60], show_progress=False)  # fmt: skip
     # (sorted: alphabet() comes from a hash set in arbitrary order, which made the vocabulary differ between runs)
-    tok.train_from_iterator(["hello world, hi there. digits 12345 " * 20], trainer)
+    tok.train_from_iterator([text * 20], trainer)
     assert tok.get_vocab_size() == vocab_size
     tok.save(str(path / "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
