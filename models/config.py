@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch.nn.functional as F
 
-from .families import FAMILIES, FULL, MODEL_TYPES, SLIDING, family_keys, family_of, normalise_rope_scaling, read_switches
+from .families import (FAMILIES, FULL, MODEL_TYPES, SLIDING, family_keys, family_of, normalise_rope_scaling,
+                       read_switches)
 
 # The gated MLP's activations, by their transformers (ACT2FN) names: SwiGLU and Gemma's GeGLU.
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}

@@ -35,7 +35,7 @@ class Family:
 
 
 FAMILIES = {f.model_type: f for f in (
-    Family("llama", "LlamaForCausalLM", {"bos_token_id": 1, "eos_token_id": 2}),
+    Family("llama", "LlamaForCausalLM", {"max_position_embeddings": 2048}),
     Family("mistral", "MistralForCausalLM", {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8}),
     Family("qwen2", "Qwen2ForCausalLM", {"max_position_embeddings": 32768, "num_key_value_heads": 32,
                                          "bos_token_id": None, "eos_token_id": None}),
@@ -79,13 +79,13 @@ def read_switches(family: Family, d: dict) -> dict:
 
 def _read_llama(d):
     return dict(attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False),
-                hidden_act=d.get("hidden_act", "silu"), **flat_rope(d))  # fmt: skip
+                hidden_act=d.get("hidden_act", "silu"), **_flat_rope(d))  # fmt: skip
 
 
 def _read_mistral(d):
     # MistralAttention has no biases; the window covers every layer (MistralConfig's default 4096 when absent).
     return dict(hidden_act=d.get("hidden_act", "silu"), sliding_window=d.get("sliding_window", 4096),
-                **flat_rope(d))  # fmt: skip
+                **_flat_rope(d))  # fmt: skip
 
 
 def _read_qwen(d, qwen3: bool):
@@ -94,7 +94,7 @@ def _read_qwen(d, qwen3: bool):
     window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None
     layers = d.get("layer_types") or [SLIDING if window is not None and i >= d.get("max_window_layers", 28) else FULL
                                       for i in range(d["num_hidden_layers"])]  # fmt: skip
-    out = dict(hidden_act=d.get("hidden_act", "silu"), sliding_window=window, layer_types=layers, **flat_rope(d))
+    out = dict(hidden_act=d.get("hidden_act", "silu"), sliding_window=window, layer_types=layers, **_flat_rope(d))
     if qwen3:  # q_norm / k_norm over head_dim; attention_bias covers q/k/v/o
         return dict(out, qk_norm=True, attention_bias=d.get("attention_bias", False))
     return dict(out, qkv_bias=True)
@@ -115,7 +115,7 @@ def _read_gemma(d, version: int):
         final_logit_softcapping=d.get("final_logit_softcapping", 30.0 if version == 2 else None),
     )  # fmt: skip
     if version == 2:
-        return dict(out, attn_logit_softcapping=d.get("attn_logit_softcapping", 50.0), **flat_rope(d))
+        return dict(out, attn_logit_softcapping=d.get("attn_logit_softcapping", 50.0), **_flat_rope(d))
     # Gemma 3's attention does not apply attn_logit_softcapping (its modeling file never passes it on): not read.
     return dict(out, qk_norm=True, **_gemma3_rope(d))
 
@@ -141,7 +141,7 @@ def _read_phi3(d):
                 partial_rotary_factor=factor)  # fmt: skip
 
 
-def flat_rope(d: dict) -> dict:
+def _flat_rope(d: dict) -> dict:
     """rope_theta / rope_scaling from either config style (docs/formats.md section 6): older files carry
     `rope_theta` + `rope_scaling`, transformers 5 writes `rope_parameters: {"rope_theta": ..., "rope_type": ...}`;
     both must agree when both are present. Only Phi-3's rotary embedding reads partial_rotary_factor."""
@@ -234,7 +234,8 @@ def family_keys(c) -> dict:
         layers = c.layer_kinds()
         leading_full = next((i for i, kind in enumerate(layers) if kind == SLIDING), len(layers))
         out = {"hidden_act": c.hidden_act, "use_sliding_window": c.sliding_window is not None,
-               "sliding_window": c.sliding_window, "max_window_layers": leading_full, "layer_types": layers}  # fmt: skip
+               "sliding_window": c.sliding_window, "max_window_layers": leading_full,
+               "layer_types": layers}  # fmt: skip
         return out | ({"attention_bias": c.attention_bias} if t == "qwen3" else {})
     if t in ("gemma2", "gemma3_text"):
         # Gemma builds a sliding-window mask even when no layer uses it, so the window is never written as null.

@@ -102,8 +102,11 @@ class _Metadata:
         self.fields, self.path = reader.fields, path
         self.arch = self.get("general.architecture")
         if self.arch not in ARCHITECTURES:
-            why = f" ({_NOT_IMPORTED[self.arch]}; load its Hugging Face checkpoint instead)" if self.arch in _NOT_IMPORTED else ""
-            raise ValueError(f"{path}: general.architecture {self.arch!r} is not supported{why}; supported: {ARCHITECTURES}")
+            why = _NOT_IMPORTED.get(self.arch)
+            why = f" ({why}; load its Hugging Face checkpoint instead)" if why else ""
+            raise ValueError(
+                f"{path}: general.architecture {self.arch!r} is not supported{why}; supported: {ARCHITECTURES}"
+            )
 
     def get(self, key: str, default=..., arch: bool = False):
         key = key.format(arch=self.arch) if arch else key
@@ -214,7 +217,8 @@ def _expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
     with empty_init():
         model = LlamaForCausalLM(c)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items() if not (c.tie_word_embeddings and k == "lm_head.weight")}
+    tied_head = "lm_head.weight" if c.tie_word_embeddings else None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if k != tied_head}
 
 
 def _write_weights(tensors: dict, config: LlamaConfig, meta: _Metadata, out_dir: str, dtype: torch.dtype) -> None:

@@ -190,8 +190,8 @@ def load_model(
     if unexpected:
         shown = ", ".join(f"{k!r} (in {os.path.basename(ckpt.file_of(k))})" for k in sorted(unexpected)[:5])
         raise ValueError(
-            f"checkpoint {path!r} has {len(unexpected)} tensors this {config.model_type} config does not use, e.g. {shown}: "
-            "the architecture does not match config.json"
+            f"checkpoint {path!r} has {len(unexpected)} tensors this {config.model_type} config does not use, e.g. "
+            f"{shown}: the architecture does not match config.json"
         )
     return model.eval()
 

@@ -227,7 +227,8 @@ def test_written_config_reads_back_in_transformers_as_the_same_model(family, tmp
     ours.save_pretrained(tmp_path)
     assert LlamaConfig.from_pretrained(tmp_path) == ours
     (tmp_path / "model.safetensors").symlink_to(path / "model.safetensors")
-    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                              attn_implementation="eager").eval()  # fmt: skip
     assert type(again) is type(hf)
     ids = _ids()
     with torch.no_grad():
@@ -286,7 +287,8 @@ def _edit(name, **changes):
         (_edit("phi3", partial_rotary_factor=0.0), r"partial_rotary_factor must be in \(0, 1\], got 0.0"),
         (_edit("phi3_longrope", rope_scaling={"type": "longrope", "short_factor": [1.0] * 5, "long_factor": [1.0] * 6}),
          r"short_factor must have rotary_dim / 2 = 6 entries, got 5"),
-        (_edit("phi3_longrope", rope_scaling={"type": "longrope", "short_factor": [1.0] * 6}), r"lacks \['long_factor'\]"),
+        (_edit("phi3_longrope", rope_scaling={"type": "longrope", "short_factor": [1.0] * 6}),
+         r"lacks \['long_factor'\]"),
         (_edit("phi3_longrope", rope_scaling={"type": "longrope", "short_factor": [1.0] * 6, "long_factor": [0] * 6}),
          r"long_factor must be a list of positive numbers"),
         (tiny_config(partial_rotary_factor=0.5), r"partial_rotary_factor=0.5 is not supported for model_type 'llama'"),
