@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 
 # Without CUDA the Triton kernels can only run in the interpreter. Set it before any test module imports a
@@ -9,3 +10,13 @@ import torch
 # too late for kernels already imported. Tests of the torch path are unaffected (they never call Triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (modules opt in with pytestmark = pytest.mark.usefixtures("one_thread")):
+    tiny matmuls gain nothing from threads, and on a shared 2-core machine OpenMP spinning slows them ~10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,12 +17,7 @@ from nf4lora.train.config import TrainConfig
 from test_train_helpers import date_records, write_jsonl, write_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes; OpenMP spinning on a shared 2-core machine costs ~10x
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

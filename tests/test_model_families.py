@@ -65,12 +65,7 @@ def assert_logits_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     torch.testing.assert_close(out, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes; OpenMP spinning on a shared 2-core machine costs ~10x
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -19,13 +19,7 @@ from nf4lora.train.optim import PagedAdamW
 from test_train_helpers import date_records, write_jsonl, write_tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine OpenMP spinning slows them ~10x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
