@@ -1,5 +1,5 @@
-"""A LLaMA-family model that loads Hugging Face checkpoints straight into 4-bit, its tokenizers, generation and
-GGUF import."""
+"""One LLaMA-style decoder for LLaMA, Mistral, Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 (text) and Phi-3 that loads Hugging
+Face checkpoints straight into 4-bit, its tokenizers, generation and GGUF import."""
 
 from .config import LlamaConfig
 from .generate import generate
