@@ -123,7 +123,8 @@ class LlamaAttention(nn.Module):
 def _softcapped_attention(q, k, v, mask, scale: float | None, cap: float, dropout: float) -> torch.Tensor:
     """Gemma 2's attention, which SDPA cannot express: scores -> cap * tanh(scores / cap) before the mask and a
     float32 softmax, as its eager attention. q (B, nh, T, hd), k/v (B, nkv, S, hd), mask (B, 1, T, S) bool, or None
-    for plain causality (then T == S). Returns (B, nh, T, hd)."""
+    for plain causality over the S - T cached and T new positions (what _attention_mask leaves to SDPA's is_causal
+    or to no mask at all). Returns (B, nh, T, hd)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
     scores = softcap(q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale), cap)
