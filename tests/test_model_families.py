@@ -97,9 +97,27 @@ def test_logits_and_loss_match_transformers(family):
         assert_logits_close(short, hf(ids[:, :12]).logits)
     assert_logits_close(out.logits, ref.logits)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-6)
+    mask = torch.ones_like(ids)
+    mask[1, 14:] = 0  # right padding of the second row: an explicit mask through every attention path
+    with torch.no_grad():
+        ref, out = hf(input_ids=ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+    assert_logits_close(out[0], ref[0])
+    assert_logits_close(out[1, :14], ref[1, :14])
     # config.json as written by transformers 5 (nested rope_parameters, layer_types) and as given (old style) agree
     raw = dataclasses.replace(LlamaConfig.from_dict(config), torch_dtype="float32")
     assert raw == ours.config
+
+
+def test_packed_documents_equal_separate_sequences(family):
+    """doc_ids (training's packing): each document gives the logits it gives alone, through sliding and global
+    layers (the second document is longer than the window) and Gemma 2's soft-capped attention."""
+    _, _, _, path = family
+    ours = load_model(path, quantize=None, compute_dtype=torch.float32)
+    a, b = _ids(B=1, T=7, seed=2), _ids(B=1, T=11, seed=3)
+    with torch.no_grad():
+        packed = ours(torch.cat([a, b], dim=1), doc_ids=torch.tensor([[0] * 7 + [1] * 11])).logits
+        assert_logits_close(packed[:, :7], ours(a).logits)
+        assert_logits_close(packed[:, 7:], ours(b).logits)
 
 
 def test_greedy_generation_with_the_cache_matches_transformers(family):
