@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import uuid
 from pathlib import Path
 
 import torch
@@ -60,23 +59,6 @@ def _is_off(value, off) -> bool:
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), fsync it, then rename it over `path`; remove the temporary file on failure.
-
-    The temporary name is unique per process and call and lives in the target directory (os.replace is atomic
-    only within one filesystem); it is created by `write` itself, so the file gets the user's usual permissions.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _uniform(layers: dict[str, LoRALinear], attr: str):
     values = {getattr(m, attr) for m in layers.values()}
     if len(values) != 1:
@@ -152,10 +134,12 @@ def save_adapter(
     }
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # before any write: a failure here changes nothing
 
+    from nf4lora.models.output_dir import write_file_atomic, write_text_atomic  # models imports lora lazily, too
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_file_atomic(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_text_atomic(directory / CONFIG_NAME, text)
     return directory
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .families import (FAMILIES, FULL, MODEL_TYPES, SLIDING, family_keys, family_of, normalise_rope_scaling,
                        read_switches)
+from .output_dir import write_text_atomic
 
 # The gated MLP's activations, by their transformers (ACT2FN) names: SwiGLU and Gemma's GeGLU.
 ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -228,8 +229,4 @@ def _is_number(x) -> bool:
 
 
 def write_json_atomic(file: str, obj) -> None:
-    tmp = f"{file}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, file)
+    write_text_atomic(file, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

@@ -1,5 +1,9 @@
-"""Writing a command's output directory as a whole: checked before any work, built in a temporary sibling,
-swapped into place only when complete.
+"""Atomic writes: a file through a temporary sibling renamed over it (write_file_atomic), and a command's output
+directory as a whole: checked before any work, built in a temporary sibling, swapped into place only when complete.
+
+Everything written gets the permissions an ordinary open() or mkdir() gives (0666 / 0777 less the process umask,
+0644 / 0755 with the usual 022), as PEFT's and transformers' files have: safetensors' save_file and tempfile's
+mkstemp / mkdtemp create 0600 / 0700, which other users and containers cannot read.
 
 The rule (merge, convert-gguf and the built-in model's conversion share it): the output path may not exist yet or
 be an empty directory; a non-empty one is replaced only when asked (`overwrite`, the commands' --overwrite) and
@@ -13,8 +17,54 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def write_file_atomic(file: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call write(tmp) on a temporary sibling of `file`, fsync it, give it the ordinary mode (0666 less the umask,
+    whatever `write` created it with), and rename it over `file`; the temporary is removed on failure.
+
+    The temporary `.<name>.<pid>.<random>.tmp` lives in the target's directory (os.replace is atomic only within
+    one filesystem) and is unique per process and call.
+    """
+    file = os.fspath(file)
+    directory, name = os.path.split(file)
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(file: str | os.PathLike, text: str) -> None:
+    """write_file_atomic of a UTF-8 text."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    write_file_atomic(file, write)
+
+
+def make_hidden_dir(parent: str, name: str) -> str:
+    """Create and return a new directory `<parent>/.<name>.tmp-<random>` with the ordinary mode (not
+    tempfile.mkdtemp: its 0700 would become the mode of what the directory is renamed to)."""
+    path = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
+    os.mkdir(path)
+    return path
 
 
 def check_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool = False,
@@ -60,10 +110,9 @@ def atomic_output_dir(path: str | os.PathLike, flag: str, *, overwrite: bool = F
     path = os.fspath(path)
     real = check_output_dir(path, flag, overwrite=overwrite, inputs=inputs)
     parent, name = os.path.split(real)
-    tmp = os.path.join(parent, f".{name}.tmp-{secrets.token_hex(4)}")
     try:
         os.makedirs(parent, exist_ok=True)
-        os.mkdir(tmp)  # not tempfile.mkdtemp: its mode 0700 would become the output's
+        tmp = make_hidden_dir(parent, name)
     except OSError as e:
         raise ValueError(f"{flag}={path!r}: cannot create a directory in {parent!r} ({e.strerror})") from None
     try:

@@ -16,6 +16,8 @@ import struct
 import torch
 from safetensors.torch import save_file
 
+from .output_dir import write_file_atomic
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -112,7 +114,7 @@ def _check_entry(path: str, key: str, info, data_size: int):
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], file: str, metadata: dict | None = None) -> None:
-    """Write `tensors` to `file` through a temporary file and os.replace, so a crash never leaves half a file."""
-    tmp = f"{file}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt", **(metadata or {})})
-    os.replace(tmp, file)
+    """Write `tensors` to `file` through a temporary file and os.replace, so a crash never leaves half a file;
+    the file gets the ordinary mode (save_file alone creates 0600)."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    write_file_atomic(file, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))

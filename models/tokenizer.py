@@ -182,12 +182,11 @@ class Tokenizer:
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """Write tokenizer.json and tokenizer_config.json (atomically) into `out_dir`."""
         from .config import write_json_atomic
+        from .output_dir import write_file_atomic
 
         out_dir = os.fspath(out_dir)
         os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, f"tokenizer.json.tmp{os.getpid()}")
-        self.backend.save(tmp)
-        os.replace(tmp, os.path.join(out_dir, "tokenizer.json"))
+        write_file_atomic(os.path.join(out_dir, "tokenizer.json"), self.backend.save)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens,
                   "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces}  # fmt: skip
         if self.chat_template:

@@ -83,6 +83,37 @@ def test_loss_falls_and_outputs_are_written(setup):
         assert m["tokens_per_s"] > 0 and m["grad_norm"] >= 0
 
 
+@pytest.fixture
+def umask_002():
+    before = os.umask(0o002)  # group-writable: unlike both 0600 (mkstemp, safetensors' save_file) and the usual 0644
+    yield
+    os.umask(before)
+
+
+def test_written_files_get_the_ordinary_mode_of_the_umask(setup, umask_002):
+    """Adapter, checkpoints, metrics, a merged checkpoint and a saved tokenizer: files 0666 and directories 0777
+    less the umask, as open() and mkdir() give (PEFT's files are 0644 under the usual umask 022)."""
+    from nf4lora.models import Tokenizer
+    from nf4lora.train.cli import main
+
+    cfg = _config(setup, "modes", max_steps=2, save_every=1, compute_dtype="float32")
+    result = train(cfg)
+    merged = os.path.join(cfg.output_dir, "merged")
+    assert main(["merge", "--model", cfg.model, "--adapter", result.adapter_dir, "--out", merged]) == 0
+    Tokenizer.from_pretrained(cfg.model).save_pretrained(os.path.join(cfg.output_dir, "tokenizer"))
+    modes, names = {}, set()
+    for root, dirs, files in os.walk(cfg.output_dir):
+        for name in dirs:
+            modes[os.path.join(root, name)] = (os.stat(os.path.join(root, name)).st_mode & 0o777, 0o775)
+        for name in files:
+            modes[os.path.join(root, name)] = (os.stat(os.path.join(root, name)).st_mode & 0o777, 0o664)
+        names |= set(files)
+    written = {"adapter_model.safetensors", "adapter_config.json", "optimizer.safetensors", "rng.safetensors",
+               "trainer_state.json", "latest.json", "model.safetensors", "config.json", "tokenizer.json"}  # fmt: skip
+    assert written <= names
+    assert {path: oct(mode) for path, (mode, want) in modes.items() if mode != want} == {}
+
+
 def test_a_non_finite_step_stops_training_before_it_spoils_anything(setup):
     """lr 1e30 blows the adapter up in one update, so step 2's loss is not finite: training stops there with an
     error, before the update, keeping step 1's checkpoint, its metrics and no adapter."""

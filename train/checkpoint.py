@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from nf4lora.lora import load_adapter, save_adapter
+from nf4lora.models.config import write_json_atomic
+from nf4lora.models.output_dir import make_hidden_dir, write_file_atomic
 
 LATEST = "latest.json"
 STATE = "trainer_state.json"
@@ -37,20 +38,6 @@ def _fsync_tree(path: str) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
-
-
-def write_json_atomic(path: str, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -70,20 +57,20 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict,
     _remove_leftovers(root)
     name = f"step-{step:08d}"
     final = os.path.join(root, name)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=root)
+    tmp = make_hidden_dir(root, name)  # the ordinary mode, as every file in it (see models/output_dir.py)
     try:
         save_adapter(model, os.path.join(tmp, "adapter"))
         tensors, groups = _optimizer_tensors(optimizer)
-        save_file(tensors, os.path.join(tmp, OPTIMIZER), metadata={"format": "pt"})
+        write_file_atomic(os.path.join(tmp, OPTIMIZER), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, os.path.join(tmp, RNG))
+        write_file_atomic(os.path.join(tmp, RNG), lambda f: save_file(rng, f))
         with open(os.path.join(tmp, STATE), "w") as f:
             json.dump({**trainer_state, "step": step, "param_groups": groups}, f, indent=1)
         _fsync_tree(tmp)
         if os.path.exists(final):  # a rerun reached the same step: the new one wins, atomically
-            stale = tempfile.mkdtemp(prefix=f".{name}.old.", dir=root)
+            stale = make_hidden_dir(root, f"{name}.old")
             os.replace(final, os.path.join(stale, name))
             os.replace(tmp, final)
             shutil.rmtree(stale)
@@ -99,7 +86,8 @@ def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict,
 
 def _remove_leftovers(root: str) -> None:
     """Delete what a process killed inside save_checkpoint or write_json_atomic left: the hidden temporaries
-    `.step-N.XXXX` (a checkpoint being assembled), `.step-N.old.XXXX` (one being replaced) and `.latest.json.XXXX.tmp`.
+    `.step-N.tmp-XXXX` (a checkpoint being assembled), `.step-N.old.tmp-XXXX` (one being replaced) and
+    `.latest.json.PID.XXXX.tmp`.
     Nothing else writes names of that shape under `root`, and only one run writes to an output directory."""
     for entry in os.listdir(root):
         path = os.path.join(root, entry)
