@@ -221,7 +221,10 @@ def _check_base_copy(layer: nn.Module, saved: torch.Tensor, where: str) -> None:
     if not isinstance(base, nn.Linear) or weight is None or weight.dtype == torch.uint8:
         raise ValueError(f"{where}: the adapter carries a copy of this layer's weight, which can only be checked "
                          "against a 16-bit layer; load the adapter onto the model with that layer unquantized")  # fmt: skip
-    if saved.shape != weight.shape or not torch.equal(saved.to(weight.device, weight.dtype), weight.detach()):
+    differs = saved.shape != weight.shape
+    if not differs and not weight.is_meta:  # a skeleton on the meta device (check_adapter) has only shapes
+        differs = not torch.equal(saved.to(weight.device, weight.dtype), weight.detach())
+    if differs:
         raise ValueError(f"{where}: the adapter carries its own copy of this layer's weight (PEFT's "
                          "save_embedding_layers) and it differs from the model's: it was saved from another base "
                          "or with a resized vocabulary; load it onto that base")  # fmt: skip
@@ -234,14 +237,39 @@ def load_adapter(model: nn.Module, directory) -> list[str]:
     already have LoRA (from add_lora) must match its rank, and then the set of adapted layers must be exactly the
     adapter's. Everything is validated before the model is touched. Afterwards only LoRA weights require grad.
     """
+    config, modules, existing, linears = _checked(model, directory)
+    r, alpha = config["r"], config["lora_alpha"]
+    dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
+    model.requires_grad_(False)
+    for name, pair in modules.items():
+        layer = existing.get(name)
+        if layer is None:
+            # The wrapper takes the mode of the layer it replaces, as in add_lora: loading an adapter into a model
+            # in eval mode must not switch its dropout on.
+            layer = LoRALinear(linears[name], r, alpha, dropout, use_rslora).train(linears[name].training)
+            _set_submodule(model, name, layer)
+        with torch.no_grad():
+            layer.lora_A.weight.copy_(pair["A"])
+            layer.lora_B.weight.copy_(pair["B"])
+        layer.lora_A.weight.requires_grad_(True)
+        layer.lora_B.weight.requires_grad_(True)
+    return list(modules)
+
+
+def check_adapter(model: nn.Module, directory) -> None:
+    """Every check load_adapter makes, without changing `model`. On a skeleton of the model (built on the meta
+    device: no memory, no loading) this refuses an adapter of another model before the real one is loaded."""
+    _checked(model, directory)
+
+
+def _checked(model: nn.Module, directory):
+    """(adapter config, {module: tensors} in model order, existing LoRA layers, Linear layers), all validated."""
     _check_root(model)
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME
     modules = _group_by_module(_read_tensors(weights_path), weights_path)
-    r, alpha = config["r"], config["lora_alpha"]
-    dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
-
+    r, alpha, use_rslora = config["r"], config["lora_alpha"], config.get("use_rslora", False)
     existing, linears = _lora_layers(model), _linear_layers(model)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     modules = dict(sorted(modules.items(), key=lambda item: order.get(item[0], len(order))))  # model order
@@ -278,18 +306,4 @@ def load_adapter(model: nn.Module, directory) -> list[str]:
         if "base" in pair:
             _check_base_copy(layer, pair["base"], f"{weights_path}: {KEY_PREFIX}{name}{_BASE_SUFFIX}")
     _check_wrappable(model, modules, str(weights_path))
-
-    model.requires_grad_(False)
-    for name, pair in modules.items():
-        layer = existing.get(name)
-        if layer is None:
-            # The wrapper takes the mode of the layer it replaces, as in add_lora: loading an adapter into a model
-            # in eval mode must not switch its dropout on.
-            layer = LoRALinear(linears[name], r, alpha, dropout, use_rslora).train(linears[name].training)
-            _set_submodule(model, name, layer)
-        with torch.no_grad():
-            layer.lora_A.weight.copy_(pair["A"])
-            layer.lora_B.weight.copy_(pair["B"])
-        layer.lora_A.weight.requires_grad_(True)
-        layer.lora_B.weight.requires_grad_(True)
-    return list(modules)
+    return config, modules, existing, linears

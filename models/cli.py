@@ -34,8 +34,10 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None,
                    help="sample from the smallest set with probability >= p (needs --temperature > 0)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (needs --temperature > 0)")
-    p.add_argument("--quant-type", choices=("nf4", "fp4", "none"), default="nf4",
-                   help="hold the base in 4 bits (nf4/fp4) or 16 bits (none) (default: nf4)")  # fmt: skip
+    p.add_argument("--quant-type", choices=("nf4", "fp4", "none"), default=None,
+                   help="hold the base in 4 bits (nf4/fp4) or 16 bits (none) (default: nf4; none for a checkpoint "
+                        "written by `nf4lora merge`, which 4 bits would lose part of the fine-tune of, unless "
+                        "--adapter is given)")  # fmt: skip
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="double quantization (default: on)")  # fmt: skip
     p.add_argument("--blocksize", type=int, default=64, help="quantization block size (default: 64)")
@@ -59,8 +61,12 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_generate(args: argparse.Namespace, out=None) -> str:
     """Run `generate` for parsed args; prints to `out` (default stdout) as tokens arrive; returns the text."""
+    from nf4lora.train.data import IGNORE_INDEX, Example
+    from nf4lora.train.merged import load_for_inference, sample_of
+    from nf4lora.train.resources import check_adapter_fits, resolve_model
+
+    from .config import LlamaConfig
     from .generate import generate, stop_token_ids
-    from .loading import load_model
     from .tokenizer import Tokenizer
 
     out = out or sys.stdout
@@ -74,24 +80,14 @@ def run_generate(args: argparse.Namespace, out=None) -> str:
     device = resolve_device(args.device)
     chosen = resolve_compute_dtype(args.compute_dtype, device)
     print(f"compute dtype: {chosen}", file=sys.stderr)  # stdout carries only the generated text
-    dtype = chosen.dtype
-    path = _resolve_model(args.model)
-    if args.adapter is not None and not os.path.isdir(args.adapter):
-        raise ValueError(f"--adapter={args.adapter!r} is not a directory")
+    path = resolve_model(args.model)
+    config = LlamaConfig.from_pretrained(path)  # every input is checked before the model is loaded
+    check_adapter_fits(config, args.adapter)
     tokenizer = Tokenizer.from_pretrained(path)
     chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)
     if args.system is not None and not chat:
         why = "--no-chat was given" if args.chat is False else f"the tokenizer of --model={path!r} has none"
         raise ValueError(f"--system needs the chat template, but {why}")
-
-    quantize = None if args.quant_type == "none" else args.quant_type
-    model = load_model(path, quantize=quantize, double_quant=args.double_quant, blocksize=args.blocksize,
-                       compute_dtype=dtype, device=device)  # fmt: skip
-    if args.adapter is not None:
-        from nf4lora.lora import load_adapter
-
-        load_adapter(model, args.adapter)
-
     if chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.prompt}
@@ -99,6 +95,9 @@ def run_generate(args: argparse.Namespace, out=None) -> str:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     else:
         ids = tokenizer.encode(args.prompt)
+
+    prompt = sample_of([Example(ids, [IGNORE_INDEX] * len(ids))])  # what 4 bits cost is measured on, if asked
+    model = load_for_inference(path, config.nf4lora_merged, args, device, chosen.name, prompt, log=sys.stderr)
     eos = stop_token_ids(path, model.config, tokenizer)
     printer = _StreamPrinter(tokenizer, set(eos), out)
     generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -131,16 +130,6 @@ class _StreamPrinter:
         self.out.write(text[len(self.printed) :] + "\n")
         self.out.flush()
         return text
-
-
-def _resolve_model(model: str | None) -> str:
-    if model is None:  # the built-in default lives with the training inputs (converted from GGUF once)
-        from nf4lora.train.resources import default_model_dir
-
-        return default_model_dir()
-    if not os.path.isdir(model):
-        raise ValueError(f"--model={model!r} is not a directory")
-    return model
 
 
 # --------------------------------------------------------------------------------------------- convert-gguf

