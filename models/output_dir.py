@@ -21,12 +21,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
-    os.umask(mask)
-    return mask
-
-
 def write_file_atomic(file: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call write(tmp) on a temporary sibling of `file`, fsync it, give it the ordinary mode (0666 less the umask,
     whatever `write` created it with), and rename it over `file`; the temporary is removed on failure.
@@ -38,10 +32,14 @@ def write_file_atomic(file: str | os.PathLike, write: Callable[[str], None]) -> 
     directory, name = os.path.split(file)
     tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
     try:
+        # Created 0666 by us, the kernel applies the umask: that is the mode to keep (reading the umask would mean
+        # setting it, which races with other threads); `write` may replace the file (safetensors writes 0600).
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        mode = os.stat(tmp).st_mode & 0o777
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)
         os.replace(tmp, file)
     except BaseException:
         if os.path.lexists(tmp):
