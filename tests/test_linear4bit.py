@@ -10,9 +10,10 @@ import copy
 
 import pytest
 import torch
+from reference_packages import require
 from torch import nn
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = require("bitsandbytes")
 from bitsandbytes.functional import dequantize_4bit as bnb_dequantize_4bit  # noqa: E402
 from bitsandbytes.nn import Linear4bit as BnbLinear4bit  # noqa: E402
 from bitsandbytes.nn import Params4bit  # noqa: E402
