@@ -12,8 +12,9 @@ from bitsandbytes.cextension import lib as bnb_lib
 from nf4lora.nf4 import BLOCKSIZES, DYNAMIC_MAP, QuantState, dequantize_4bit, quantize_4bit
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# bitsandbytes' CPU dequantize C kernel has an AVX-512 and a scalar path, chosen by cpuid (no setting changes it);
-# they differ in the sign of FP4 code 8 and in where blocks start (see the two tests that use this).
+# bitsandbytes' CPU dequantize C kernel has an AVX-512 branch, taken where cpuid reports AVX-512F (no setting
+# changes it) and the last dimension is a multiple of 16, and a scalar branch: they differ in the sign of FP4
+# code 8 and in where blocks start (see the two tests that use this).
 BNB_CPU_KERNEL_AVX512 = bool(bnb_lib.has_avx512f_cpu())
 
 
@@ -48,10 +49,10 @@ def bnb_quantize(w, blocksize, quant_type, double_quant):
 def bnb_dequantize(packed, bnb_state, out_shape=None):
     """bitsandbytes.functional.dequantize_4bit, called with the flattened shape.
 
-    bitsandbytes 0.50.2's AVX-512 CPU dequantize kernel (used when the last dimension is even) restarts blocks at
-    every row, while its quantizer (and CUDA, its scalar CPU path and docs/formats.md) cut blocks from the flattened
-    tensor: for a (48, 80) weight in blocks of 64 it returns wrong values (see
-    test_bitsandbytes_cpu_dequantize_row_blocks). With the flat shape, rows and blocks agree, and both paths
+    bitsandbytes 0.50.2's CPU dequantize kernel (used when the last dimension is even) restarts blocks at every
+    row on its AVX-512 branch, while its quantizer (and CUDA, its scalar branch and docs/formats.md) cut blocks
+    from the flattened tensor: for a (48, 80) weight in blocks of 64 it returns wrong values on AVX-512 CPUs (see
+    test_bitsandbytes_cpu_dequantize_row_blocks). With the flat shape, rows and blocks agree, and both branches
     compute the format's result.
     """
     shape = bnb_state.shape
@@ -76,10 +77,10 @@ def unpack_codes(packed: torch.Tensor, n: int) -> torch.Tensor:
 def assert_bit_identical(got, expected, packed, quant_type):
     """Every bit of `got` equals `expected`, except the one documented divergence: the sign of FP4 code 8's zero.
 
-    FP4 code 8 is the sign bit with a zero magnitude. bitsandbytes' quant_map holds +0.0 there, and its AVX-512
-    CPU kernel and its torch fallback decode +0.0, as nf4/ does (docs/formats.md 1); its CPU kernel without
-    AVX-512 and its CUDA kernel compute sign * magnitude * absmax and give -0.0. So where the code is 8 (FP4
-    only) both values must be zeros, of either sign; anywhere else a difference in any bit fails.
+    FP4 code 8 is the sign bit with a zero magnitude. bitsandbytes' quant_map holds +0.0 there, and its CPU
+    kernel's AVX-512 branch and its torch fallback decode +0.0, as nf4/ does (docs/formats.md 1); its CPU kernel's
+    scalar branch (every CPU without AVX-512) and its CUDA kernel give -0.0. So where the code is 8 (FP4 only)
+    both values must be zeros, of either sign; anywhere else a difference in any bit fails.
     """
     assert got.dtype == expected.dtype and got.shape == expected.shape
     a, b = (t.reshape(-1).view({4: torch.int32, 2: torch.int16}[t.element_size()]) for t in (got, expected))
@@ -257,8 +258,8 @@ def test_fp4_partial_block_is_divided_as_bitsandbytes_does():
 def test_bitsandbytes_cpu_dequantize_row_blocks():
     """Why bnb_dequantize flattens: on a (48, 80) weight, blocks of 64 straddle rows.
 
-    Called with the real shape, bitsandbytes' AVX-512 CPU kernel disagrees with its own quantizer (its scalar path,
-    on CPUs without AVX-512, agrees); called with the flat shape both agree with ours bit for bit, and ours
+    Called with the real shape, bitsandbytes' CPU kernel disagrees with its own quantizer on its AVX-512 branch
+    (its scalar branch, on CPUs without AVX-512, agrees); called with the flat shape both agree with ours bit for bit, and ours
     reconstructs the weight within the NF4 error bound.
     """
     w = torch.randn(48, 80, generator=torch.Generator().manual_seed(48), dtype=torch.bfloat16)
