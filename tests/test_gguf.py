@@ -7,12 +7,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from reference_packages import require
 from test_model_helpers import CHAT_TEMPLATE as TEMPLATE
 from test_model_helpers import byte_level_tokenizer, hf_model, tiny_config
 
 from nf4lora.models import LlamaConfig, Tokenizer, convert_gguf, load_model
 
-gguf = pytest.importorskip("gguf")
+gguf = require("gguf")
 Q = gguf.GGMLQuantizationType
 STRINGS = ["Hello world", " two  spaces", "digits 12345, 3.14", "ünïcödé 日本語 🦙", "<|im_start|>user\nhi<|im_end|>\n", ""]
 CHAT = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello."}]

@@ -1,18 +1,19 @@
 """Linear4bit against bitsandbytes' Linear4bit (the reference): state dicts both ways, outputs, gradients; plus
 the module contract (shapes, no_grad, autocast, .to() moves bytes, forward never mutates) and bad input.
 
-bitsandbytes 0.50's CPU dequantize kernel decodes rows whose length is not a multiple of the blocksize wrongly
-(e.g. in_features=96 with blocksize 64 differs by ~2.0 from its own quantizer's input), so the comparisons use
-in_features that are multiples of the blocksize, as every real model has.
+bitsandbytes 0.50's CPU dequantize kernel (its AVX-512 branch) decodes rows whose length is not a multiple of the
+blocksize wrongly (e.g. in_features=96 with blocksize 64 differs by ~2.0 from its own quantizer's input), so the
+comparisons use in_features that are multiples of the blocksize, as every real model has.
 """
 
 import copy
 
 import pytest
 import torch
+from reference_packages import require
 from torch import nn
 
-bnb = pytest.importorskip("bitsandbytes")
+bnb = require("bitsandbytes")
 from bitsandbytes.functional import dequantize_4bit as bnb_dequantize_4bit  # noqa: E402
 from bitsandbytes.nn import Linear4bit as BnbLinear4bit  # noqa: E402
 from bitsandbytes.nn import Params4bit  # noqa: E402

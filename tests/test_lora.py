@@ -8,9 +8,10 @@ import warnings
 
 import pytest
 import torch
+from reference_packages import require
 from torch import nn
 
-peft = pytest.importorskip("peft")
+peft = require("peft")
 
 from nf4lora.lora import Linear4bit, LoRALinear, add_lora, merge_lora, quantize_model, unmerge_lora  # noqa: E402
 

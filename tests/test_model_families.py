@@ -17,14 +17,15 @@ import os
 
 import pytest
 import torch
+from reference_packages import require
 from test_model_helpers import hf_4bit_model, hf_model, our_model_from_hf, tiny_config
 from test_train_helpers import date_records, write_jsonl, write_tokenizer
 
 from nf4lora.lora import Linear4bit, add_lora, load_adapter, save_adapter
 from nf4lora.models import LlamaConfig, generate, load_model
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+transformers = require("transformers")
+peft = require("peft")
 
 WINDOW = 8
 LONGROPE_SHORT = 16  # original_max_position_embeddings of the longrope config

@@ -9,9 +9,10 @@ import json
 
 import pytest
 import torch
+from reference_packages import require
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+transformers = require("transformers")
+peft = require("peft")
 
 from nf4lora.lora import Linear4bit, LoRALinear, add_lora, load_adapter, quantize_model, save_adapter  # noqa: E402
 
