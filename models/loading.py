@@ -137,6 +137,26 @@ def load_model(
     quantization win); with quantize=None its weights are dequantized to `compute_dtype`.
     Returns the model in eval mode on `device`.
     """
+    path, device, compute_dtype = check_load_args(path, quantize, double_quant, blocksize, compute_dtype, device)
+    config = LlamaConfig.from_pretrained(path)
+    check_quantization_config(config.quantization_config, path)
+    ckpt = Checkpoint(path)
+    with empty_init():
+        model = LlamaForCausalLM(config)
+    linears = {n: False for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    tied = config.tie_word_embeddings
+    consumed = fill_weights(model, ckpt, linears, "lm_head", tied, quantize, double_quant, blocksize, compute_dtype,
+                            device)  # fmt: skip
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        consumed.add("lm_head.weight")  # some tied checkpoints still store a copy; it is the same matrix
+    model.model.rotary_emb = RotaryEmbedding(config, device=device)  # its buffers were built on the meta device
+    check_all_used(ckpt, consumed, lambda k: k.endswith(_IGNORED_SUFFIXES), f"this {config.model_type} config")
+    return model.eval()
+
+
+def check_load_args(path, quantize, double_quant, blocksize, compute_dtype, device):
+    """load_model's arguments checked: (path as a str, torch.device, the compute dtype "auto" resolves to)."""
     path = os.fspath(path)
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {QUANTIZE}, got {quantize!r}")
@@ -149,55 +169,62 @@ def load_model(
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model path {path!r} is not a directory")
     device = torch.device(device)
-    compute_dtype = resolve_compute_dtype(compute_dtype, device).dtype
+    return path, device, resolve_compute_dtype(compute_dtype, device).dtype
 
-    config = LlamaConfig.from_pretrained(path)
-    _check_bnb_config(config, path)
-    ckpt = Checkpoint(path)
-    with empty_init():
-        model = LlamaForCausalLM(config)
 
+def fill_weights(model: nn.Module, ckpt: Checkpoint, linears: dict[str, bool], head: str | None,
+                 tied: bool, quantize, double_quant, blocksize, compute_dtype, device,
+                 key=lambda name: name) -> set[str]:  # fmt: skip
+    """Replace the meta parameters of `model` by the checkpoint's, tensor by tensor; returns the keys read.
+
+    linears: {module name: transposed} of the layers to hold as Linear4bit (nn.Linear when quantize is None);
+        transposed marks a weight stored (in, out), as GPT-2's Conv1D stores it. Every other parameter is read in
+        `compute_dtype`, except the output layer `head`'s weight when `tied` (the caller ties it).
+    key: the checkpoint's name of a parameter (transformers renames some on loading; see models/generic.py).
+    """
     # The 16-bit weights to quantize are read one after another into this one buffer: a fresh tensor per weight
     # left the freed ones as holes in malloc's heap, which grew by twice the 4-bit model (SmolLM2-135M: peak RSS
     # 455 MiB, and 379 MiB with this buffer).
-    linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
-    to_quantize = [k for k in linears if k in ckpt and not _stored_4bit(ckpt, k)] if quantize else []
+    weights = [key(f"{name}.weight") for name in linears]
+    to_quantize = [k for k in weights if k in ckpt and not _stored_4bit(ckpt, k)] if quantize else []
     scratch = torch.empty(max(map(ckpt.nbytes, to_quantize), default=0), dtype=torch.uint8)
 
     consumed: set[str] = set()
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != "lm_head":
-            new = _load_linear(ckpt, name, module, quantize, double_quant, blocksize, compute_dtype, device, consumed,
-                               scratch)  # fmt: skip
+        if name in linears:
+            new = _load_linear(ckpt, key(f"{name}.weight"), key(f"{name}.bias"), module, linears[name], quantize,
+                               double_quant, blocksize, compute_dtype, device, consumed, scratch)  # fmt: skip
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, new)
-        elif name == "lm_head" and _stored_4bit(ckpt, "lm_head.weight"):  # bitsandbytes quantized it; we do not
-            packed, state = _read_bnb_weight(ckpt, "lm_head.weight", tuple(module.weight.shape), consumed)
+        elif name == head and _stored_4bit(ckpt, key(f"{name}.weight")):  # bitsandbytes quantized it; we do not
+            packed, state = _read_bnb_weight(ckpt, key(f"{name}.weight"), tuple(module.weight.shape), consumed)
             weight = dequantize_4bit(packed.to(device), state.to(device), compute_dtype)
             module._parameters["weight"] = nn.Parameter(weight)
-        elif not (name == "lm_head" and config.tie_word_embeddings):
+        else:
             for pname, p in list(module.named_parameters(recurse=False)):
-                key = f"{name}.{pname}"
-                t = _read_float(ckpt, key, p.shape).to(device=device, dtype=compute_dtype)
+                if name == head and tied and pname == "weight":
+                    continue
+                k = key(f"{name}.{pname}" if name else pname)
+                t = _read_float(ckpt, k, p.shape).to(device=device, dtype=compute_dtype)
                 module._parameters[pname] = nn.Parameter(t)
-                consumed.add(key)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-        consumed.add("lm_head.weight")  # some tied checkpoints still store a copy; it is the same matrix
-    model.model.rotary_emb = RotaryEmbedding(config, device=device)  # its buffers were built on the meta device
+                consumed.add(k)
+    return consumed
 
-    unexpected = [k for k in ckpt.keys() if k not in consumed and not k.endswith(_IGNORED_SUFFIXES)]
+
+def check_all_used(ckpt: Checkpoint, consumed: set[str], ignored, what: str) -> None:
+    """Raise ValueError if the checkpoint holds tensors that were not read (and `ignored(key)` does not excuse):
+    the architecture does not match config.json."""
+    unexpected = [k for k in ckpt.keys() if k not in consumed and not ignored(k)]
     if unexpected:
         shown = ", ".join(f"{k!r} (in {os.path.basename(ckpt.file_of(k))})" for k in sorted(unexpected)[:5])
         raise ValueError(
-            f"checkpoint {path!r} has {len(unexpected)} tensors this {config.model_type} config does not use, e.g. "
-            f"{shown}: the architecture does not match config.json"
+            f"checkpoint {ckpt.path!r} has {len(unexpected)} tensors {what} does not use, e.g. {shown}: the "
+            "architecture does not match config.json"
         )
-    return model.eval()
 
 
-def _check_bnb_config(config: LlamaConfig, path: str) -> None:
-    qc = config.quantization_config
+def check_quantization_config(qc: dict | None, path: str) -> None:
+    """config.json's quantization_config: none, or bitsandbytes 4-bit with uint8 storage (read as stored)."""
     if qc is None:
         return
     where = os.path.join(path, "config.json")
@@ -211,17 +238,20 @@ def _check_bnb_config(config: LlamaConfig, path: str) -> None:
         raise ValueError(f"{where}: bnb_4bit_quant_storage {storage!r} is not supported; only 'uint8'")
 
 
-def _load_linear(ckpt, name, linear, quantize, double_quant, blocksize, compute_dtype, device, consumed, scratch):
-    """The module that replaces the meta nn.Linear `name`: a Linear4bit, or an nn.Linear when quantize is None.
-    A weight to quantize is read into `scratch` (load_model's reused buffer)."""
+def _load_linear(ckpt, wkey, bkey, linear, transposed, quantize, double_quant, blocksize, compute_dtype, device,
+                 consumed, scratch):  # fmt: skip
+    """The module that replaces the meta layer `linear` (weight and bias stored as `wkey`, `bkey`): a Linear4bit, or
+    an nn.Linear when quantize is None. transposed: the weight is stored (in, out) (GPT-2's Conv1D); bitsandbytes
+    stores such a layer quantized from (out, in), like any other. A weight to quantize is read into `scratch`
+    (fill_weights' reused buffer)."""
     from nf4lora.lora import Linear4bit  # lora imports kernels; keep models importable on its own
 
-    wkey = f"{name}.weight"
-    shape = (linear.out_features, linear.in_features)
+    stored = tuple(linear.weight.shape)
+    shape = stored[::-1] if transposed else stored  # (out, in)
     bias = None
     if linear.bias is not None:
-        bias = _read_float(ckpt, f"{name}.bias", (linear.out_features,)).to(device=device, dtype=compute_dtype)
-        consumed.add(f"{name}.bias")
+        bias = _read_float(ckpt, bkey, (shape[0],)).to(device=device, dtype=compute_dtype)
+        consumed.add(bkey)
 
     if _stored_4bit(ckpt, wkey):
         packed, state = _read_bnb_weight(ckpt, wkey, shape, consumed)
@@ -236,9 +266,12 @@ def _load_linear(ckpt, name, linear, quantize, double_quant, blocksize, compute_
         return Linear4bit.from_quantized(packed, state, bias=bias, compute_dtype=compute_dtype)
 
     consumed.add(wkey)
+    weight = _read_float(ckpt, wkey, stored, out=None if quantize is None else scratch)
+    if transposed:  # a copy outside the scratch buffer: one more 16-bit tensor, for this layer only
+        weight = weight.t().contiguous()
     if quantize is None:
-        return _dense_linear(_read_float(ckpt, wkey, shape).to(device=device, dtype=compute_dtype), bias)
-    weight = _read_float(ckpt, wkey, shape, out=scratch).to(device)
+        return _dense_linear(weight.to(device=device, dtype=compute_dtype), bias)
+    weight = weight.to(device)
     if weight.dtype not in COMPUTE_DTYPES:  # float64 or 8-bit floats: quantize_4bit takes these three
         weight = weight.float()
     packed, state = quantize_4bit(weight, blocksize=blocksize, quant_type=quantize, double_quant=double_quant)
