@@ -39,7 +39,6 @@ _UNSUPPORTED = {
     "rank_pattern": {},
     "alpha_pattern": {},
     "bias": "none",
-    "fan_in_fan_out": False,
     "modules_to_save": None,
     "layer_replication": None,
     "lora_bias": False,
@@ -50,7 +49,9 @@ _UNSUPPORTED = {
     "megatron_config": None,
     "use_bdlora": False,
 }
-_WRITTEN_OFF = ("bias", "use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern")
+_WRITTEN_OFF = ("bias", "use_dora", "modules_to_save", "rank_pattern", "alpha_pattern")
+# fan_in_fan_out is not among them: it only says that a base layer stores its weight (in, out) (GPT-2's Conv1D), and
+# lora_A / lora_B have the same shapes and meaning either way (PEFT sets the flag to match each layer it wraps).
 
 
 def _is_off(value, off) -> bool:
@@ -94,7 +95,8 @@ def save_adapter(
 ) -> Path:
     """Write the LoRA weights of `model` (float32, on the CPU) and a PEFT adapter_config.json into `directory`.
 
-    task_type defaults to "CAUSAL_LM" for *ForCausalLM models (what PeftModel.from_pretrained keys on), else none;
+    task_type defaults to "CAUSAL_LM" for *ForCausalLM and *LMHeadModel (GPT-2) models (what PeftModel.from_pretrained
+    keys on), else none;
     base_model_name_or_path (a str or path) defaults to model.config.name_or_path when the model has one.
     """
     _check_root(model)
@@ -105,7 +107,7 @@ def save_adapter(
         raise ValueError("model has no LoRA layers to save (add_lora first)")
     r, alpha, use_rslora = _uniform(layers, "r"), _uniform(layers, "alpha"), _uniform(layers, "use_rslora")
     dropout, init = _uniform(layers, "dropout"), _uniform(layers, "init")
-    if task_type is None and type(model).__name__.endswith("ForCausalLM"):
+    if task_type is None and type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")):
         task_type = "CAUSAL_LM"
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
@@ -130,7 +132,7 @@ def save_adapter(
         "init_lora_weights": True if init == "kaiming" else "gaussian",
         "inference_mode": True,
         # The common feature switches, written "off" explicitly (PEFT's own defaults) for readers that expect them.
-        **{key: _UNSUPPORTED[key] for key in _WRITTEN_OFF},
+        **{key: _UNSUPPORTED[key] for key in _WRITTEN_OFF}, "fan_in_fan_out": False,
     }
     text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # before any write: a failure here changes nothing
 

@@ -97,7 +97,6 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         (dict(alpha_pattern={"up": 16}), "alpha_pattern = .* is not supported"),
         (dict(bias="lora_only"), "bias = 'lora_only' is not supported"),
         (dict(bias="all"), "bias = 'all' is not supported"),
-        (dict(fan_in_fan_out=True), "fan_in_fan_out = True is not supported"),
         (dict(modules_to_save=["head"]), "modules_to_save = .* is not supported"),
         (dict(peft_type="IA3"), "peft_type must be 'LORA'"),
         (dict(r=0), "r must be a positive int, got 0"),
