@@ -65,8 +65,8 @@ def run_generate(args: argparse.Namespace, out=None) -> str:
     from nf4lora.train.merged import load_for_inference, sample_of
     from nf4lora.train.resources import check_adapter_fits, resolve_model
 
-    from .config import LlamaConfig
     from .generate import generate, stop_token_ids
+    from .generic import read_model_config
     from .tokenizer import Tokenizer
 
     out = out or sys.stdout
@@ -81,7 +81,7 @@ def run_generate(args: argparse.Namespace, out=None) -> str:
     chosen = resolve_compute_dtype(args.compute_dtype, device)
     print(f"compute dtype: {chosen}", file=sys.stderr)  # stdout carries only the generated text
     path = resolve_model(args.model)
-    config = LlamaConfig.from_pretrained(path)  # every input is checked before the model is loaded
+    config = read_model_config(path)  # every input is checked before the model is loaded
     check_adapter_fits(config, args.adapter)
     tokenizer = Tokenizer.from_pretrained(path)
     chat = args.chat if args.chat is not None else bool(tokenizer.chat_template)

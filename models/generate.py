@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .config import LlamaConfig
 from .kv_cache import KVCache
 from .llama import LlamaForCausalLM
 
@@ -63,6 +62,12 @@ def generate(
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
+
+    if getattr(model, "nf4lora_generic", False):  # transformers' model: its own generate() and cache
+        from .generic import generate as generic_generate
+
+        out = generic_generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos, stream, use_cache)
+        return out[0] if one_d else out
 
     config = model.config
     # Longrope (Phi-3) switches to its long-context frequencies once a sequence passes the pretraining length, but
@@ -125,11 +130,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def stop_token_ids(model_dir: str | os.PathLike, config: LlamaConfig, tokenizer) -> list[int]:
+def stop_token_ids(model_dir: str | os.PathLike, config, tokenizer) -> list[int]:
     """The ids generation stops at for the checkpoint in `model_dir`: config.json's eos_token_id, the one in
     generation_config.json (what transformers' generate() stops at; Llama-3 instruct lists its end-of-turn token
     only there) and the tokenizer's eos token, each an int, a list or absent."""
-    ids = set(config.eos_token_ids) | {tokenizer.eos_token_id}
+    eos = config.eos_token_id  # int, list or None: LlamaConfig's or a transformers config's (a generic model)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) | {tokenizer.eos_token_id}
     path = os.path.join(os.fspath(model_dir), "generation_config.json")
     if os.path.isfile(path):
         try:

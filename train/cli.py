@@ -194,7 +194,8 @@ def _show_generations(result, n: int, device, prompt_and_answer, eos: list[int])
 def cmd_merge(args) -> None:
     from nf4lora.lora import load_adapter, merge_lora
     from nf4lora.lora.adapter import read_adapter_config
-    from nf4lora.models import LlamaConfig, Tokenizer
+    from nf4lora.models import Tokenizer
+    from nf4lora.models.generic import is_generic, merged_checkpoint, read_model_config
     from nf4lora.models.output_dir import atomic_output_dir
     from nf4lora.models.safetensors_io import save_safetensors_atomic
 
@@ -204,7 +205,7 @@ def cmd_merge(args) -> None:
     base_dir = resolve_model(args.model)
     inputs = [("--model", base_dir), ("--adapter", args.adapter)]
     with atomic_output_dir(args.out, "--out", overwrite=args.overwrite, inputs=inputs) as tmp:  # checked first
-        check_adapter_fits(LlamaConfig.from_pretrained(base_dir), args.adapter)
+        check_adapter_fits(read_model_config(base_dir), args.adapter)
         sample = bundled_sample(Tokenizer.from_pretrained(base_dir))
         print("compute dtype: float32 (merge computes the merged weights exactly and rounds them once to --dtype)")
         # float32: so are the weights the adapter does not change (embeddings, norms), whatever dtype the
@@ -216,7 +217,7 @@ def cmd_merge(args) -> None:
         load_adapter(model, args.adapter)
         reference = sample_logits(model, sample)  # base + adapter
         merge_lora(model, dequantize=True, unload=True)
-        tensors, config = _merged_checkpoint(model, args.dtype)
+        tensors, config = (merged_checkpoint if is_generic(model) else _merged_checkpoint)(model, args.dtype)
         _round_to(model, DTYPES[args.dtype])  # the model now computes with the weights as written
         difference = compare_logits(reference, sample_logits(model, sample))
         record = merge_record(base_dir, args.adapter, read_adapter_config(args.adapter), quant, args.dtype)
@@ -278,7 +279,8 @@ def _merged_checkpoint(model, dtype_name: str):
 
 def cmd_eval(args) -> None:
     from nf4lora.kernels.precision import resolve_compute_dtype
-    from nf4lora.models import LlamaConfig, Tokenizer
+    from nf4lora.models import Tokenizer
+    from nf4lora.models.generic import read_model_config
     from nf4lora.models.loading import resolve_device
 
     from .evaluate import file_examples, loss_and_perplexity
@@ -292,7 +294,7 @@ def cmd_eval(args) -> None:
     chosen = resolve_compute_dtype(args.compute_dtype, device)
     print(f"compute dtype: {chosen}")
     path = resolve_model(args.model)
-    model_config = LlamaConfig.from_pretrained(path)  # every input is checked before the model is loaded
+    model_config = read_model_config(path)  # every input is checked before the model is loaded
     seq_len = min(512, model_config.max_position_embeddings) if args.seq_len is None else args.seq_len
     check_seq_len(model_config, seq_len)
     check_adapter_fits(model_config, args.adapter)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from nf4lora.lora import add_lora, save_adapter
-from nf4lora.models import LlamaConfig, Tokenizer
+from nf4lora.models import Tokenizer
+from nf4lora.models.generic import read_model_config
 from nf4lora.models.loading import resolve_device
 
 from .allocator import keep_freed_memory
@@ -107,7 +108,7 @@ def prepare(config: TrainConfig):
         _check_resumable(config)
     data_path, val_path = resolve_data(config.data, config.val_data)
     path = resolve_model(config.model)
-    model_config = LlamaConfig.from_pretrained(path)  # config.json only
+    model_config = read_model_config(path)  # config.json only
     check_seq_len(model_config, config.seq_len)
     tokenizer = Tokenizer.from_pretrained(path)
     examples = load_examples(data_path, tokenizer, config.seq_len)  # every line: JSON, record shape, length

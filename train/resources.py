@@ -96,12 +96,13 @@ def load_base(path: str, config, device: torch.device):
     """The model in the checkpoint directory `path` for a TrainConfig-like object with quant_type ("none": 16-bit),
     double_quant, blocksize, compute_dtype. Every command loads its model here, after checking its inputs."""
     from nf4lora.kernels.precision import resolve_compute_dtype
-    from nf4lora.models import loading
+    from nf4lora.models import generic
 
     quantize = None if config.quant_type == "none" else config.quant_type
     dtype = resolve_compute_dtype(config.compute_dtype, device).dtype
-    return loading.load_model(path, quantize=quantize, double_quant=config.double_quant, blocksize=config.blocksize,
-                              compute_dtype=dtype, device=device)  # fmt: skip
+    # the native decoder, or transformers' model for architectures it lacks (models/generic.py)
+    return generic.load_any(path, quantize=quantize, double_quant=config.double_quant, blocksize=config.blocksize,
+                            compute_dtype=dtype, device=device)  # fmt: skip
 
 
 def check_seq_len(config, seq_len: int) -> None:
@@ -120,12 +121,9 @@ def check_adapter_fits(config, adapter: str | None, flag: str = "--adapter") -> 
     if not os.path.isdir(adapter):
         raise ValueError(f"{flag}={adapter!r} is not a directory")
     from nf4lora.lora.adapter import check_adapter
-    from nf4lora.models import LlamaForCausalLM
-    from nf4lora.models.llama import empty_init
+    from nf4lora.models.generic import skeleton
 
-    with empty_init():
-        skeleton = LlamaForCausalLM(config)
     try:
-        check_adapter(skeleton, adapter)
+        check_adapter(skeleton(config), adapter)
     except FileNotFoundError as e:
         raise ValueError(f"{flag}={adapter!r}: {e}") from None
