@@ -451,12 +451,10 @@ def merged_checkpoint(model, dtype_name: str):
                 if not (tied and k == f"{head_name}.weight")}  # fmt: skip
     tensors = _stored_names(model, tensors)
     got = {k: tuple(v.shape) for k, v in tensors.items()}
-    if got != expected:
-        missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
-        wrong = [f"{k} {got[k]} (config: {expected[k]})" for k in sorted(expected.keys() & got.keys())
-                 if got[k] != expected[k]]  # fmt: skip
-        raise ValueError(f"the merged model does not match its config (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}, wrong shapes {wrong[:3]}); nothing was written")  # fmt: skip
+    wrong = [f"{k}: {got.get(k, 'missing')} (config: {expected.get(k, 'none')})"
+             for k in sorted(got.keys() | expected.keys()) if got.get(k) != expected.get(k)]  # fmt: skip
+    if wrong:
+        raise ValueError(f"the merged model does not match its config ({', '.join(wrong[:3])}); nothing was written")
     return tensors, MergedConfig(config)
 
 

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from test_train_helpers import date_records, write_jsonl, write_tiny_model, write_tokenizer
+from test_train_resume import STEP_KILLER, _metrics, _run
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -49,24 +50,16 @@ CLASSES = {"falcon": "FalconForCausalLM", "mpt": "MptForCausalLM", "gpt_neox": "
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 # Importing torch and transformers takes ~10 s on 2 busy cores: one process imports them once and forks a child per
-# architecture, which is killed (SIGKILL: no cleanup, no atexit) when the optimizer is about to take step KILL_AT,
-# i.e. after the checkpoint of step KILL_AT - 1 was written and in the middle of the next step. OMP_NUM_THREADS=1:
-# no OpenMP threads exist to be lost in the fork (and bitwise equality needs the same setting in every run).
-FORKING_KILLER = """
-import json, os, signal, sys
+# architecture, which STEP_KILLER kills (SIGKILL) when its optimizer is about to take step KILL_AT (after the
+# checkpoint of step KILL_AT - 1). OMP_NUM_THREADS=1: no OpenMP threads exist to be lost in the fork (and bitwise
+# equality needs the same setting in every run).
+FORKING_KILLER = STEP_KILLER + """
+import json
 import transformers
-from nf4lora.train import optim
 from nf4lora.train.cli import main
 runs = json.loads(sys.argv[1])
 for run in runs:
     getattr(transformers, run["class"])  # transformers imports each model's module on first use: before forking
-kill_at, original, calls = int(os.environ["KILL_AT"]), optim.PagedAdamW.step, [0]
-def step(self, *args, **kwargs):
-    calls[0] += 1
-    if calls[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(self, *args, **kwargs)
-optim.PagedAdamW.step = step
 signals = {}
 for run in runs:
     sys.stdout.flush(), sys.stderr.flush()
@@ -115,17 +108,6 @@ def dequantized_twin(path, ours):
 
 def tokens(seed: int, shape=(2, 12)) -> torch.Tensor:
     return torch.randint(3, 300, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _run(code, args, cwd, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def finetune_args(root, model_type: str) -> list[str]:

@@ -14,7 +14,7 @@ from test_train_helpers import date_records, write_jsonl, write_tiny_model
 
 # Kills the process (SIGKILL: no cleanup, no atexit) when the optimizer is about to take step KILL_AT, i.e.
 # after the checkpoint of step KILL_AT - 1 was written and in the middle of the next step.
-KILLER = """
+STEP_KILLER = """
 import os, signal, sys
 from nf4lora.train import optim
 kill_at, original, calls = int(os.environ["KILL_AT"]), optim.PagedAdamW.step, [0]
@@ -24,6 +24,8 @@ def step(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return original(self, *args, **kwargs)
 optim.PagedAdamW.step = step
+"""
+KILLER = STEP_KILLER + """
 from nf4lora.train.cli import main
 sys.exit(main(sys.argv[1:]))
 """
