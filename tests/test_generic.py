@@ -19,15 +19,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from reference_packages import require
 from test_train_helpers import date_records, write_jsonl, write_tiny_model, write_tokenizer
 from test_train_resume import STEP_KILLER, _metrics, _run
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+transformers = require("transformers")
+peft = require("peft")
+require("accelerate")  # the hf extra's other package
 
 from nf4lora.lora import Linear4bit, LoRALinear, add_lora, load_adapter  # noqa: E402
-from nf4lora.models import generate, load_any  # noqa: E402
+from nf4lora.models import Tokenizer, generate, load_any  # noqa: E402
 from nf4lora.train.cli import main  # noqa: E402
+from nf4lora.train.data import eval_batches  # noqa: E402
+from nf4lora.train.evaluate import file_examples  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -187,15 +191,25 @@ def test_finetune_resume_peft_merge(tmp_path, capsys, killed_runs, model_type):
     assert not torch.allclose(logits, base_logits, **TOL)
     torch.testing.assert_close(logits, ref_logits, **TOL)
 
-    # Generation is transformers' generate() with its cache; eval's loss is the reference's.
+    # Generation is transformers' generate() with its cache; `eval` gives the reference's loss on the data.
     prompt = tokens(2, (1, 7))
     expected = ref.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6,
                             do_sample=False, eos_token_id=[], pad_token_id=2)  # fmt: skip
     assert generate(ours, prompt[0], 6).tolist() == expected[0, 7:].tolist()
-    labels = ids.clone()
-    labels[:, :5] = -100
+    data = os.path.join(root, "train.jsonl")
+    assert main(["eval", "--model", model, "--adapter", adapter, "--data", data, "--compute-dtype", "float32"]) == 0
+    printed = float(capsys.readouterr().out.split(" loss ")[1].split(",")[0])
+    total, count = 0.0, 0
+    examples = file_examples(data, Tokenizer.from_pretrained(model), 512)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss, **TOL)
+        for batch in eval_batches(examples, 8, 0, False, pad_id=2):
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + float(ref(**batch).loss) * n, count + n
+    assert printed == pytest.approx(total / count, rel=1e-5)
+    # an adapter of another architecture is refused before anything is loaded
+    other = os.path.join(root, list(ARCHS)[(list(ARCHS).index(model_type) + 1) % len(ARCHS)], "model")
+    assert main(["eval", "--model", other, "--adapter", adapter, "--data", data]) == 2
+    assert "names no Linear layer of the model" in capsys.readouterr().err
 
     # merge: transformers loads the checkpoint, under the names transformers itself writes, with our logits.
     merged = str(tmp_path / "merged")
@@ -203,6 +217,8 @@ def test_finetune_resume_peft_merge(tmp_path, capsys, killed_runs, model_type):
     with safe_open(os.path.join(model, "model.safetensors"), "pt") as f, \
             safe_open(os.path.join(merged, "model.safetensors"), "pt") as g:  # fmt: skip
         assert set(f.keys()) == set(g.keys())
+    with open(os.path.join(merged, "config.json")) as f:
+        assert json.load(f)["nf4lora_merged"]["adapter"] == os.path.abspath(adapter)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
     assert type(loaded).__name__ == CLASSES[model_type]
     with torch.no_grad():
