@@ -39,9 +39,8 @@ from torch import nn
 from .config import LlamaConfig
 from .families import ARCHITECTURES, FAMILIES, MODEL_TYPES
 from .llama import CausalLMOutput, LlamaForCausalLM, empty_init
-from .loading import (
-    Checkpoint, check_all_used, check_load_args, check_quantization_config, fill_weights, load_model,
-)  # fmt: skip
+from . import loading
+from .loading import Checkpoint, check_all_used, check_load_args, check_quantization_config, fill_weights
 from .loss import IGNORE_INDEX
 from .output_dir import write_text_atomic
 
@@ -82,7 +81,7 @@ def load_any(path, quantize="nf4", double_quant=True, blocksize=64, compute_dtyp
     path = os.fspath(path)
     d = read_config_json(path)
     if is_native(d):
-        return load_model(path, quantize, double_quant, blocksize, compute_dtype, device)
+        return loading.load_model(path, quantize, double_quant, blocksize, compute_dtype, device)
     model = load_generic(path, quantize, double_quant, blocksize, compute_dtype, device)
     layers = "4-bit" if quantize else "16-bit"
     print(f"model_type {d.get('model_type')!r} has no native support: using transformers' "
