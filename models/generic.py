@@ -83,9 +83,9 @@ def load_any(path, quantize="nf4", double_quant=True, blocksize=64, compute_dtyp
     if is_native(d):
         return loading.load_model(path, quantize, double_quant, blocksize, compute_dtype, device)
     model = load_generic(path, quantize, double_quant, blocksize, compute_dtype, device)
-    layers = "4-bit" if quantize else "16-bit"
-    print(f"model_type {d.get('model_type')!r} has no native support: using transformers' "
-          f"{type(model).__name__} with nf4lora's {layers} layers", file=sys.stderr)  # fmt: skip
+    layers = "with nf4lora's 4-bit layers" if quantize else "with a 16-bit base"
+    print(f"model_type {d.get('model_type')!r} has no native support: using transformers' {type(model).__name__} "
+          f"{layers}", file=sys.stderr)  # fmt: skip
     return model
 
 

@@ -281,6 +281,24 @@ def test_peft_adapter_with_fan_in_fan_out_loads_onto_gpt2(tmp_path):
         torch.testing.assert_close(ours(ids).logits, ref(input_ids=ids).logits, **TOL)
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_neox"])
+def test_bitsandbytes_4bit_saves_load_as_stored(tmp_path, model_type):
+    """A transformers + bitsandbytes 4-bit save (GPT-2's Conv1D layers quantized from (out, in); GPT-NeoX's head
+    stored as embed_out) loads without re-quantizing and gives transformers' 4-bit logits."""
+    from test_model_helpers import hf_4bit_model
+
+    reference = hf_4bit_model(write_checkpoint(tmp_path / "model", model_type), bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True)  # fmt: skip
+    reference.save_pretrained(tmp_path / "4bit")
+    ours = load_any(tmp_path / "4bit", compute_dtype=torch.float32)
+    stored = load_file(tmp_path / "4bit" / "model.safetensors")
+    layer = next(name for name, m in ours.named_modules() if isinstance(m, Linear4bit))
+    assert torch.equal(ours.get_submodule(layer).weight, stored[f"{layer}.weight"])  # the packed bytes as stored
+    ids = tokens(5)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, reference(ids).logits, **TOL)
+
+
 def test_native_checkpoints_never_import_transformers(tmp_path):
     model = write_tiny_model(tmp_path / "llama")
     code = ("import sys, torch; from nf4lora.models import load_any; "
