@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import loading
 from .config import LlamaConfig
 from .families import ARCHITECTURES, FAMILIES, MODEL_TYPES
 from .llama import CausalLMOutput, LlamaForCausalLM, empty_init
-from . import loading
 from .loading import Checkpoint, check_all_used, check_load_args, check_quantization_config, fill_weights
 from .loss import IGNORE_INDEX
 from .output_dir import write_text_atomic
