@@ -1,17 +1,19 @@
 """4-bit kernel benchmarks: nf4lora vs bitsandbytes, and vs a 16-bit matmul with the weight already dequantized.
 
     python benchmarks/bench_kernels.py [--device cpu|cuda] [--out DIR] [--quick] [--repeat N] [--peak-gbps X]
+                                       [--only SECTIONS]
 
 Same weights, same inputs, same run. Ratios are peer time / ours (> 1: ours faster).
 - CPU: the torch path (what nf4lora.kernels runs for CPU tensors) vs bitsandbytes' CPU dequantize_4bit and
   matmul_4bit (its AVX-512 dequantize, then F.linear), bf16.
-- CUDA: GPU time of the kernels with L2 flushed before every call (CUDA-graph replay, Timer), plus a per-call table
-  for what a Python caller pays.
-  Dequantize (GB/s moved, % of peak bandwidth) vs bitsandbytes dequantize_4bit; matmul_4bit (its dispatch: batch-1
-  GEMV, fused kernel or dequantize + cuBLAS, ops.FUSED_MAX_M) at M in {1, 16, 64, 512, 2048, 4096} on the
-  LLaMA-7B shapes vs bitsandbytes matmul_4bit and vs F.linear with the dequantized bf16 weight; the grad-input
-  product; the fused kernel alone at the same sizes; fused vs GEMV vs dequantize + cuBLAS for M = 1..16 (where
-  the dispatch crossovers should be). Prints which config autotuning chose per key.
+- CUDA: GPU time of the kernels with L2 flushed before every call (CUDA-graph replay, Timer), in sections (--only
+  picks some): dequant: dequantize vs bitsandbytes dequantize_4bit and vs a device copy of as many bytes
+  (copy_ceiling), on 4096x4096, 4096x11008 and 8192x28672, and each of dequant.LAUNCH_SETTINGS; decode:
+  matmul_4bit at M = 1, 2, 4, 8 (the GEMV) on the LLaMA-7B shapes vs bitsandbytes matmul_4bit and the copy
+  ceiling; matmul: M = 16..4096 vs bitsandbytes and F.linear with the dequantized bf16 weight, the grad-input
+  product, the fused kernel alone; host: per-call cost of 200 eager calls (what a Python caller pays) and a
+  cProfile of 1000 host-side matmul_4bit calls at M = 1; crossover: fused vs GEMV vs dequantize + cuBLAS for
+  M = 1..16, and which config autotuning chose per key.
 Writes kernels-<device>.md and .json into DIR (default benchmarks/results/). --quick uses tiny shapes (the dry run
 of gpu_check.sh). Targets are in docs/benchmarking.md.
 """
@@ -40,9 +42,10 @@ QUICK_SHAPES = [(512, 512), (768, 512)]
 TARGETS = {
     "cpu": "dequantize NF4+DQ -> bf16 >= 1.0x bitsandbytes (CPU); Linear4bit forward+backward >= 1.3x bitsandbytes + "
     "PEFT is measured by bench_lora_cpu.py.",
-    "cuda": "dequantize >= 85% of HBM bandwidth and >= 1.2x bitsandbytes; GEMV (M = 1) >= 75% of HBM bandwidth and "
-    ">= 1.3x bitsandbytes; fused matmul at M = 16..64 >= 1.2x bitsandbytes; at M >= 2048 time <= 1.1x the dense "
-    "bf16 matmul (dense / ours >= 0.91).",
+    "cuda": "dequantize >= 90% of a device copy of as many bytes and >= 1.3x bitsandbytes (4096x11008, 8192x28672); "
+    "GEMV M = 1 >= 1.5x bitsandbytes and >= 60% of HBM bandwidth (stretch 80%), M = 2..8 >= 1.3x bitsandbytes; "
+    "matmul_4bit at M = 1 per call <= bitsandbytes'; small-M matmul (M = 16..512) >= 1.2x dequantize + cuBLAS; at "
+    "M >= 2048 time <= 1.1x the dense bf16 matmul (dense / ours >= 0.91).",
 }
 PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # HBM, vendor data sheets
 
@@ -249,113 +252,160 @@ def host_profile(fn, calls: int = 1000, top: int = 20) -> None:
     sys.stdout.flush()
 
 
+def gemv_bytes(n: int, k: int, m: int) -> int:
+    """Bytes a GEMV moves: the packed weight and its block constants (NF4 + double quantization), x and y (bf16)."""
+    return dequant_bytes(n, k, True, out_bytes=0) + 2 * m * (k + n)
+
+
+def copy_ceiling(timer):
+    """fn(nbytes) -> the timing of a device-to-device copy moving nbytes in all (nbytes / 2 read, as many written),
+    timed as the kernels are (timer.row): the bandwidth a memory-bound kernel moving as many bytes can hope for.
+    Cached per byte count."""
+    found = {}
+
+    def ceiling(nbytes: int):
+        if nbytes not in found:
+            src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+            found[nbytes] = timer.row(lambda: dst.copy_(src))[0]
+        return found[nbytes]
+
+    return ceiling
+
+
+SECTIONS = ("dequant", "decode", "matmul", "host", "crossover")
+# Weights the memory-bound targets name (docs/benchmarking.md): LLaMA-7B's and a 70B-class MLP.
+DEQUANT_SHAPES = [(4096, 4096), (4096, 11008), (8192, 28672)]
+DECODE_MS = (1, 2, 4, 8)
+
+
 def bench_cuda(args, bnb, timer, results, sections, device: str = "cuda"):
-    """device: "cuda"; "cpu" only to smoke-test this function under TRITON_INTERPRET=1 with a stub timer."""
+    """device: "cuda"; "cpu" only to smoke-test this function under TRITON_INTERPRET=1 with a stub timer (and no
+    copy ceiling). args.only: the SECTIONS to run."""
     from nf4lora.kernels import dequant as dequant_kernel
     from nf4lora.kernels import gemv, matmul, ops
 
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = args.peak_gbps * 1e9 if args.peak_gbps else next((v for k, v in PEAK_BYTES_PER_S.items() if k in name), None)
-    shapes = QUICK_SHAPES if args.quick else LLAMA_SHAPES
+    ceiling = copy_ceiling(timer) if device == "cuda" else (lambda nbytes: None)
+    only = set(getattr(args, "only", None) or SECTIONS)
 
     def bandwidth(nbytes, t):
         gbps = nbytes / t["median"] / 1e9
-        return {"GB/s": gbps, "%peak": 100 * gbps * 1e9 / peak if peak else "n/a"}
+        copy = ceiling(nbytes)
+        return {"GB/s": gbps, "%peak": 100 * gbps * 1e9 / peak if peak else "n/a",
+                "%copy": 100 * copy["median"] / t["median"] if copy else "n/a"}  # fmt: skip
 
-    rows, overhead = [], []
-    for n, k in shapes:
-        _, (packed, state), peer = quantized_pair(n, k, device, bnb)
-        ours, theirs = timer.row(lambda: dequantize(packed, state, torch.bfloat16),
-                                 (lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None)  # fmt: skip
-        row(results, rows, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs},
-            bandwidth(dequant_bytes(n, k, True), ours))  # fmt: skip
-        if (n, k) == shapes[0]:
-            ours = timer.per_call(lambda: dequantize(packed, state, torch.bfloat16))
-            theirs = timer.per_call(lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None
-            row(results, overhead, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs})
-    sections.append(("Dequantize (Triton), GPU time", ["op", "weight NxK", "M", "nf4lora", "p20..p80",
-                     "bitsandbytes", "bnb / ours", "bandwidth"], rows))  # fmt: skip
+    overhead = []
+    if "dequant" in only:
+        rows = []
+        for n, k in QUICK_SHAPES if args.quick else DEQUANT_SHAPES:
+            _, (packed, state), peer = quantized_pair(n, k, device, bnb)
+            ours, theirs = timer.row(lambda: dequantize(packed, state, torch.bfloat16),
+                                     (lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None)  # fmt: skip
+            row(results, rows, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs},
+                bandwidth(dequant_bytes(n, k, True), ours))  # fmt: skip
+        sections.append(("Dequantize (Triton), GPU time; %copy: a device copy of as many bytes = 100", ["op",
+                         "weight NxK", "M", "nf4lora", "p20..p80", "bitsandbytes", "bnb / ours", "bandwidth"], rows))
 
-    # The dequantize launch settings (dequant.ELEMENTS_PER_PROGRAM, NUM_WARPS) against a few others, on the
-    # largest weight: the data to tune them with. Every setting writes the same bits (tests/test_kernels_triton.py).
-    # At 8 or fewer outputs per thread (1024 per program with 4 or 8 warps, 2048 with 8) the sm_90 code stores
-    # bf16 straight from registers: no shared memory, no barrier. With more, a thread holds up to 16 bytes of
-    # codes, and its outputs go through shared memory to make the store coalesce (the PTX, compiled with
-    # tests/compile_kernels.py' functions; the 4096 x 4 default has 7 barriers per program).
-    rows = []
-    n, k = shapes[-1]
-    _, (packed, state), _ = quantized_pair(n, k, device, None)
-    args_ = state_args(packed, state)
-    for per_program in (4096,) if args.quick else (1024, 2048, 4096, 8192, 16384):
-        for warps in (4,) if args.quick else (4, 8):
+        # The launch settings (dequant.LAUNCH_SETTINGS) on the largest weight: the data to pick the default from.
+        # Every setting writes the same bits (tests/test_kernels_triton.py) and passes the sm_90 gates.
+        rows = []
+        n, k = (QUICK_SHAPES if args.quick else DEQUANT_SHAPES)[-1]
+        _, (packed, state), _ = quantized_pair(n, k, device, None)
+        args_ = state_args(packed, state)
+        for per_program, warps in dequant_kernel.LAUNCH_SETTINGS[:1] if args.quick else dequant_kernel.LAUNCH_SETTINGS:
             t, current = timer.row(  # the current setting timed again next to each, the same way
                 lambda: dequant_kernel.dequantize(*args_, torch.bfloat16, elements_per_program=per_program,
                                                   num_warps=warps),
                 lambda: dequant_kernel.dequantize(*args_, torch.bfloat16))  # fmt: skip
             row(results, rows, f"dequantize, {per_program} per program, {warps} warps", (n, k), None, t,
                 {"current": current}, bandwidth(dequant_bytes(n, k, True), t))  # fmt: skip
-    sections.append((f"Dequantize launch settings (current: {dequant_kernel.ELEMENTS_PER_PROGRAM} per program, "
-                     f"{dequant_kernel.NUM_WARPS} warps), GPU time", ["op", "weight NxK", "M", "time", "p20..p80",
-                     "current", "current / this", "bandwidth"], rows))  # fmt: skip
+        sections.append((f"Dequantize launch settings (current: {dequant_kernel.ELEMENTS_PER_PROGRAM} per program, "
+                         f"{dequant_kernel.NUM_WARPS} warps), GPU time", ["op", "weight NxK", "M", "time", "p20..p80",
+                         "current", "current / this", "bandwidth"], rows))  # fmt: skip
 
-    rows, fused_rows = [], []
-    for n, k in shapes:
-        w, (packed, state), peer = quantized_pair(n, k, device, bnb)
-        w_dense = dequantize(packed, state, torch.bfloat16)
-        args_ = state_args(packed, state)
-        for m in (1, 16) if args.quick else (1, 16, 64, 512, 2048, 4096):
-            x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-            with torch.no_grad():
-                ours, theirs, dense, fused = timer.row(
-                    lambda: matmul_4bit(x, packed, state),
-                    (lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None,
-                    lambda: F.linear(x, w_dense),
-                    (lambda: matmul.matmul(x, None, *args_)) if m > gemv.MAX_M else None)  # fmt: skip
-            extra = {"path": ops.matmul_path(m), "TFLOP/s": 2 * m * n * k / ours["median"] / 1e12}
-            if m == 1:
-                extra.update(bandwidth(dequant_bytes(n, k, True, out_bytes=0) + 2 * (k + n), ours))
-            row(results, rows, "forward", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense}, extra)
-            if fused is not None:
-                row(results, fused_rows, "fused forward kernel", (n, k), m, fused, {"dispatch": ours,
-                    "dense_bf16": dense}, {"TFLOP/s": 2 * m * n * k / fused["median"] / 1e12})  # fmt: skip
-            if m == 1 and (n, k) == shapes[0]:
+    if "decode" in only:  # the GEMV at decode batch sizes against bitsandbytes and the copy ceiling
+        rows = []
+        for n, k in QUICK_SHAPES if args.quick else LLAMA_SHAPES:
+            w, (packed, state), peer = quantized_pair(n, k, device, bnb)
+            for m in DECODE_MS:
+                x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
                 with torch.no_grad():
-                    ours = timer.per_call(lambda: matmul_4bit(x, packed, state))
-                    theirs = timer.per_call(lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None
-                row(results, overhead, "forward (no grad)", (n, k), m, ours, {"bitsandbytes": theirs})
-        for m in (16,) if args.quick else (512, 2048, 4096):
-            dy = torch.randn(m, n, dtype=torch.bfloat16, device=device)
-            ours, fused, dense = timer.row(lambda: ops.grad_input_impl(dy, *args_),
-                                           lambda: matmul.matmul_grad_input(dy, *args_), lambda: dy @ w_dense)
-            row(results, rows, "grad-input dy @ W", (n, k), m, ours, {"bitsandbytes": None, "dense_bf16": dense},
-                {"TFLOP/s": 2 * m * n * k / ours["median"] / 1e12})  # fmt: skip
-            row(results, fused_rows, "fused grad-input kernel", (n, k), m, fused, {"dispatch": ours,
-                "dense_bf16": dense}, {"TFLOP/s": 2 * m * n * k / fused["median"] / 1e12})  # fmt: skip
-    sections.append(("matmul_4bit (the dispatch: GEMV, fused or dequantize + cuBLAS), bf16, GPU time", ["op",
-                     "weight NxK", "M", "nf4lora", "p20..p80", "bitsandbytes", "bnb / ours",
-                     "dense bf16 (W pre-dequantized)", "dense / ours", "path, rate"], rows))  # fmt: skip
-    sections.append(("The fused kernel alone (matmul.py), bf16, GPU time", ["op", "weight NxK", "M", "fused",
-                     "p20..p80", "dispatch", "dispatch / fused", "dense bf16", "dense / fused", "rate"],
-                     fused_rows))  # fmt: skip
-    sections.append(("Per call from Python (200 eager calls back to back: host cost or GPU time, the larger)",
-                     ["op", "weight NxK", "M", "nf4lora", "min..max", "bitsandbytes", "bnb / ours"], overhead))
+                    ours, theirs = timer.row(lambda: matmul_4bit(x, packed, state),
+                                             (lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None)  # fmt: skip
+                row(results, rows, "forward", (n, k), m, ours, {"bitsandbytes": theirs},
+                    {"path": ops.matmul_path(m), **bandwidth(gemv_bytes(n, k, m), ours)})  # fmt: skip
+        sections.append(("Decode: matmul_4bit at M = 1..8 (the GEMV), bf16, GPU time; %copy: a device copy of as "
+                         "many bytes = 100", ["op", "weight NxK", "M", "nf4lora", "p20..p80", "bitsandbytes",
+                         "bnb / ours", "path, bandwidth"], rows))  # fmt: skip
 
-    rows = []
-    n, k = shapes[0]
-    _, (packed, state), _ = quantized_pair(n, k, device, None)
-    args_ = state_args(packed, state)
-    for m in (1, 8) if args.quick else (1, 2, 4, 8, 16):
-        x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-        fused, small, unfused = timer.row(lambda: matmul.matmul(x, None, *args_),
-                                          (lambda: gemv.gemv(x, None, *args_)) if m <= gemv.MAX_M else None,
-                                          lambda: F.linear(x, dequantize(packed, state, torch.bfloat16)))  # fmt: skip
-        row(results, rows, "fused kernel vs GEMV kernel", (n, k), m, fused, {"gemv": small, "dequant_cublas": unfused})
-    sections.append((f"Dispatch crossover, GPU time (GEMV used for M <= {gemv.MAX_M})", ["op", "weight NxK", "M",
-                     "fused", "p20..p80", "gemv", "gemv / fused", "dequant + cuBLAS", "dequant+cuBLAS / fused"],
-                     rows))  # fmt: skip
-    host_profile(lambda: matmul_4bit(x[:1], packed, state))
-    for tuned in (matmul._matmul_tuned, matmul._grad_input_tuned, gemv._gemv_tuned):  # what autotuning chose
-        print(f"{tuned.fn.__name__} autotune choices:", {str(k): str(c) for k, c in tuned.cache.items()}, flush=True)
+    if "matmul" in only:
+        rows, fused_rows = [], []
+        for n, k in QUICK_SHAPES if args.quick else LLAMA_SHAPES:
+            w, (packed, state), peer = quantized_pair(n, k, device, bnb)
+            w_dense = dequantize(packed, state, torch.bfloat16)
+            args_ = state_args(packed, state)
+            for m in (16,) if args.quick else (16, 64, 512, 2048, 4096):
+                x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+                with torch.no_grad():
+                    ours, theirs, dense, fused = timer.row(
+                        lambda: matmul_4bit(x, packed, state),
+                        (lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None,
+                        lambda: F.linear(x, w_dense),
+                        (lambda: matmul.matmul(x, None, *args_)) if m > gemv.MAX_M else None)  # fmt: skip
+                extra = {"path": ops.matmul_path(m), "TFLOP/s": 2 * m * n * k / ours["median"] / 1e12}
+                row(results, rows, "forward", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense}, extra)
+                if fused is not None:
+                    row(results, fused_rows, "fused forward kernel", (n, k), m, fused, {"dispatch": ours,
+                        "dense_bf16": dense}, {"TFLOP/s": 2 * m * n * k / fused["median"] / 1e12})  # fmt: skip
+            for m in (16,) if args.quick else (512, 2048, 4096):
+                dy = torch.randn(m, n, dtype=torch.bfloat16, device=device)
+                ours, fused, dense = timer.row(lambda: ops.grad_input_impl(dy, *args_),
+                                               lambda: matmul.matmul_grad_input(dy, *args_), lambda: dy @ w_dense)
+                row(results, rows, "grad-input dy @ W", (n, k), m, ours, {"bitsandbytes": None, "dense_bf16": dense},
+                    {"TFLOP/s": 2 * m * n * k / ours["median"] / 1e12})  # fmt: skip
+                row(results, fused_rows, "fused grad-input kernel", (n, k), m, fused, {"dispatch": ours,
+                    "dense_bf16": dense}, {"TFLOP/s": 2 * m * n * k / fused["median"] / 1e12})  # fmt: skip
+        sections.append(("matmul_4bit (the dispatch: fused or dequantize + cuBLAS), bf16, GPU time", ["op",
+                         "weight NxK", "M", "nf4lora", "p20..p80", "bitsandbytes", "bnb / ours",
+                         "dense bf16 (W pre-dequantized)", "dense / ours", "path, rate"], rows))  # fmt: skip
+        sections.append(("The fused kernel alone (matmul.py), bf16, GPU time", ["op", "weight NxK", "M", "fused",
+                         "p20..p80", "dispatch", "dispatch / fused", "dense bf16", "dense / fused", "rate"],
+                         fused_rows))  # fmt: skip
+
+    if "host" in only:  # what a Python caller pays per call, and where the host time goes
+        n, k = (QUICK_SHAPES if args.quick else LLAMA_SHAPES)[0]
+        _, (packed, state), peer = quantized_pair(n, k, device, bnb)
+        ours = timer.per_call(lambda: dequantize(packed, state, torch.bfloat16))
+        theirs = timer.per_call(lambda: bnb[0].dequantize_4bit(*peer)) if bnb else None
+        row(results, overhead, "dequantize nf4+DQ -> bf16", (n, k), None, ours, {"bitsandbytes": theirs})
+        x = torch.randn(1, k, dtype=torch.bfloat16, device=device)
+        with torch.no_grad():
+            ours = timer.per_call(lambda: matmul_4bit(x, packed, state))
+            theirs = timer.per_call(lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None
+        row(results, overhead, "forward (no grad)", (n, k), 1, ours, {"bitsandbytes": theirs})
+        sections.append(("Per call from Python (200 eager calls back to back: host cost or GPU time, the larger)",
+                         ["op", "weight NxK", "M", "nf4lora", "min..max", "bitsandbytes", "bnb / ours"], overhead))
+        host_profile(lambda: matmul_4bit(x, packed, state))
+
+    if "crossover" in only:
+        rows = []
+        n, k = (QUICK_SHAPES if args.quick else LLAMA_SHAPES)[0]
+        _, (packed, state), _ = quantized_pair(n, k, device, None)
+        args_ = state_args(packed, state)
+        for m in (1, 8) if args.quick else (1, 2, 4, 8, 16):
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+            fused, small, unfused = timer.row(lambda: matmul.matmul(x, None, *args_),
+                                              (lambda: gemv.gemv(x, None, *args_)) if m <= gemv.MAX_M else None,
+                                              lambda: F.linear(x, dequantize(packed, state, torch.bfloat16)))  # fmt: skip
+            row(results, rows, "fused kernel vs GEMV kernel", (n, k), m, fused,
+                {"gemv": small, "dequant_cublas": unfused})  # fmt: skip
+        sections.append((f"Dispatch crossover, GPU time (GEMV used for M <= {gemv.MAX_M})", ["op", "weight NxK", "M",
+                         "fused", "p20..p80", "gemv", "gemv / fused", "dequant + cuBLAS", "dequant+cuBLAS / fused"],
+                         rows))  # fmt: skip
+        for tuned in (matmul._matmul_tuned, matmul._grad_input_tuned):  # what autotuning chose
+            print(f"{tuned.fn.__name__} autotune choices:", {str(k): str(c) for k, c in tuned.cache.items()}, flush=True)
 
 
 def main():
@@ -365,7 +415,11 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the script runs, not speed")
     parser.add_argument("--repeat", type=int, default=7, help="CPU timing repeats (CUDA uses do_bench)")
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth for %% of peak")
+    parser.add_argument("--only", type=lambda v: v.split(","), default=None,
+                        help=f"CUDA: comma-separated sections to run, of {','.join(SECTIONS)} (default all)")
     args = parser.parse_args()
+    if args.only and not set(args.only) <= set(SECTIONS):
+        parser.error(f"--only takes sections of {','.join(SECTIONS)}, got {','.join(args.only)}")
     torch.manual_seed(0)
 
     bnb = import_bitsandbytes()
@@ -400,7 +454,7 @@ def main():
                   "JSON every row it measured.**"]  # fmt: skip
     for title, header, rows in sections:
         parts += ["", f"## {title}", "", markdown_table(header, rows)]
-    name = f"kernels-{args.device}" + ("-quick" if args.quick else "")
+    name = f"kernels-{args.device}" + ("-quick" if args.quick else "") + ("-" + "-".join(args.only) if args.only else "")
     data = {"device": args.device, "quick": args.quick, "results": results, "stopped": stopped}
     if args.out is None:
         print(write_results(name, "\n".join(parts), data))

@@ -13,31 +13,37 @@ bitsandbytes) in the last bit.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-# The interpreter decides at decoration time (triton.jit reads TRITON_INTERPRET when this module is imported).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .launch import INTERPRETED, Launcher
 
-# Elements per program of the dequantization kernel (4096 outputs = 2048 bytes of codes, 8 KiB of bf16 out) and
-# its warps. Not tuned yet: on an H200 this launch moved 2.0-2.2 TB/s (42-45% of peak); bench_kernels.py sweeps
-# both (the launcher takes them as keywords) so a GPU run can pick better ones.
-ELEMENTS_PER_PROGRAM = 4096
+# Launch settings of the dequantization kernel: elements per program and warps, i.e. words of 8 codes per thread
+# (ELEMENTS_PER_PROGRAM / (8 * 32 * NUM_WARPS)): each is an independent 4-byte load in flight, and at more words
+# the per-word work (index, scale) is shared by more outputs. sm_90 code (tests/compile_kernels.py), bf16 output
+# with double quantization: 4 words per thread (4096 x 4) 10.75 SASS per output, 39 registers; 8 words (8192 x
+# 4) 9.75, 64 registers; 16 words (16384 x 4) 10.1 and 176 registers (a quarter of the threads fit). LAUNCH_SETTINGS
+# are the candidates bench_kernels.py times on a GPU, to pick the default from; unmeasured so far.
+ELEMENTS_PER_PROGRAM = 8192
 NUM_WARPS = 4
+LAUNCH_SETTINGS = [(2048, 4), (4096, 4), (8192, 4), (8192, 8), (16384, 8)]
+
+
+# Casts to bfloat16 round on the GPU (cvt.rn, round to nearest even, as torch does); triton 3.9's interpreter
+# truncates them instead, so there, and only there, round_to rounds with integer ops on the float32 bits.
+NATIVE_CASTS = tl.constexpr(not INTERPRETED)
 
 
 @triton.jit
 def round_to(values, dtype: tl.constexpr):
-    """float32 `values` rounded to nearest even in `dtype` (float32, float16 or bfloat16).
+    """float32 `values` rounded to nearest even in `dtype` (float32, float16 or bfloat16), bit for bit as torch.
 
-    bfloat16 is rounded with integer ops on the float32 bits: triton 3.9's interpreter truncates float32 ->
-    bfloat16 casts (the GPU rounds to nearest even), and both must match torch's rounding bit for bit. Overflow
-    rounds to inf, and infinities and the quiet NaNs arithmetic produces come through unchanged.
+    Under the interpreter bfloat16 is rounded with integer ops: overflow rounds to inf, and infinities and the
+    quiet NaNs arithmetic produces come through unchanged.
     """
-    if dtype == tl.bfloat16:
+    if dtype == tl.bfloat16 and not NATIVE_CASTS:
         bits = values.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -51,12 +57,16 @@ def load_scales(
     absmax_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, block, mask,
     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
 ):  # fmt: skip
-    """float32 scale of 4-bit block number `block` (an int tensor of any shape); 0 where mask is False."""
+    """float32 scale of 4-bit block number `block` (an int tensor of any shape); 0 where mask is False. mask=None:
+    every block exists (block must be unsigned, so that the compiler folds `block >= 0` and drops the masks)."""
+    if mask is None:
+        mask = block >= 0  # constant true: folded away, so the loads are unmasked
     if DOUBLE_QUANT:
         q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)  # uint8 code into the dynamic map
         value = tl.load(nested_code_ptr + q, mask=mask, other=0.0)
         nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        # Two float32 roundings, product then sum (docs/formats.md 3.4); the launch forbids contracting them to an FMA.
+        # Two float32 roundings, product then sum (docs/formats.md 3.4) where the launch forbids contracting them
+        # to an FMA (enable_fp_fusion=False: the kernels that must match nf4/ bit for bit).
         scales = tl.where(mask, value * nested + tl.load(offset_ptr), 0.0)
     else:
         scales = tl.load(absmax_ptr + block, mask=mask, other=0.0)
@@ -116,33 +126,86 @@ def load_weight_tile(
     return tile
 
 
+# Shift of each element's nibble in the little-endian int32 word holding elements 8i .. 8i + 7: byte b holds
+# element 8i + 2b in its high nibble and 8i + 2b + 1 in its low one.
 @triton.jit
-def _dequantize_kernel(
-    packed_ptr, absmax_ptr, code_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr, n, n_bytes,
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr,
-):  # fmt: skip
-    """Each program writes ROWS whole 4-bit blocks: a (ROWS, BLOCKSIZE // 2) tile of bytes, one scale per row.
+def _word_values(words, scales, code_ptr, SHIFT: tl.constexpr, dtype: tl.constexpr):
+    """One element of each word: code_ptr[(words >> SHIFT) & 15] * scales, in `dtype`."""
+    return round_to(tl.load(code_ptr + ((words >> SHIFT) & 15)) * scales, dtype)
 
-    Byte j holds elements 2j (high nibble) and 2j + 1 (low nibble); tl.interleave puts them back in order.
-    n_bytes = (n + 1) // 2 comes from the launcher, not from n in here: passed in, Triton sees when it is a
-    multiple of 16, so the byte mask is constant over 16 bytes and each thread's 16 codes load as one 16-byte
-    access. Computed here from n, the mask forces 16 one-byte loads per thread (sm_90 PTX of both versions,
-    compiled with tests/compile_kernels.py).
+
+@triton.jit(
+    do_not_specialize=["n_words"],
+    do_not_specialize_on_alignment=["packed_ptr", "absmax_ptr", "code_ptr", "offset_ptr", "nested_absmax_ptr",
+                                    "nested_code_ptr"],
+)  # fmt: skip
+def _dequantize_kernel(
+    packed_ptr, absmax_ptr, code_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr, n, n_bytes, n_words,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, WORDS: tl.constexpr,
+    WHOLE_WORDS: tl.constexpr, WIDE: tl.constexpr,
+):  # fmt: skip
+    """Each program writes WORDS * 8 elements from WORDS little-endian int32 words of 8 codes each.
+
+    Word i holds elements 8i .. 8i + 7, byte b of it element 8i + 2b in its high nibble and 8i + 2b + 1 in its low
+    one. A thread decodes whole words, each with a shift and a mask per code, a lookup in the 16-entry float32
+    table (64 bytes: one L1 line, so a warp's lookups are one access) and one scale per word (a word lies in one
+    block: blocksizes are multiples of 8). A tree of tl.join keeps a word's 8 values side by side in its thread's
+    registers, ready for one 16-byte store of bfloat16 or float16; join appends its new axis last, so the leaves
+    go in bit-reversed order. Adjacent threads hold adjacent words: a warp loads 128 contiguous bytes of codes and
+    stores 512 contiguous bytes (bf16), with no shared memory. (With 4 words per thread the codes would load in
+    16 bytes, but the outputs would have to cross threads through shared memory to store coalesced.)
+    n_words = n_bytes // 4 whole words load as int32 (packed must be 4-byte aligned); without WHOLE_WORDS
+    (n_bytes % 4 != 0) the last bytes make one more word, read byte by byte. WIDE: int64 offsets, for n >= 2**31.
+    n_words is not specialized and packed_ptr's alignment not hinted: with a hint Triton would give each thread 4
+    adjacent words for one 16-byte load, and their 32 outputs would cross threads through shared memory to be
+    stored coalesced.
     """
-    HALF: tl.constexpr = BLOCKSIZE // 2
-    block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,)
-    byte_idx = block[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF)
-    byte_mask = byte_idx < n_bytes
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_mask, other=0).to(tl.int32)
-    high = tl.load(code_ptr + (byte >> 4), mask=byte_mask, other=0.0)
-    low = tl.load(code_ptr + (byte & 15), mask=byte_mask, other=0.0)
+    pid = tl.program_id(0)
+    if WIDE:
+        pid = pid.to(tl.int64)
+    word = pid * WORDS + tl.arange(0, WORDS)  # (WORDS,)
+    words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + word, mask=word < n_words, other=0)
+    if not WHOLE_WORDS:  # the last n_bytes % 4 bytes form a partial word, assembled byte by byte
+        tail = tl.zeros((), tl.int32)
+        for i in tl.static_range(3):
+            at = n_words * 4 + i
+            tail |= tl.load(packed_ptr + at, mask=at < n_bytes, other=0).to(tl.int32) << (8 * i)
+        words = tl.where(word == n_words, tail, words)
     scales = load_scales(
-        absmax_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, block, block * BLOCKSIZE < n,
+        absmax_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, word.to(tl.uint32) // (BLOCKSIZE // 8), word * 8 < n,
         DOUBLE_QUANT, NESTED_BLOCKSIZE,
-    )[:, None]  # fmt: skip
-    values = tl.interleave(high * scales, low * scales)  # (ROWS, BLOCKSIZE)
-    elem = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + elem, round_to(values, out_ptr.dtype.element_ty), mask=elem < n)
+    )  # (WORDS,)  # fmt: skip
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    # A join tree's leaf p is element bitreverse(p) of its span. float32: two (WORDS, 4) halves of 16 bytes each
+    # (one (WORDS, 8) store would be laid out 4 per thread, and the words would cross threads to get there).
+    if dtype == tl.float32:
+        low = tl.join(
+            tl.join(_word_values(words, scales, code_ptr, 4, dtype), _word_values(words, scales, code_ptr, 12, dtype)),
+            tl.join(_word_values(words, scales, code_ptr, 0, dtype), _word_values(words, scales, code_ptr, 8, dtype)),
+        )  # fmt: skip
+        high = tl.join(
+            tl.join(_word_values(words, scales, code_ptr, 20, dtype), _word_values(words, scales, code_ptr, 28, dtype)),
+            tl.join(_word_values(words, scales, code_ptr, 16, dtype), _word_values(words, scales, code_ptr, 24, dtype)),
+        )  # fmt: skip
+        elem = word[:, None] * 8 + tl.arange(0, 4)[None, :]  # (WORDS, 4)
+        tl.store(out_ptr + elem, tl.reshape(low, (WORDS, 4)), mask=elem < n)
+        tl.store(out_ptr + elem + 4, tl.reshape(high, (WORDS, 4)), mask=elem + 4 < n)
+    else:
+        values = tl.join(
+            tl.join(
+                tl.join(_word_values(words, scales, code_ptr, 4, dtype), _word_values(words, scales, code_ptr, 20, dtype)),
+                tl.join(_word_values(words, scales, code_ptr, 12, dtype), _word_values(words, scales, code_ptr, 28, dtype)),
+            ),
+            tl.join(
+                tl.join(_word_values(words, scales, code_ptr, 0, dtype), _word_values(words, scales, code_ptr, 16, dtype)),
+                tl.join(_word_values(words, scales, code_ptr, 8, dtype), _word_values(words, scales, code_ptr, 24, dtype)),
+            ),
+        )  # (WORDS, 2, 2, 2)  # fmt: skip
+        elem = word[:, None] * 8 + tl.arange(0, 8)[None, :]  # (WORDS, 8)
+        tl.store(out_ptr + elem, tl.reshape(values, (WORDS, 8)), mask=elem < n)
+
+
+_launch_dequantize = Launcher(_dequantize_kernel)
 
 
 def tile_launch_args(absmax, offset, nested_absmax, nested_code, blocksize: int, nested_blocksize: int, K: int):
@@ -192,15 +255,18 @@ def dequantize(
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
     n = math.prod(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
-    rows = max(1, elements_per_program // blocksize)
+    n_bytes = (n + 1) // 2
+    if packed.data_ptr() % 4:  # a view into a larger buffer: the kernel reads whole int32 words
+        packed = packed.clone()
+    words = max(1, elements_per_program // 8)
     double_quant = nested_absmax is not None
-    grid = (triton.cdiv(triton.cdiv(n, blocksize), rows),)
-    _dequantize_kernel[grid](
-        packed, absmax, code,
-        offset if double_quant else absmax, nested_absmax if double_quant else absmax,
-        nested_code if double_quant else absmax,
-        out, n, (n + 1) // 2,
-        BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize, ROWS=rows,
-        num_warps=num_warps, enable_fp_fusion=False,
+    programs = -(-n // (words * 8))
+    _launch_dequantize(
+        (programs,),
+        (packed, absmax, code, offset if double_quant else absmax, nested_absmax if double_quant else absmax,
+         nested_code if double_quant else absmax, out, n, n_bytes, n_bytes // 4),
+        dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize, WORDS=words,
+             WHOLE_WORDS=n_bytes % 4 == 0, WIDE=programs * words * 8 >= 2**31, num_warps=num_warps,
+             enable_fp_fusion=False),
     )  # fmt: skip
     return out

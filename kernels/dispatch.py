@@ -110,9 +110,12 @@ def matmul_4bit(
     cast = autocast_dtype(x.device.type)
     if cast is not None:
         x = x.to(cast)
+    args = state_args(packed, state)
     if torch.compiler.is_compiling():  # the custom op: opaque to torch.compile, no graph break
-        return ops.matmul_4bit(x, *state_args(packed, state), bias)
-    return ops.Matmul4bit.apply(x, bias, *state_args(packed, state))
+        return ops.matmul_4bit(x, *args, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return ops.Matmul4bit.apply(x, bias, *args)
+    return ops.matmul_impl(x, bias, *args)  # nothing to differentiate: no autograd.Function (decode calls)
 
 
 def matmul_4bit_grad_input(dy: torch.Tensor, packed: torch.Tensor, state: QuantState) -> torch.Tensor:

@@ -38,8 +38,15 @@ STATE_ARGS = (
 FUSED_MAX_M = 0
 
 
+_MODULES: dict = {}
+
+
 def _triton(module: str):
-    return importlib.import_module(f"nf4lora.kernels.{module}")
+    """The Triton kernel module `module`, imported on first use (then a dictionary hit: this runs per call)."""
+    found = _MODULES.get(module)
+    if found is None:
+        found = _MODULES[module] = importlib.import_module(f"nf4lora.kernels.{module}")
+    return found
 
 
 def _rows(t: torch.Tensor, features: int) -> int:

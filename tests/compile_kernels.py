@@ -5,12 +5,13 @@ conversions, reshapes, dot shapes) and knows nothing of registers or shared memo
 without a GPU (ptxas ships in the triton wheel), so this script compiles each kernel to PTX and cubin for the
 target arch, over the launch variants the launchers produce:
 
-- _dequantize_kernel: output dtype, double quantization, blocksize (64, and the smallest and largest allowed:
-  ROWS = ELEMENTS_PER_PROGRAM // blocksize goes from 128 to 1), n a multiple of 16 or odd;
+- _dequantize_kernel: output dtype, double quantization, blocksize (64, and the smallest and largest allowed), n a
+  whole number of words or odd, and each of dequant.LAUNCH_SETTINGS (elements per program, warps);
 - _matmul_kernel, _grad_input_kernel: every matmul.CONFIGS (GRAD_INPUT_CONFIGS) entry, activation dtype and dot
   precision (tf32 only for float32, as the launcher picks it), double quantization, bias (forward only), and the
   weight layouts load_weight_tile tells apart (EVEN_K and K_ALIGNED; a blocksize on each side of BLOCK_K);
-- _gemv_kernel: the same over every gemv.CONFIGS entry and BLOCK_M = next_power_of_2(M) for M <= gemv.MAX_M.
+- _gemv_kernel: the launch of each batch size (gemv.DEFAULT_CONFIGS) and the other gemv.CANDIDATES at M = 1, x's
+  dtype, double quantization, bias, and K a multiple of the blocksize or only of 8 (odd K does not take it).
 
 Each variant is specialized as a launch with those arguments would be (Triton specializes runtime arguments: an
 int equal to 1 becomes a constant, a multiple of 16 gets a divisibility hint that enables wide loads), and
@@ -19,17 +20,20 @@ compiled with the launchers' options (num_warps, num_stages, enable_fp_fusion=Fa
 - a launch none of whose configs fits the arch's shared memory per block (Triton raises OutOfResources when it
   launches a kernel that needs more; the autotuner skips such a config, so one that does not fit is listed but
   fails only when no candidate of the launch fits);
-- a fused multiply-add (fma.rn.f32) in the PTX of a kernel without tl.dot: the double-quantization scale must be
-  a float32 multiply then a separately rounded add (dequant.py).
+- a fused multiply-add (fma.rn.f32) in the dequantization's PTX: the double-quantization scale must be a float32
+  multiply then a separately rounded add, bit for bit as nf4/ (dequant.py);
+- a failed speed gate (tests/sass_gates.py) of a dequantization or GEMV launch, read off its SASS: shared memory
+  or barriers where outputs or a K loop must stay in registers, narrow stores, loads waiting on loads, SASS per
+  output or weight over budget, registers that leave room for fewer than two programs per SM. Each gate is
+  first shown able to fail: compiled with the hint or the path the kernel avoids, it must fail.
 Registers and spills per variant (what Triton reports as n_regs and n_spills on a GPU, read from the cubin with
-the bundled cuobjdump) are printed and summarized per config, for tuning.
+the bundled cuobjdump) are printed and summarized per config, for tuning, and the gates' numbers per variant.
 
     python tests/compile_kernels.py [--arch 90] [--quick] [--jobs N]
 
 --quick compiles a baseline variant per kernel and, from it, each other value of each axis changed alone (every
-config, dtype, layout, ... appears once): 45 variants in 20-25 s on one core; tests/test_kernels_compile.py runs
-it. Without --quick every combination is compiled: 1080 variants, 21 minutes on one core (triton 3.9), 12 minutes
-with --jobs 2 (triton 3.6). Exit status 1 lists every failure with its error.
+config, dtype, layout, ... appears once), and the gates' self-checks; tests/test_kernels_compile.py runs it.
+Without --quick every combination is compiled. Exit status 1 lists every failure with its error.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+import sass_gates  # noqa: E402  (tests/, the script's own folder)
+
 from nf4lora.kernels import dequant, gemv, matmul  # noqa: E402
 from nf4lora.nf4.codebooks import BLOCKSIZES, NESTED_BLOCKSIZE  # noqa: E402
 
@@ -73,9 +79,9 @@ SHAPES = {"aligned": (512, 4096, 4096), "k-unaligned": (512, 4096, 4112), "odd":
 # table, opt-in maximum per block). Triton refuses to launch a kernel that needs more.
 MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 
-# Kernels whose float arithmetic has no tl.dot: their PTX must hold no fma.rn.f32 at all. (A tl.dot on float32
-# ieee operands is itself a chain of FMAs, so the matmul kernels cannot be checked this way.)
-FMA_FREE = {"dequant", "gemv"}
+# Kernels whose float arithmetic must not be contracted: their PTX must hold no fma.rn.f32 at all. (The GEMV
+# need not match bit for bit and is compiled with fusion; a tl.dot on float32 operands is itself a chain of FMAs.)
+FMA_FREE = {"dequant"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,8 @@ class Variant:
     args: tuple
     meta: dict
     options: dict
+    gate: dict | None = None  # the sass_gates check's arguments (besides the SASS); None: no gate
+    hint_every_pointer: bool = False  # ignore do_not_specialize_on_alignment (the gates' self-check)
 
     @property
     def label(self) -> str:
@@ -106,6 +114,7 @@ class Result:
     n_spills: int | None = None
     shared: int | None = None  # bytes of dynamic shared memory per block
     fits: bool = True  # shared fits the arch's per-block limit
+    numbers: dict | None = None  # the gate's measurements
 
 
 # -- the launch variants ------------------------------------------------------------------------------------------
@@ -158,6 +167,18 @@ def axes(kernel: str) -> dict[str, list]:
             "double_quant": [True, False],
             "layout": [("aligned", DEFAULT_BLOCKSIZE), ("aligned", min(BLOCKSIZES)), ("aligned", max(BLOCKSIZES)),
                        ("odd", DEFAULT_BLOCKSIZE)],
+            "launch": [(dequant.ELEMENTS_PER_PROGRAM, dequant.NUM_WARPS)]
+            + [s for s in dequant.LAUNCH_SETTINGS if s != (dequant.ELEMENTS_PER_PROGRAM, dequant.NUM_WARPS)],
+        }  # fmt: skip
+    if kernel == "gemv":
+        defaults = [(m, config) for m, config in sorted(gemv.DEFAULT_CONFIGS.items())]
+        others = [(1, c) for c in gemv.CANDIDATES if c not in gemv.DEFAULT_CONFIGS.values()]
+        return {
+            "launch": defaults + others,  # (rows of x, config)
+            "dtype": list(DTYPES),
+            "double_quant": [True, False],
+            "layout": [("aligned", DEFAULT_BLOCKSIZE), ("aligned", min(BLOCKSIZES)), ("k-unaligned", DEFAULT_BLOCKSIZE)],
+            "bias": [False, True],
         }  # fmt: skip
     common = {
         "dtype": [(dtype, p) for dtype in DTYPES for p in precisions(dtype)],
@@ -167,11 +188,7 @@ def axes(kernel: str) -> dict[str, list]:
     }
     if kernel == "matmul":
         return {"config": matmul.CONFIGS, **common, "bias": [True, False]}
-    if kernel == "grad_input":
-        return {"config": matmul.GRAD_INPUT_CONFIGS, **common}
-    block_ms = sorted({triton.next_power_of_2(m) for m in range(1, gemv.MAX_M + 1)})
-    common["dtype"] = list(DTYPES)  # no tl.dot, so no precision
-    return {"config": gemv.CONFIGS, "block_m": block_ms, **common, "bias": [True, False]}
+    return {"config": matmul.GRAD_INPUT_CONFIGS, **common}
 
 
 def make_variant(kernel: str, point: dict) -> Variant | None:
@@ -184,12 +201,36 @@ def make_variant(kernel: str, point: dict) -> Variant | None:
         absmax, *nested = state_dtypes(dq)
         # As dequant.dequantize passes them: without double quantization absmax stands in for the nested pointers.
         n = n_rows * n_cols
-        args = (torch.uint8, absmax, torch.float32, *(nested if dq else [absmax] * 3), dtype, n, (n + 1) // 2)
-        rows = max(1, dequant.ELEMENTS_PER_PROGRAM // blocksize)
-        meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ROWS=rows)
-        launch = f"{TRITON_DTYPES[dtype]} {'dq' if dq else 'no-dq'} {shape} bs{blocksize}"
-        options = {"num_warps": 4, "enable_fp_fusion": False}  # as dequant.dequantize launches
-        return Variant(kernel, "", launch, "dequant._dequantize_kernel", args, meta, options)
+        n_bytes = (n + 1) // 2
+        args = (torch.uint8, absmax, torch.float32, *(nested if dq else [absmax] * 3), dtype, n, n_bytes, n_bytes // 4)
+        per_program, warps = point["launch"]
+        meta = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, WORDS=per_program // 8,
+                    WHOLE_WORDS=n_bytes % 4 == 0, WIDE=False)  # fmt: skip
+        launch = f"{TRITON_DTYPES[dtype]} {'dq' if dq else 'no-dq'} {shape} bs{blocksize} {per_program}x{warps}"
+        options = {"num_warps": warps, "enable_fp_fusion": False}  # as dequant.dequantize launches
+        gate = None
+        if n_bytes % 4 == 0:  # the speed gates hold for whole words; odd sizes take a slower tail
+            default = point["launch"] == (dequant.ELEMENTS_PER_PROGRAM, dequant.NUM_WARPS)
+            gate = dict(outputs_per_thread=per_program // (32 * warps), double_quant=dq,
+                        budget=sass_gates.DEQUANT_SASS_PER_OUTPUT if default and dtype != torch.float32 else None)
+        return Variant(kernel, "", launch, "dequant._dequantize_kernel", args, meta, options, gate)
+
+    if kernel == "gemv":
+        (M, config), dtype, dq = point["launch"], point["dtype"], point["double_quant"]
+        shape, blocksize = point["layout"]
+        _, N, K = SHAPES[shape]
+        absmax, *nested = state_dtypes(dq)
+        meta = dict(gemv._constexprs(M, K, blocksize, NESTED_BLOCKSIZE, dq, point["bias"], config))
+        options = {"num_warps": meta.pop("num_warps")}
+        # As gemv.gemv passes them: x (M, K) and y (M, N) contiguous; absmax stands in for absent pointers.
+        args = (dtype, torch.uint8, absmax, torch.float32, *(nested if dq else [absmax] * 3), dtype, dtype, M, N, K, N)
+        default = gemv.DEFAULT_CONFIGS[M] == config
+        gate = dict(num_warps=options["num_warps"], weights_per_step=config.block_n * config.words * 8,
+                    budget=sass_gates.GEMV_SASS_PER_WEIGHT[M] if default and shape == "aligned" else None)
+        label = f"{config.block_n}x{config.words} w{config.num_warps}{'' if config.lanes else ' loads'}"
+        launch = " ".join([f"M{M}", TRITON_DTYPES[dtype], "dq" if dq else "no-dq", "bias" if point["bias"] else
+                           "no-bias", shape, f"bs{blocksize}"])  # fmt: skip
+        return Variant(kernel, label, launch, "gemv._gemv_kernel", args, meta, options, gate if default else None)
 
     config = point["config"]
     shape, bs_index = point["layout"]
@@ -198,10 +239,7 @@ def make_variant(kernel: str, point: dict) -> Variant | None:
         return None
     blocksize, dq = sizes[bs_index], point["double_quant"]
     M, N, K = SHAPES[shape]
-    if kernel == "gemv":
-        M, dtype, precision = point["block_m"], point["dtype"], None
-    else:
-        dtype, precision = point["dtype"]
+    dtype, precision = point["dtype"]
     absmax, *nested = state_dtypes(dq)
     pointers, meta = dequant.tile_launch_args(absmax, *nested, blocksize, NESTED_BLOCKSIZE, K)
     state = (torch.uint8, absmax, torch.float32, *pointers)  # packed, absmax, code, the block-constant pointers
@@ -211,16 +249,12 @@ def make_variant(kernel: str, point: dict) -> Variant | None:
         args = (dtype, *state, dtype, dtype, M, N, K, m_bucket, K, 1, N)  # bias (or the output as dummy), y
         meta.update(HAS_BIAS=point["bias"], INPUT_PRECISION=precision)
         fn_name = "matmul._matmul_kernel"
-    elif kernel == "grad_input":
+    else:
         args = (dtype, *state, dtype, M, N, K, m_bucket, N, 1, K)
         meta.update(INPUT_PRECISION=precision)
         fn_name = "matmul._grad_input_kernel"
-    else:
-        args = (dtype, *state, dtype, dtype, M, N, K, K, 1, N)
-        meta.update(HAS_BIAS=point["bias"], BLOCK_M=M)
-        fn_name = "gemv._gemv_kernel"
     meta.update(config.kwargs)
-    parts = [f"M{M}" if kernel == "gemv" else "", TRITON_DTYPES[dtype], precision or "", "dq" if dq else "no-dq",
+    parts = [TRITON_DTYPES[dtype], precision or "", "dq" if dq else "no-dq",
              {True: "bias", False: "no-bias", None: ""}[point.get("bias")], shape, f"bs{blocksize}"]  # fmt: skip
     launch = " ".join(p for p in parts if p)
     return Variant(kernel, config_label(config), launch, fn_name, args, meta, launch_options(config))
@@ -239,11 +273,11 @@ def variants(kernel: str, quick: bool) -> list[Variant]:
 
 
 # -- compiling -----------------------------------------------------------------------------------------------------
-def specialize(fn, args: tuple, meta: dict, target: GPUTarget) -> ASTSource:
+def specialize(fn, args: tuple, meta: dict, target: GPUTarget, hint_every_pointer: bool = False) -> ASTSource:
     """The source Triton's launcher would compile for these arguments. Its specialization rules: a tensor is a
     typed pointer, with a divisibility-16 hint when its address is 16-byte aligned (torch's allocations are); an
     int equal to 1 becomes a constexpr; another int is i32, hinted when a multiple of 16; parameters marked
-    do_not_specialize get neither hint nor constant."""
+    do_not_specialize get neither hint nor constant, pointers marked do_not_specialize_on_alignment no hint."""
     assert len(args) + len(meta) == len(fn.params), f"{fn.__name__}: arguments do not match its parameters"
     divisible = triton.compiler.make_backend(target).parse_attr("D")  # [["tt.divisibility", 16]]
     signature, constexprs, attrs = {}, dict(meta), {}
@@ -251,7 +285,8 @@ def specialize(fn, args: tuple, meta: dict, target: GPUTarget) -> ASTSource:
         name = param.name
         if isinstance(value, torch.dtype):
             signature[name] = "*" + TRITON_DTYPES[value]
-            attrs[(i,)] = divisible
+            if hint_every_pointer or not param.do_not_specialize_on_alignment:
+                attrs[(i,)] = divisible
         elif value == 1 and not param.do_not_specialize:
             signature[name] = "constexpr"
             constexprs[name] = 1
@@ -295,15 +330,43 @@ def compile_variant(v: Variant, arch: int) -> Result:
     try:
         # On a ptxas error Triton prints the whole PTX to stdout; the exception already holds ptxas' messages.
         with contextlib.redirect_stdout(io.StringIO()):
-            compiled = triton.compile(specialize(fn, v.args, v.meta, target), target=target, options=v.options)
+            source = specialize(fn, v.args, v.meta, target, v.hint_every_pointer)
+            compiled = triton.compile(source, target=target, options=v.options)
     except Exception as e:  # noqa: BLE001: the error is the result, reported with the variant
         return Result(v, time.perf_counter() - t0, error=shorten(f"{type(e).__name__}: {e}"))
     result = Result(v, time.perf_counter() - t0, shared=compiled.metadata.shared)
     result.n_regs, result.n_spills = resource_usage(compiled.asm["cubin"])
     result.fits = result.shared <= MAX_SHARED.get(arch, math.inf)
+    failures = []
     if v.kernel in FMA_FREE and "fma.rn.f32" in compiled.asm["ptx"]:
-        result.error = "fma.rn.f32 in the PTX: a multiply and an add were fused despite enable_fp_fusion=False"
+        failures.append("fma.rn.f32 in the PTX: a multiply and an add were fused despite enable_fp_fusion=False")
+    if v.gate is not None:
+        sass = sass_gates.disassemble(compiled.asm["cubin"])
+        if v.kernel == "dequant":
+            result.numbers, gate_failures = sass_gates.dequant_gate(sass, result.shared, **v.gate)
+        else:
+            result.numbers, gate_failures = sass_gates.gemv_gate(sass, result.n_regs, result.n_spills, **v.gate)
+        failures += gate_failures
+    result.error = "; ".join(failures) or None
     return result
+
+
+def gates_are_blind(arch: int) -> list[str]:
+    """Each speed gate must be able to fail on the code it exists to keep out (messages for those that do not):
+    - dequantize with packed_ptr's alignment hinted: Triton gives each thread 4 words (16-byte code loads) and
+      moves the 32 outputs through shared memory to store them coalesced (the no-shared-memory gate);
+    - the GEMV with its table lookups as loads (LANES off): each lookup's address is a loaded word's nibble (the
+      loads-feeding-addresses gate)."""
+    found = []
+    dq = next(v for v in variants("dequant", quick=True) if v.gate)
+    result = compile_variant(replace(dq, hint_every_pointer=True), arch)
+    if result.error is None or "shared memory" not in result.error:
+        found.append(f"the dequantize shared-memory gate is blind: with packed_ptr hinted it reports {result.error}")
+    gv = next(v for v in variants("gemv", quick=True) if v.gate)
+    result = compile_variant(replace(gv, meta={**gv.meta, "LANES": False}), arch)
+    if result.error is None or "wait for another load" not in result.error:
+        found.append(f"the GEMV load-chain gate is blind: with loaded lookups it reports {result.error}")
+    return found
 
 
 def fma_check_is_blind(arch: int) -> str | None:
@@ -373,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     blind = fma_check_is_blind(args.arch)
     if blind:
         failures.append(("FMA check", blind))
+    failures += [("speed gate", message) for message in gates_are_blind(args.arch)]
 
     print(f"\n{len(results)} variants compiled for sm_{args.arch} in {time.perf_counter() - t0:.0f}s, "
           f"{len(failures)} failures")  # fmt: skip
@@ -380,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
                     [r for r in results if not r.fits], lambda r: r.shared)  # fmt: skip
     print_by_config("Spilling registers, spilled words per thread", [r for r in results if r.n_spills],
                     lambda r: r.n_spills)  # fmt: skip
+    print("Speed gates (tests/sass_gates.py), per gated variant:")
+    for r in results:
+        if r.numbers is not None:
+            print(f"  {'FAIL' if r.error else 'ok':4s} {r.variant.kernel:8s} {r.variant.label:52s} {r.numbers}")
     for what, error in failures:
         print(f"\nFAILED {what}:\n{error}")
     return 1 if failures else 0

@@ -50,12 +50,22 @@ class StubTimer:
 
 def test_cuda_sections_run_and_name_the_dispatch(bench, capsys):
     results, sections = [], []
-    bench.bench_cuda(SimpleNamespace(quick=True, peak_gbps=None), None, StubTimer(), results, sections, device="cpu")
+    args = SimpleNamespace(quick=True, peak_gbps=None, only=None)
+    bench.bench_cuda(args, None, StubTimer(), results, sections, device="cpu")
     titles = [title for title, _, _ in sections]
-    assert len(titles) == 6 and all(rows for _, _, rows in sections), titles
+    assert len(titles) == 7 and all(rows for _, _, rows in sections), titles
     paths = {r["m"]: r["path"] for r in results if r["what"] == "forward"}
-    assert paths == {1: "gemv" if 1 <= gemv.MAX_M else "dequant + cuBLAS", 16: "dequant + cuBLAS"}
+    assert paths == {**{m: "gemv" for m in bench.DECODE_MS}, 16: "dequant + cuBLAS"}
+    assert gemv.MAX_M >= max(bench.DECODE_MS)
     assert "host profile of 2 calls of matmul_4bit" in capsys.readouterr().out
+
+
+def test_only_runs_the_named_sections(bench):
+    """gpu_check.sh's decode step runs the memory-bound sections alone."""
+    results, sections = [], []
+    args = SimpleNamespace(quick=True, peak_gbps=None, only=["dequant", "decode"])
+    bench.bench_cuda(args, None, StubTimer(), results, sections, device="cpu")
+    assert [title.split(" ")[0] for title, _, _ in sections] == ["Dequantize", "Dequantize", "Decode:"]
 
 
 def test_a_failure_part_way_still_writes_the_results(bench, monkeypatch, tmp_path):
@@ -110,18 +120,19 @@ def versions(monkeypatch):
 
 
 def test_kernel_versions_check_catches_a_wrong_version_and_writes_results(versions, tmp_path):
-    """The CPU run (the interpreter) checks every version against F.linear; a version computing something else is
+    """The CPU run (the interpreter) checks every candidate against F.linear; a version computing something else is
     caught; and the GPU section's code runs here with the stub clock."""
     versions.main(["--device", "cpu", "--out", str(tmp_path)])
     written = json.loads((tmp_path / "kernel-versions-cpu.json").read_text())
-    assert {row[0] for row in written["checked"]} == {"v0 kernels.gemv", "v1 split (interpreter config)"}
+    checked = {(row[0], row[1]) for row in written["checked"]}
+    for m in versions.MS:
+        assert {name for name, at in checked if at == m} == set(versions.versions(m)), m
+    assert any(name.endswith(", loads") for name, _ in checked)
 
-    def wrong(x, *state):  # x's even and odd columns swapped
-        return versions.gemv_split(x.view(1, -1, 2).flip(-1).reshape(1, -1).contiguous(), *state,
-                                   config=versions.CPU_CONFIG)  # fmt: skip
+    def wrong(x, *state):  # x's columns swapped pairwise: the same numbers, summed against the wrong weights
+        return versions.gemv.gemv(x.view(1, -1, 2).flip(-1).reshape(1, -1).contiguous(), None, *state)
 
-    with pytest.raises(AssertionError, match="wrong 40x256"):
-        versions.check("cpu", versions.CPU_SHAPES[:1], {"wrong": wrong})
-    fns = {"a": lambda x, *s: versions.gemv_split(x, *s, config=versions.CPU_CONFIG)}
-    rows, records = versions.timed("cpu", versions.CPU_SHAPES[:1], fns, StubTimer(), peak=None)
+    with pytest.raises(AssertionError, match="wrong M=1 40x512"):
+        versions.check("cpu", versions.CPU_SHAPES[:1], 1, {"wrong": wrong})
+    rows, records = versions.timed("cpu", versions.CPU_SHAPES[:1], 1, {"a": wrong}, StubTimer(), lambda nbytes: None)
     assert len(rows) == len(records) == 1 and rows[0][-1] == "1.00x"

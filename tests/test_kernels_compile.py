@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles for the H200 (sm_90) without a GPU: tests/compile_kernels.py --quick, run with
+"""Every Triton kernel compiles for the H200 (sm_90) without a GPU, and the dequantization and GEMV launches pass
+their speed gates (tests/sass_gates.py), each shown able to fail: tests/compile_kernels.py --quick, run with
 Triton's compiler (not its interpreter) in a subprocess, because tests/conftest.py sets TRITON_INTERPRET=1 for
 this process and triton.jit reads it when the kernels are defined."""
 
@@ -16,7 +17,7 @@ SCRIPT = Path(__file__).resolve().with_name("compile_kernels.py")
 RESULT_LINE = re.compile(r"^(ok|SMEM|FAIL) +(\S+) +(.+?) +[\d.]+s", re.M)  # status, kernel, variant label
 
 
-@pytest.mark.slow  # about 25 s: 45 compilations
+@pytest.mark.slow  # about 40 s of CPU: 48 compilations and the gates' 2 self-checks
 def test_every_kernel_compiles_for_sm90(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
@@ -29,13 +30,21 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     results = RESULT_LINE.findall(proc.stdout)  # (status, kernel, label) per compiled variant
     assert {kernel for _, kernel, _ in results} == {"dequant", "matmul", "grad_input", "gemv"}
     assert not [r for r in results if r[0] == "FAIL"]
-    # Every autotune candidate of each kernel was compiled (a label starts with the config's tile sizes, warps and
-    # stages: compile_kernels.config_label).
-    for kernel, configs in (("matmul", matmul.CONFIGS), ("grad_input", matmul.GRAD_INPUT_CONFIGS), ("gemv", gemv.CONFIGS)):
+    # Every autotune candidate of the matmul kernels was compiled (a label starts with the config's tile sizes, warps
+    # and stages: compile_kernels.config_label), and every GEMV launch.
+    for kernel, configs in (("matmul", matmul.CONFIGS), ("grad_input", matmul.GRAD_INPUT_CONFIGS)):
         for config in configs:
             sizes = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK_"))
             stages = f" p{config.kwargs['STAGES']}" if "STAGES" in config.kwargs else ""
             prefix = f"{sizes} w{config.num_warps} s{config.num_stages}{stages} "
             assert any(k == kernel and label.startswith(prefix) for _, k, label in results), (kernel, config)
+    for m, config in gemv.DEFAULT_CONFIGS.items():
+        prefix = f"{config.block_n}x{config.words} w{config.num_warps} M{m} "
+        assert any(k == "gemv" and label.startswith(prefix) for _, k, label in results), (m, config)
+    # The speed gates ran on the launches in use, and passed (a failure would have made the exit status 1).
+    gated = re.findall(r"^  (ok|FAIL) +(dequant|gemv) +(.+?) +\{", proc.stdout, re.M)
+    assert {kernel for _, kernel, _ in gated} == {"dequant", "gemv"}
+    assert all(status == "ok" for status, _, _ in gated)
+    assert any(label.startswith("8x1 w8 M1 bf16 dq no-bias aligned") for _, k, label in gated if k == "gemv")
     summary = re.search(r"^(\d+) variants compiled for sm_90 in \d+s, 0 failures$", proc.stdout, re.M)
     assert summary and int(summary[1]) == len(results), out[-3000:]
