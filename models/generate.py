@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .kv_cache import KVCache
+from .config import LlamaConfig
+from .kv_cache import KVCache, StaticKVCache
 from .llama import LlamaForCausalLM
 
 
@@ -24,6 +25,7 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     stream: Callable[[int], None] | None = None,
     use_cache: bool = True,
+    decode: str = "auto",
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` tokens after `input_ids`; returns only the new ids.
 
@@ -35,6 +37,10 @@ def generate(
     eos_token_id: stop once every row has produced one of these ids (the EOS token is included in the output).
     stream: called with each new token id as it is produced (batch size 1 only).
     use_cache: False recomputes the whole sequence every step (a reference for testing the cache).
+    decode: how the steps after the prompt run with the cache: "dynamic" (a KVCache growing by a token a step),
+        "static" (a StaticKVCache: fixed shapes, no host reads), "graph" (static, captured once into a CUDA graph
+        and replayed: decode-speed generation on CUDA), or "auto": "graph" on CUDA where a static cache applies
+        (no sliding window reached, no longrope switch within the length), else "dynamic". Same tokens on each.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -44,6 +50,8 @@ def generate(
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
 
     device = model.device
     ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
@@ -66,6 +74,10 @@ def generate(
     if getattr(model, "nf4lora_generic", False):  # transformers' model: its own generate() and cache
         from .generic import generate as generic_generate
 
+        if decode in ("static", "graph"):
+            raise ValueError(f"decode={decode!r} needs a native model: a model loaded through transformers decodes "
+                             "with transformers' generate (decode='auto' or 'dynamic')")  # fmt: skip
+
         out = generic_generate(model, ids, max_new_tokens, temperature, top_k, top_p, seed, eos, stream, use_cache)
         return out[0] if one_d else out
 
@@ -75,15 +87,19 @@ def generate(
     # Phi3ForCausalLM.prepare_inputs_for_generation does.
     rebuild_at = config.rope_scaling["original_max_position_embeddings"] + 1 if config.rope_type == "longrope" else 0
 
+    decode = _decode_mode(decode, config, device, use_cache, T + max_new_tokens, rebuild_at)
+
     def new_cache():
         dtype = model.model.embed_tokens.weight.dtype
-        return KVCache(config, B, T + max_new_tokens, device=device, dtype=dtype)
+        kind = KVCache if decode == "dynamic" else StaticKVCache
+        return kind(config, B, T + max_new_tokens, device=device, dtype=dtype)
 
     was_training = model.training
     model.eval()  # LoRA dropout etc. must be off while decoding
     try:
         cache = new_cache() if use_cache else None
         logits = model(ids, kv_cache=cache, logits_to_keep=1).logits[:, -1]  # (B, V)
+        step_fn = _DecodeStep(model, cache, graph=decode == "graph") if decode in ("static", "graph") else None
         new: list[torch.Tensor] = []
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
@@ -99,7 +115,9 @@ def generate(
                     break
             if step + 1 == max_new_tokens:
                 break
-            if use_cache and T + len(new) != rebuild_at:
+            if step_fn is not None:
+                logits = step_fn(token)
+            elif use_cache and T + len(new) != rebuild_at:
                 logits = model(token[:, None], kv_cache=cache).logits[:, -1]
             else:
                 cache = new_cache() if use_cache else None
@@ -109,6 +127,66 @@ def generate(
         model.train(was_training)
     out = torch.stack(new, dim=1)  # (B, n)
     return out[0] if one_d else out
+
+
+DECODE_MODES = ("auto", "dynamic", "static", "graph")
+
+
+def _decode_mode(decode: str, config: LlamaConfig, device, use_cache: bool, max_len: int, rebuild_at: int) -> str:
+    """The mode `decode` asks for, resolved ("auto") and checked: a static cache needs the cache, no sliding window
+    within max_len (StaticKVCache masks none) and no longrope rebuild within it; a graph needs CUDA."""
+    why_not = None
+    if not use_cache:
+        why_not = "use_cache=False"
+    elif config.sliding_window is not None and max_len > config.sliding_window:
+        why_not = f"{max_len} positions pass the sliding window of {config.sliding_window}"
+    elif 0 < rebuild_at <= max_len:
+        why_not = f"longrope switches frequencies at position {rebuild_at - 1}"
+    if decode == "auto":
+        return "graph" if why_not is None and torch.device(device).type == "cuda" else "dynamic"
+    if decode in ("static", "graph") and why_not is not None:
+        raise ValueError(f"decode={decode!r} needs a static KV cache, which does not apply here: {why_not}")
+    if decode == "graph" and torch.device(device).type != "cuda":
+        raise ValueError(f"decode='graph' replays a CUDA graph: the model is on {device}")
+    return decode
+
+
+class _DecodeStep:
+    """One token per row through the model with a StaticKVCache: fixed shapes and no host reads, so on CUDA the
+    step is captured into a CUDA graph and replayed (graph=True). The first call runs eagerly on a side stream
+    (it compiles and warms up every kernel, as capture must not); the second captures (capture runs nothing) and
+    replays; later calls replay. The logits returned are the graph's output, overwritten by the next call."""
+
+    def __init__(self, model: LlamaForCausalLM, cache: StaticKVCache, graph: bool):
+        cache.start_decoding()
+        self.model, self.cache, self.use_graph = model, cache, graph
+        self.token = torch.zeros(cache.position.shape[0], 1, dtype=torch.long, device=cache.position.device)
+        self.graph, self.logits, self.warm = None, None, False
+
+    def _forward(self) -> torch.Tensor:
+        position = self.cache.position[:, None]  # (B, 1): read on the device at every replay
+        out = self.model(self.token, attention_mask=self.cache.decode_mask(), position_ids=position,
+                         kv_cache=self.cache)  # fmt: skip
+        return out.logits[:, -1]
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token[:, None])
+        if not self.use_graph:
+            return self._forward()
+        if not self.warm:
+            self.warm = True
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            return logits
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+        self.graph.replay()
+        return self.logits
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator=None):

@@ -41,6 +41,78 @@ def test_greedy_matches_transformers_and_uncached(models, B):
     assert torch.equal(uncached, ref)
 
 
+@pytest.mark.parametrize("B", [1, 3])
+def test_static_cache_decodes_as_the_dynamic_one(models, B):
+    """decode="static" (the StaticKVCache steps a CUDA graph replays) gives the dynamic cache's tokens, and its
+    logits at every step to float32 rounding: attention over the whole buffer with the unwritten positions masked
+    adds only exact zeros to the softmax."""
+    from nf4lora.models.generate import _DecodeStep
+
+    _, ours = models
+    ids = _prompt(B)
+    logits = {}
+    for mode in ("dynamic", "static"):
+        seen = []
+        original = _DecodeStep._forward if mode == "static" else None
+        with pytest.MonkeyPatch.context() as mp:
+            if mode == "static":  # record each step's logits
+                mp.setattr(_DecodeStep, "_forward", lambda self: seen.append(original(self)) or seen[-1])
+            tokens = generate(ours, ids, N_NEW, decode=mode)
+        logits[mode] = (tokens, seen)
+    assert torch.equal(logits["dynamic"][0], logits["static"][0]) and len(logits["static"][1]) == N_NEW - 1
+    for step, got in enumerate(logits["static"][1]):  # against the uncached model at the same prefix
+        prefix = torch.cat([ids, logits["dynamic"][0][:, : step + 1]], dim=1)
+        want = ours(prefix).logits[:, -1]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_static_decode_step_has_fixed_shapes_and_no_host_reads(models):
+    """What CUDA-graph replay needs from the decode step, checked on the CPU: two steps run the same operators on
+    tensors of the same shapes (nothing sized by the data or the step), and none reads a tensor's value into
+    Python (.item(), bool(), int(): aten._local_scalar_dense), which on CUDA is a host sync, forbidden in capture."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nf4lora.models.generate import _DecodeStep
+    from nf4lora.models.kv_cache import StaticKVCache
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shapes = [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.calls.append((str(func), shapes))
+            return out
+
+    _, ours = models
+    ids = _prompt(2)
+    cache = StaticKVCache(ours.config, 2, ids.shape[1] + 4)
+    with torch.no_grad():
+        token = ours(ids, kv_cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
+        step = _DecodeStep(ours, cache, graph=False)
+        records = []
+        for _ in range(2):
+            with Record() as record:
+                token = step(token).argmax(-1)
+            records.append(record.calls)
+    assert records[0] == records[1]
+    assert not [name for name, _ in records[0] if "_local_scalar_dense" in name or "nonzero" in name]
+    assert cache.position.tolist() == [ids.shape[1] + 2] * 2
+
+
+def test_decode_modes_are_checked(models):
+    _, ours = models
+    with pytest.raises(ValueError, match="decode='graph' replays a CUDA graph: the model is on cpu"):
+        generate(ours, _prompt(1), 2, decode="graph")
+    with pytest.raises(ValueError, match="decode='static' needs a static KV cache, which does not apply here: "
+                                         "use_cache=False"):  # fmt: skip
+        generate(ours, _prompt(1), 2, decode="static", use_cache=False)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        generate(ours, _prompt(1), 2, decode="fast")
+
+
 def test_greedy_past_a_sliding_window_matches_transformers():
     # A 6-token prompt and 24 new tokens against a window of 8: the cached steps must drop the keys that leave it.
     config = tiny_config(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8)
