@@ -14,6 +14,8 @@ Same weights, same inputs, same run. Ratios are peer time / ours (> 1: ours fast
   product, the fused kernel alone; host: per-call cost of 200 eager calls (what a Python caller pays) and a
   cProfile of 1000 host-side matmul_4bit calls at M = 1; crossover: fused vs GEMV vs dequantize + cuBLAS for
   M = 1..16, and which config autotuning chose per key.
+- CPU --only host (TRITON_INTERPRET unset): the host cost of matmul_4bit at M = 1 and of the launchers with
+  Triton's CUDA driver stubbed (host_cost_without_gpu): the Python side of a decode call, without a GPU.
 Writes kernels-<device>.md and .json into DIR (default benchmarks/results/). --quick uses tiny shapes (the dry run
 of gpu_check.sh). Targets are in docs/benchmarking.md.
 """
@@ -198,7 +200,19 @@ def row(results: list, rows: list, what: str, shape, m, ours: dict, peers: dict[
 
 
 def bench_cpu(args, bnb, timer, results, sections):
+    """The CPU tables: dequant, matmul (the torch path), and host: the host cost of the GPU launchers with
+    Triton's driver stubbed (of SECTIONS, as --only names them; host only when named)."""
     shapes = QUICK_SHAPES if args.quick else LLAMA_SHAPES[:2]
+    only = set(args.only or ("dequant", "matmul"))
+    if "dequant" in only:
+        bench_cpu_dequant(args, bnb, timer, results, sections, shapes)
+    if "matmul" in only:
+        bench_cpu_matmul(args, bnb, timer, results, sections, shapes)
+    if "host" in only:
+        host_cost_without_gpu(timer, results, sections)
+
+
+def bench_cpu_dequant(args, bnb, timer, results, sections, shapes):
     rows = []
     for n, k in shapes:
         for quant_type, dq in (("nf4", True), ("nf4", False), ("fp4", True)):
@@ -210,6 +224,8 @@ def bench_cpu(args, bnb, timer, results, sections):
     sections.append(("Dequantize (CPU torch path)", ["op", "weight NxK", "M", "nf4lora", "range",
                      "bitsandbytes", "bnb / ours"], rows))  # fmt: skip
 
+
+def bench_cpu_matmul(args, bnb, timer, results, sections, shapes):
     rows = []
     n, k = shapes[0]
     w, (packed, state), peer = quantized_pair(n, k, "cpu", bnb)
@@ -230,6 +246,87 @@ def bench_cpu(args, bnb, timer, results, sections):
         row(results, rows, "forward + grad-input", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense})
     sections.append(("matmul_4bit (CPU torch path), bf16", ["op", "weight NxK", "M", "nf4lora", "range",
                      "bitsandbytes", "bnb / ours", "dense bf16 (W pre-dequantized)", "dense / ours"], rows))  # fmt: skip
+
+
+class _StubDriver:
+    """Triton's CUDA driver without a GPU, for timing host-side work: device 0, stream 0, sm_90 target; loading a
+    kernel and launching it do nothing. Triton's compiler still compiles for real (it needs no GPU)."""
+
+    class utils:
+        @staticmethod
+        def load_binary(*args):
+            return 1, 1, 64, 0, 1024  # module, function, registers, spills, max threads
+
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536, "warpSize": 32}
+
+    def __init__(self):
+        self.launcher_cls = lambda src, metadata: (lambda *args: None)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def host_cost_without_gpu(timer, results, sections) -> None:
+    """The Python cost of one decode-sized call on the host, measured on a machine without a GPU: Triton's driver
+    is stubbed (_StubDriver), CPU tensors stand in for CUDA ones, and the launch itself does nothing, so each time
+    is what a call costs before the GPU is involved. Rows: matmul_4bit at M = 1 through the dispatch (checks,
+    autocast, ops, the GEMV launcher), the GEMV launcher alone, Triton's own dispatch of that launch
+    (kernel[grid](...), which the launcher's cached launch replaces), and dequantize; F.linear of a 1x64 bf16
+    row, a reference for this machine's speed. Needs TRITON_INTERPRET unset (compiled kernels, not interpreted)."""
+    import os
+
+    from triton.runtime.driver import driver
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise ValueError("the host cost without a GPU needs compiled kernels: unset TRITON_INTERPRET")
+    os.environ["NF4LORA_BACKEND"] = "triton"  # CPU tensors through the Triton launchers
+    driver.set_active(_StubDriver())
+    from nf4lora.kernels import dequant, gemv
+
+    for module in (dequant, gemv):  # the launchers accept CPU tensors only under the interpreter
+        module.check_triton_device = lambda t, name: None
+    n, k = LLAMA_SHAPES[0]
+    packed, state = quantize_4bit(torch.randn(n, k), 64, "nf4", True)
+    x = torch.randn(1, k, dtype=torch.bfloat16)
+    args_ = state_args(packed, state)
+    constexprs = gemv._constexprs(1, k, 64, args_[7], True, False, gemv.DEFAULT_CONFIGS[1])
+    y = torch.empty(1, n, dtype=torch.bfloat16)
+    launch_args = (x, packed, *args_[1:6], y, y, 1, n, k, n)
+    fns = {
+        "matmul_4bit, M = 1 (no grad)": lambda: matmul_4bit(x, packed, state),
+        "gemv launcher": lambda: gemv.gemv(x, None, *args_),
+        "Triton's dispatch of that launch": lambda: gemv._gemv_kernel[(n // 8,)](*launch_args, **constexprs),
+        "dequantize": lambda: dequant.dequantize(*args_, torch.bfloat16),
+        "reference: F.linear, 1x64 bf16": lambda: F.linear(x[:, :64], x[:, :64]),
+    }
+    rows = []
+    with torch.no_grad():
+        for what, fn in fns.items():
+            fn()  # compiles (for sm_90) on first use
+            times = []
+            for _ in range(15):  # the minimum of 15 rounds of 200 calls: this machine is shared and noisy
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                times.append((time.perf_counter() - t0) / 200)
+            t = {"median": statistics.median(times), "min": min(times), "max": max(times)}
+            row(results, rows, what, (n, k), 1, t, {})
+    sections.append(("Host cost per call without a GPU (Triton's driver stubbed: the launch does nothing; min of 15 "
+                     "rounds of 200 calls is the number to compare)", ["op", "weight NxK", "M", "median",
+                     "min..max"], rows))  # fmt: skip
 
 
 def host_profile(fn, calls: int = 1000, top: int = 20) -> None:
@@ -416,7 +513,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=7, help="CPU timing repeats (CUDA uses do_bench)")
     parser.add_argument("--peak-gbps", type=float, default=None, help="peak memory bandwidth for %% of peak")
     parser.add_argument("--only", type=lambda v: v.split(","), default=None,
-                        help=f"CUDA: comma-separated sections to run, of {','.join(SECTIONS)} (default all)")
+                        help=f"comma-separated sections to run, of {','.join(SECTIONS)} (default all; the CPU has "
+                             "dequant and matmul)")  # fmt: skip
     args = parser.parse_args()
     if args.only and not set(args.only) <= set(SECTIONS):
         parser.error(f"--only takes sections of {','.join(SECTIONS)}, got {','.join(args.only)}")

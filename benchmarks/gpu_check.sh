@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test and GPU benchmark of nf4lora in one run, with all results written into one folder. Budget: the
-# steps' time caps add up to 10.5 minutes on one H200-class GPU (the first full run took 8 minutes; the last step,
-# kernel-versions, compares candidate kernels and may be left out with --only). GPU time comes
-# in short slots: run this, then commit what it wrote under benchmarks/results/ (see docs/benchmarking.md).
+# steps' time caps add up to 16 minutes on one H200-class GPU; a 15-minute device slot runs `--only tests,decode`
+# (at most 9 minutes with the installs). GPU time comes in short slots: run this, then commit what it wrote under
+# benchmarks/results/ (see docs/benchmarking.md).
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--only STEPS] [--dry-run]
 #
@@ -12,8 +12,12 @@
 #                     wheel from DIR if nf4lora needs installing; without it an installed bitsandbytes is used, and
 #                     without one the peer columns stay empty
 #   --python PY       interpreter to use (default: .venv/bin/python if present, else python3)
-#   --only STEPS      comma-separated subset of: tests, bench-kernels, bench-qlora-step, triton-tests-compiled,
-#                     kernel-versions (default all, in that order); the others are named SKIPPED in summary.txt
+#   --only STEPS      comma-separated subset of: tests, decode, bench-kernels, bench-qlora-step,
+#                     triton-tests-compiled (default all, in that order); the others are named SKIPPED in
+#                     summary.txt. decode (6 minutes at most): the memory-bound kernels against bitsandbytes and a
+#                     device copy of as many bytes (dequantize, GEMV at M = 1, 2, 4, 8), the host cost per call with
+#                     its profile, greedy generation of a LLaMA-7B-shaped model against transformers +
+#                     bitsandbytes (bench_generate.py), then the GEMV's candidate launches (kernel_versions.py)
 #   --dry-run         on the CPU: check the script and its steps work (GPU tests are collected, not run; the
 #                     kernel benchmark runs with tiny shapes on the CPU); installs nothing. CI runs this.
 #
@@ -23,9 +27,9 @@
 # summary.txt. Exit status is 1 if any step that ran failed.
 set -uo pipefail
 
-usage() { sed -n '7,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '7,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 
-STEPS="tests,bench-kernels,bench-qlora-step,triton-tests-compiled,kernel-versions"
+STEPS="tests,decode,bench-kernels,bench-qlora-step,triton-tests-compiled"
 OUT="" WHEELS="" PY="" DRY=0 ONLY="$STEPS"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -160,6 +164,27 @@ else
     step gpu-tests 150 "${PYTEST[@]}" "${XDIST[@]}" -m gpu "${DESELECT[@]}" --junitxml="$OUT/gpu-tests.xml" tests/
 fi
 
+# -- decode: the memory-bound kernels and generation, each part capped so that the next still runs -----------------
+# (run by bash -c so that one step reports them; a part that fails or times out fails the step, the others run)
+DECODE_PARTS=(
+    "150|benchmarks/bench_kernels.py --device cuda --only dequant,decode,host|--device cpu --quick --repeat 1 --only dequant"
+    "120|benchmarks/bench_generate.py --device cuda --model 7b|--device cpu --model tiny --prompt-len 8 --new 4 --rounds 1"
+    "90|benchmarks/kernel_versions.py --device cuda|--device cpu"
+)
+if wanted decode; then
+    parts="rc=0"
+    for part in "${DECODE_PARTS[@]}"; do
+        IFS='|' read -r limit cmd dry_args <<< "$part"
+        script=${cmd%% *}
+        if ((DRY)); then
+            parts+="; echo '== $script $dry_args'; TRITON_INTERPRET=1 timeout $limit '$PY' $script $dry_args --out '$OUT' || rc=1"
+        else
+            parts+="; echo '== $cmd'; timeout $limit '$PY' $cmd --out '$OUT' || rc=1"
+        fi
+    done
+    step "decode$( ((DRY)) && echo -dry)" 370 env -u PYTHONSAFEPATH bash -c "$parts; exit \$rc"
+fi
+
 # -- benchmarks -----------------------------------------------------------------------------------------------------
 # One entry per GPU benchmark: "name|timeout|script and GPU arguments|arguments of the CPU dry run" (the results
 # folder is appended as --out). The dry run is a quick CPU run of the same script: it proves it imports and writes
@@ -187,15 +212,6 @@ elif ((DRY)); then
     skip "compiled kernel tests" "dry run: tests/test_kernels_triton.py runs in CI under the interpreter"
 elif ((PYTEST_OK)); then
     step triton-tests-compiled 80 "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py
-fi
-
-# -- candidate kernel versions against the ones in use (benchmarks/kernel_versions.py): last, as the least needed --
-if ! wanted kernel-versions; then
-    :
-elif ((DRY)); then
-    step kernel-versions-dry 240 env -u PYTHONSAFEPATH TRITON_INTERPRET=1 "$PY" benchmarks/kernel_versions.py --device cpu --out "$OUT"
-else
-    step kernel-versions 90 env -u PYTHONSAFEPATH "$PY" benchmarks/kernel_versions.py --device cuda --out "$OUT"
 fi
 
 say "total ${SECONDS}s; results in $OUT"

@@ -30,6 +30,7 @@ from nf4lora.kernels.dispatch import state_args
 from nf4lora.nf4 import quantize_4bit
 
 MS = (1, 2, 4, 8)
+CPU_MS = (1, 5)  # the interpreter: one row, and rows padded to 8
 CPU_SHAPES = [(40, 512), (33, 264)]  # N leaving a partial program; K a whole step, and a step plus one word
 UNIT_ROUNDOFF = {torch.float32: 2**-24, torch.float16: 2**-11, torch.bfloat16: 2**-8}
 
@@ -44,7 +45,7 @@ def fits(config: gemv.Config, m: int) -> bool:
 def versions(m: int) -> dict[str, object]:
     """{label: fn(x, *state_args)} of the launch in use at m rows, every other fitting candidate, and dequantize +
     F.linear."""
-    in_use = gemv.DEFAULT_CONFIGS[m]
+    in_use = gemv.DEFAULT_CONFIGS[gemv._pow2(m)]
     found = {f"in use {label(in_use)}": lambda x, *state: gemv.gemv(x, None, *state)}
     for config in gemv.CANDIDATES:
         if config != in_use and fits(config, m):
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     checked, rows, records = [], [], []
     timer = Timer("cuda", repeat=0) if cuda else None
     ceiling = copy_ceiling(timer) if cuda else None
-    for m in MS:
+    for m in MS if cuda else CPU_MS:
         fns = versions(m)
         checked += check(args.device, LLAMA_SHAPES if cuda else CPU_SHAPES, m, fns)
         if cuda:

@@ -22,7 +22,13 @@ def test_dry_run_runs_every_step_and_writes_results(tmp_path):
     assert "OK       gpu-tests-collect" in summary
     assert "OK       bench-kernels-dry" in summary
     assert "OK       bench-qlora-step-dry" in summary  # the end-to-end QLoRA step benchmark is part of the check
-    assert "OK       kernel-versions-dry" in summary and (out / "kernel-versions-cpu.json").exists()
+    # the decode step: the memory-bound kernel sections, generation against transformers + bitsandbytes, the GEMV
+    # candidates (each script's CPU run)
+    assert "OK       decode-dry" in summary and (out / "kernel-versions-cpu.json").exists()
+    generation = json.loads((out / "generate-cpu-tiny.json").read_text())
+    assert {r["side"] for r in generation["results"]} == {"nf4lora (decode=auto)", "nf4lora (decode=dynamic)",
+                                                          "transformers + bitsandbytes"}  # fmt: skip
+    assert all(r["tokens_per_s"] > 0 for r in generation["results"])
     assert "SKIPPED  gpu tests: dry run" in summary  # says clearly what it did not do
     assert "ALL STEPS THAT RAN PASSED" in summary
     assert "torch " in (out / "env.txt").read_text()
@@ -47,7 +53,7 @@ def test_only_runs_the_named_steps(tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = (out / "summary.txt").read_text()
     assert "OK       gpu-tests-collect" in summary
-    for name in ("bench-kernels", "bench-qlora-step", "triton-tests-compiled", "kernel-versions"):
+    for name in ("decode", "bench-kernels", "bench-qlora-step", "triton-tests-compiled"):
         assert f"SKIPPED  {name}: not in --only tests" in summary
     assert "bench-kernels-dry" not in summary and not (out / "kernels-cpu-quick.json").exists()
     # the wheel's bitsandbytes (0.50) replaces any installed version; env.txt names the versions in use
