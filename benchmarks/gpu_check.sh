@@ -167,9 +167,10 @@ fi
 # -- decode: the memory-bound kernels and generation, each part capped so that the next still runs -----------------
 # (run by bash -c so that one step reports them; a part that fails or times out fails the step, the others run)
 DECODE_PARTS=(
-    "150|benchmarks/bench_kernels.py --device cuda --only dequant,decode,host|--device cpu --quick --repeat 1 --only dequant"
-    "120|benchmarks/bench_generate.py --device cuda --model 7b|--device cpu --model tiny --prompt-len 8 --new 4 --rounds 1"
-    "90|benchmarks/kernel_versions.py --device cuda|--device cpu"
+    "140|benchmarks/bench_kernels.py --device cuda --only dequant,decode,host|--device cpu --quick --repeat 1 --only dequant"
+    "110|benchmarks/bench_generate.py --device cuda --model 7b|--device cpu --model tiny --prompt-len 8 --new 4 --rounds 1"
+    "40|benchmarks/bench_generate.py --device cuda --model builtin|--help"
+    "70|benchmarks/kernel_versions.py --device cuda|--device cpu"
 )
 if wanted decode; then
     parts="rc=0"

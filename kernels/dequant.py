@@ -5,9 +5,9 @@ of docs/formats.md sections 2-3 is written once for the GPU:
 - `load_scales`: the float32 scale of a 4-bit block, decoding the nested (8-bit) absmax in the kernel;
 - `load_weight_tile`: a (BLOCK_N, BLOCK_K) float32 tile of the dequantized weight W (N, K).
 
-Every launch passes enable_fp_fusion=False: with double quantization the scale is map[code] * nested_absmax,
-then + offset as a separate float32 add; a fused multiply-add rounds once and would differ from nf4/ (and from
-bitsandbytes) in the last bit.
+The launches that must match nf4/ bit for bit (this one, matmul.py's) pass enable_fp_fusion=False: with double
+quantization the scale is map[code] * nested_absmax, then + offset as a separate float32 add; a fused multiply-add
+rounds once and would differ from nf4/ (and from bitsandbytes) in the last bit.
 """
 
 from __future__ import annotations
@@ -152,13 +152,11 @@ def _dequantize_kernel(
     block: blocksizes are multiples of 8). A tree of tl.join keeps a word's 8 values side by side in its thread's
     registers, ready for one 16-byte store of bfloat16 or float16; join appends its new axis last, so the leaves
     go in bit-reversed order. Adjacent threads hold adjacent words: a warp loads 128 contiguous bytes of codes and
-    stores 512 contiguous bytes (bf16), with no shared memory. (With 4 words per thread the codes would load in
-    16 bytes, but the outputs would have to cross threads through shared memory to store coalesced.)
+    stores 512 contiguous bytes (bf16), with no shared memory. That is why n_words is not specialized and
+    packed_ptr's alignment not hinted: with a hint Triton gives each thread 4 adjacent words (one 16-byte load),
+    and their 32 outputs then cross threads through shared memory to be stored coalesced (tests/sass_gates.py).
     n_words = n_bytes // 4 whole words load as int32 (packed must be 4-byte aligned); without WHOLE_WORDS
     (n_bytes % 4 != 0) the last bytes make one more word, read byte by byte. WIDE: int64 offsets, for n >= 2**31.
-    n_words is not specialized and packed_ptr's alignment not hinted: with a hint Triton would give each thread 4
-    adjacent words for one 16-byte load, and their 32 outputs would cross threads through shared memory to be
-    stored coalesced.
     """
     pid = tl.program_id(0)
     if WIDE:
@@ -246,8 +244,8 @@ def dequantize(
     num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """Launcher: the weight of `shape` in `dtype` from its packed codes; arguments as torch_path.dequantize (the
-    keywords are launch settings, for tuning: a power of two of elements per program, at least one block each,
-    and a power of two of warps up to 32)."""
+    keywords are launch settings, for tuning: a power of two of elements per program, 8 at least (one word of
+    codes), and a power of two of warps up to 32)."""
     check_triton_device(packed, "packed")
     if elements_per_program < 1 or elements_per_program & (elements_per_program - 1):
         raise ValueError(f"elements_per_program must be a power of two, got {elements_per_program}")
@@ -255,6 +253,8 @@ def dequantize(
         raise ValueError(f"num_warps must be a power of two from 1 to 32, got {num_warps}")
     n = math.prod(shape)
     out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if n == 0:
+        return out
     n_bytes = (n + 1) // 2
     if packed.data_ptr() % 4:  # a view into a larger buffer: the kernel reads whole int32 words
         packed = packed.clone()

@@ -284,6 +284,7 @@ def _constexprs(M: int, K: int, blocksize: int, nested_blocksize: int, double_qu
         K=K, HAS_BIAS=has_bias, BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nested_blocksize,
         LANES=config.lanes and not INTERPRETED, BLOCK_M=_pow2(M), BLOCK_N=config.block_n,
         BLOCK_KW=config.words * 32 * warps, num_warps=warps,
+        enable_fp_fusion=True,  # multiply-adds fused (Triton's default until 3.10): this kernel need not match bits
     )  # fmt: skip
 
 

@@ -221,7 +221,7 @@ def make_variant(kernel: str, point: dict) -> Variant | None:
         _, N, K = SHAPES[shape]
         absmax, *nested = state_dtypes(dq)
         meta = dict(gemv._constexprs(M, K, blocksize, NESTED_BLOCKSIZE, dq, point["bias"], config))
-        options = {"num_warps": meta.pop("num_warps")}
+        options = {name: meta.pop(name) for name in ("num_warps", "enable_fp_fusion")}
         # As gemv.gemv passes them: x (M, K) and y (M, N) contiguous; absmax stands in for absent pointers.
         args = (dtype, torch.uint8, absmax, torch.float32, *(nested if dq else [absmax] * 3), dtype, dtype, M, N, K, N)
         default = gemv.DEFAULT_CONFIGS[M] == config

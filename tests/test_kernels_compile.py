@@ -48,3 +48,48 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     assert any(label.startswith("8x1 w8 M1 bf16 dq no-bias aligned") for _, k, label in gated if k == "gemv")
     summary = re.search(r"^(\d+) variants compiled for sm_90 in \d+s, 0 failures$", proc.stdout, re.M)
     assert summary and int(summary[1]) == len(results), out[-3000:]
+
+
+LAUNCH_CHECK = r"""
+import importlib.util, sys
+import torch
+from triton.runtime.driver import driver
+spec = importlib.util.spec_from_file_location("bench_kernels", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+sys.path.insert(0, spec.origin.rsplit("/", 1)[0])
+spec.loader.exec_module(bench)
+stub = bench._StubDriver()
+launched = []
+stub.launcher_cls = lambda src, metadata: (lambda *args: launched.append(args))
+driver.set_active(stub)
+from nf4lora.kernels import gemv
+from nf4lora.kernels.dispatch import state_args
+from nf4lora.nf4 import quantize_4bit
+gemv.check_triton_device = lambda t, name: None
+packed, state = quantize_4bit(torch.randn(256, 512), 64, "nf4", True)
+x = torch.randn(1, 512, dtype=torch.bfloat16)
+for _ in range(2):
+    gemv.gemv(x, None, *state_args(packed, state))
+first, cached = launched
+assert len(gemv._launch._compiled) == 1, gemv._launch._compiled
+# The launcher gets (grid x, y, z, stream, function, metadata, launch metadata, hooks, *arguments): the cached
+# launch passes what Triton's dispatch passed, except the output tensor, which is new at every call.
+assert first[:4] == cached[:4] and first[4] == cached[4], (first[:5], cached[:5])
+args_first, args_cached = first[9:], cached[9:]
+assert len(args_first) == len(args_cached)
+for a, b in zip(args_first, args_cached):
+    assert type(a) is type(b) and (a is b or not isinstance(a, torch.Tensor) and a == b or a.shape == b.shape), (a, b)
+print("same launch")
+"""
+
+
+def test_cached_launch_passes_what_triton_passes(tmp_path):
+    """kernels.launch.Launcher: the second call of a launch skips Triton's dispatch and calls the compiled kernel's
+    launcher itself; with Triton's CUDA driver stubbed (bench_kernels._StubDriver), both calls reach the launcher
+    with the same grid, kernel and arguments. (Compiles one GEMV for sm_90: a few seconds.)"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    proc = subprocess.run([sys.executable, "-c", LAUNCH_CHECK, str(bench)], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "same launch" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]

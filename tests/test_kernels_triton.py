@@ -71,7 +71,7 @@ def test_dequantize_kernel_bit_identical(shape, blocksize, quant_type, double_qu
         assert torch.equal(bits(ours), bits(ref)), (shape, blocksize, quant_type, double_quant, dtype)
 
 
-@pytest.mark.parametrize("elements_per_program,num_warps", [(32, 4), (2048, 8), (16384, 8)])
+@pytest.mark.parametrize("elements_per_program,num_warps", [(64, 4), (2048, 8), (16384, 8)])
 def test_dequantize_launch_settings_change_no_bits(elements_per_program, num_warps):
     """The tuning keywords bench_kernels.py sweeps: fewer or more blocks per program write the same bits, with a
     partial last program and a partial last block."""
