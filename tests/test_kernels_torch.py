@@ -2,6 +2,7 @@
 matmul_4bit and its gradients against dense F.linear, what backward saves, torch.compile without graph breaks,
 backend selection and bad input. The Triton kernels themselves are tested in test_kernels_triton.py."""
 
+import dataclasses
 import importlib.metadata
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -37,12 +39,12 @@ def quantized(shape, blocksize=64, quant_type="nf4", double_quant=True, seed=0):
     return quantize_4bit(torch.randn(shape, generator=g), blocksize, quant_type, double_quant)
 
 
-# Awkward shapes: one element, odd sizes, partial last blocks, a tensor spanning two chunks of the torch path.
+# Awkward shapes: one element, odd sizes, partial last blocks, a tensor of many spans of the torch path.
 SHAPES_AND_BLOCKSIZES = [
     ((1,), 64), ((7,), 32), ((33, 65), 128), ((300, 77), 256), ((1023,), 512), ((130, 130), 1024),
     ((5, 2049), 2048), ((3, 4097), 4096),
-    # Many chunks (decoded by several threads), and more blocks than one chunk of block scales.
-    ((torch_path.CHUNK_ELEMENTS * 40 + 33,), 32),
+    # Many spans (decoded by several threads), and more blocks than one piece of block scales.
+    ((torch_path.SPAN_ELEMENTS * 5 + 33,), 32),
 ]  # fmt: skip
 
 
@@ -62,7 +64,7 @@ def test_dequantize_bit_identical_to_reference(shape, blocksize, quant_type, dou
 def test_dequantize_in_a_forked_child():
     """The torch path's worker threads do not survive fork(); a child (e.g. a DataLoader worker) decodes on its own
     thread (new threads there can trip torch's OpenMP pool assertion) and gets the same bits."""
-    packed, state = quantized((torch_path.CHUNK_ELEMENTS * 4,), 64)
+    packed, state = quantized((torch_path.SPAN_ELEMENTS * 4,), 64)
     expected = dequantize_4bit(packed, state, torch.bfloat16)
     assert torch.equal(bits(dequantize(packed, state, torch.bfloat16)), bits(expected))  # the parent's threads
     pid = os.fork()
@@ -83,6 +85,105 @@ def test_dequantize_in_a_forked_child():
         os.waitpid(pid, 0)
     assert done[0] == pid, "the forked child hung in dequantize"
     assert os.waitstatus_to_exitcode(done[1]) == 0, "the forked child computed different values"
+
+
+def test_code_tables_are_cached_by_their_bits():
+    """The byte-pair table is cached per code table: a table differing only in the sign of a zero (FP4's code 8)
+    or in one value gets its own, and each dequantizes bit-identically to the specification."""
+    packed, state = quantized((33, 65), 32, "fp4")
+    negative_zero = state.code.clone()
+    negative_zero[8] = -0.0
+    nudged = state.code.clone()
+    nudged[3] = torch.nextafter(nudged[3], torch.tensor(2.0))
+    for code in (state.code, negative_zero, nudged, state.code.clone()):
+        variant = dataclasses.replace(state, code=code)
+        for dtype in DTYPES:
+            ours, ref = dequantize(packed, variant, dtype), dequantize_4bit(packed, variant, dtype)
+            assert torch.equal(bits(ours), bits(ref)), (code, dtype)
+    # the data holds code 8, so the two zero tables give different bits: confusing them would have failed above
+    with_negative_zero = dequantize_4bit(packed, dataclasses.replace(state, code=negative_zero), torch.float32)
+    assert (bits(with_negative_zero) == bits(torch.tensor(-0.0))).any()
+
+
+class _CountingPool(ThreadPoolExecutor):
+    """The torch path's thread pool, counting the ranges handed to it (so a test knows they were)."""
+
+    submitted = 0
+
+    def submit(self, *args, **kwargs):
+        self.submitted += 1
+        return super().submit(*args, **kwargs)
+
+
+@pytest.fixture
+def three_threads(monkeypatch):
+    """Three threads (on any machine), with pieces and spans small enough that the awkward shapes below span
+    several ranges, spans of three pieces, and spans whose bytes take two copies; the pool counts its work."""
+    pool = _CountingPool(2)
+    monkeypatch.setattr(torch_path, "_pool", pool)
+    monkeypatch.setattr(torch_path, "PIECE_ELEMENTS", 4096)
+    monkeypatch.setattr(torch_path, "SPAN_ELEMENTS", 3 * 4096)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield pool
+    torch.set_num_threads(threads)
+    pool.shutdown()
+
+
+@pytest.mark.parametrize("n,align", [(1, 1), (2, 1), (7, 3), (4096, 4096), (4097, 4096), (10000, 7), (12289, 4096)])
+def test_ranges_on_threads_cover_every_element_once(three_threads, n, align):
+    ranges = []
+    torch_path._on_threads(n, align, lambda lo, hi: ranges.append((lo, hi)))
+    ranges.sort()
+    units = -(-n // align)
+    assert len(ranges) == min(3, units)
+    assert three_threads.submitted == len(ranges) - 1  # all but the caller's range went to the pool
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(lo < hi and lo % align == 0 for lo, hi in ranges)
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous: no gap, no overlap
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_on_three_threads_bit_identical(three_threads, quant_type, double_quant):
+    """Every blocksize and awkward shape, cut into ranges, spans and pieces that end anywhere."""
+    for shape, blocksize in SHAPES_AND_BLOCKSIZES[:-1] + [((257, 333), 32), ((1, 40961), 64)]:
+        packed, state = quantized(shape, blocksize, quant_type, double_quant)
+        for dtype in DTYPES:
+            ours, ref = dequantize(packed, state, dtype), dequantize_4bit(packed, state, dtype)
+            assert torch.equal(bits(ours), bits(ref)), (shape, blocksize, quant_type, double_quant, dtype)
+    assert three_threads.submitted > 0
+
+
+def _vma_flags(address):
+    """The VmFlags of the mapping holding `address`, from /proc/self/smaps (Linux)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            if "-" in line.split()[0] and ":" not in line.split()[0]:
+                lo, hi = (int(a, 16) for a in line.split()[0].split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_fresh_outputs_and_scratch_are_advised_to_use_huge_pages(monkeypatch):
+    """A dequantized weight of 8 MiB (and the workspace it is written through) asks Linux for transparent huge
+    pages (VmFlags "hg") over its 2 MiB-aligned part; small tensors are left alone. The values are unchanged."""
+    monkeypatch.setattr(torch_path, "_workspace", threading.local())
+    packed, state = quantized((2048, 1024), 64)
+    y = dequantize(packed, state, torch.float32)  # 8 MiB
+    assert torch.equal(bits(y), bits(dequantize_4bit(packed, state, torch.float32)))
+    small = torch_path._advise_huge_pages(torch.empty(1024))
+    assert small.numel() == 1024
+    if not sys.platform.startswith("linux"):
+        assert torch_path._libc is None  # the advice is a no-op there
+    elif os.path.exists("/sys/kernel/mm/transparent_hugepage"):
+        huge = torch_path._HUGE_PAGE
+        assert "hg" in _vma_flags(-(-y.data_ptr() // huge) * huge)  # the first 2 MiB-aligned address inside y
+        weight = torch_path._scratch("weight", 8 << 20, y.device)
+        assert "hg" in _vma_flags(-(-weight.data_ptr() // huge) * huge)
 
 
 def dense_reference(x, packed, state, bias):
