@@ -1,29 +1,30 @@
 """The torch path: 4-bit dequantization and the two matmuls of a 4-bit linear layer, in plain torch (CPU tensors).
 
 Results are bit-identical to nf4.dequantize_4bit (tests/test_kernels_torch.py checks it); the work is organised
-for speed instead of clarity. Per span of SPAN_ELEMENTS elements, through per-thread scratch buffers (reused,
-so they never page-fault again):
+for speed instead of clarity. A span (PIECES_PER_SPAN pieces) at a time, through per-thread scratch buffers
+(reused, so they never page-fault again):
 
 1. the packed bytes copied to int32 (index_select's index type);
 2. one gather per *byte* from a 256-entry table whose entries are the byte's two float32 code values viewed as
    one int64 (half the gathers of one per element);
-3. a piece (PIECE_ELEMENTS) at a time, the multiply by the block scales, in float32, in place,
+3. a piece at a time (the most whole blocks below torch's parallel grain), the multiply by the block scales,
+   in float32, in place,
 4. and one copy into the output dtype, which rounds each float32 product once: exactly the specification's
    float32(code * scale).to(dtype). A float32 output takes the product directly.
 
 No call opens an OpenMP region: each elementwise call is below torch's parallel grain (2**15 elements), so it
 runs inline on the thread that makes it, and index_select over a 1-D table is one serial loop at any size.
-torch.get_num_threads() Python threads share the work instead (the caller and a pool, a contiguous range of
-spans each; torch calls release the GIL). An OpenMP region ends in a barrier that waits for its slowest
+torch.get_num_threads() Python threads share the work instead, a contiguous range of spans each (the caller
+and a pool; torch calls release the GIL). An OpenMP region ends in a barrier that waits for its slowest
 thread, and on a busy machine (more runnable threads than cores) that thread is often off its core: the
-earlier design, which let torch's threads split every call over chunks of 2**20 elements (~50 regions per
-4096x4096 call), took 0.45-1.4 s for 4096x4096 NF4+DQ -> bf16 on the 2-core VM at load 7-9, against 34-82 ms
-for this one and 43-126 ms for bitsandbytes (whose C kernel opens one region), alternating in one process.
-Small calls cost ~2 us each more than large ones: on one thread this design spends ~40% more CPU time than
-the earlier one.
+earlier design let torch's threads split three calls per 2**20-element chunk (~50 regions for 4096x4096),
+and at load average 7-14 on the 2-core VM each region cost 7-20 ms: 4096x4096 NF4+DQ -> bf16 took 0.8-1.1 s
+(median) against 0.06-0.17 s now and 0.09-0.10 s for bitsandbytes, whose C kernel opens one region. Small
+calls cost more per element: on one thread this design spends ~1.5x the earlier one's CPU time (14.8 against
+9.6 ms for that weight).
 
-Where the time goes: the gather (~0.7 ns a byte) about half, the rounding copy (it writes the output to
-DRAM) a quarter. Two more things keep page faults out:
+Where the time goes on one thread: the gather (~0.7 ns a byte) ~40%, the rounding copy (it writes the output
+to DRAM) ~20%, the multiply ~12%. Two more things keep page faults out:
 
 - Every scratch buffer and output of at least 4 MiB is advised to use transparent huge pages (Linux): a fresh
   tensor otherwise page-faults on every 4 KiB page at first write, and those faults cost more than the
@@ -32,7 +33,7 @@ DRAM) a quarter. Two more things keep page faults out:
   tensor faulted ~1 ms of a 4096x4096 call).
 
 A forked child of a process that has used OpenMP threads hangs in its first parallel region (a GNU OpenMP
-limitation; DataLoader workers set one thread for that reason); none opens here, and a child works on its own
+limitation; DataLoader workers set one thread for that reason): none opens here, and a child works on its own
 thread alone (the pool's threads do not exist in it).
 
 Arguments are the fields of a QuantState as plain tensors and ints (see ops.py): the custom ops cannot take the
@@ -52,19 +53,20 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-# Elements per elementwise torch call: below torch's parallel grain (2**15) a call runs inline on the thread that
-# makes it, and no OpenMP region opens (see above). A multiple of every blocksize (4096).
-PIECE_ELEMENTS = 7 * 4096
-# Elements per gather: index_select is one serial loop at any size, so it takes eight pieces at once.
-SPAN_ELEMENTS = 8 * PIECE_ELEMENTS
+# An elementwise torch call with fewer elements than this (torch's at::internal::GRAIN_SIZE) runs inline on the
+# calling thread; from this many on, torch's OpenMP threads split it.
+PARALLEL_GRAIN = 1 << 15
+# Pieces per gather: index_select is one serial loop at any size, so one call gathers several pieces.
+PIECES_PER_SPAN = 8
 
+# Threads start on first use, one per range beyond the caller's (a pool starts one only when none is idle).
+_pool = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="nf4lora-dequantize")
 _forked = False
-_pool: ThreadPoolExecutor | None = None
 
 
 def _note_fork() -> None:
-    global _forked, _pool
-    _forked, _pool = True, None  # the pool's threads do not exist in the child
+    global _forked
+    _forked = True  # the pool's threads do not exist in the child: it works alone
 
 
 os.register_at_fork(after_in_child=_note_fork)
@@ -76,9 +78,6 @@ def _on_threads(n: int, align: int, fn) -> None:
     units = -(-n // align)
     threads = 1 if _forked else max(1, min(torch.get_num_threads(), units))
     bounds = [min(n, units * i // threads * align) for i in range(threads + 1)]
-    global _pool
-    if threads > 1 and _pool is None:  # a pool starts a thread only when none of its threads is idle
-        _pool = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="nf4lora-dequantize")
     others = [_pool.submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     try:
         fn(0, bounds[1])
@@ -105,15 +104,16 @@ def block_scales(
     n = absmax.numel()
     scales = _scratch("scales", n * 4, absmax.device).view(torch.float32)
     decode = functools.partial(_decode_scales, absmax, offset, nested_absmax, nested_code, nested_blocksize, scales)
-    _on_threads(n, PIECE_ELEMENTS, decode)
+    _on_threads(n, _piece_elements(nested_blocksize), decode)
     return scales
 
 
 def _decode_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize, scales, lo: int, hi: int) -> None:
-    """scales[lo:hi], a piece at a time; lo is a multiple of PIECE_ELEMENTS, so of nested_blocksize."""
-    codes = _scratch("scale_codes", PIECE_ELEMENTS * 4, absmax.device).view(torch.int32)
-    for first in range(lo, hi, PIECE_ELEMENTS):
-        count = min(PIECE_ELEMENTS, hi - first)
+    """scales[lo:hi], a piece at a time; lo is a multiple of the piece, so of nested_blocksize."""
+    piece = _piece_elements(nested_blocksize)
+    codes = _scratch("scale_codes", piece * 4, absmax.device).view(torch.int32)
+    for first in range(lo, hi, piece):
+        count = min(piece, hi - first)
         part, nested = scales[first : first + count], nested_absmax[first // nested_blocksize :]
         codes[:count].copy_(absmax[first : first + count])
         torch.index_select(nested_code, 0, codes[:count], out=part)
@@ -122,6 +122,11 @@ def _decode_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize,
         if full < count:
             part[full:].mul_(nested[full // nested_blocksize])
         part.add_(offset)
+
+
+def _piece_elements(blocksize: int) -> int:
+    """Elements per elementwise call: the most whole blocks below the parallel grain (28672 to 32736)."""
+    return (PARALLEL_GRAIN - 1) // blocksize * blocksize
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -167,48 +172,47 @@ def dequantize(
         out = _advise_huge_pages(torch.empty(n, dtype=dtype, device=packed.device))
     scales = block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize)
     src, table = packed.reshape(-1), _pair_table(code)
-    _on_threads(n, SPAN_ELEMENTS, functools.partial(_dequantize_range, src, table, scales, blocksize, out.view(-1)))
+    span = PIECES_PER_SPAN * _piece_elements(blocksize)
+    _on_threads(n, span, functools.partial(_dequantize_range, src, table, scales, blocksize, out.view(-1)))
     return out.view(shape)
 
 
 def _dequantize_range(src, table, scales, blocksize: int, out, lo: int, hi: int) -> None:
-    """out[lo:hi] from the packed bytes src, a span at a time through this thread's scratch; lo is a multiple of
-    SPAN_ELEMENTS, so only the range that ends the tensor can end in a partial span, piece or block."""
-    codes = _scratch("codes", SPAN_ELEMENTS // 2 * 4, src.device).view(torch.int32)
-    pairs = _scratch("pairs", SPAN_ELEMENTS // 2 * 8, src.device).view(torch.int64)
-    for start in range(lo, hi, SPAN_ELEMENTS):
-        end = min(hi, start + SPAN_ELEMENTS)
-        count = (end - start + 1) // 2  # packed bytes
-        for first in range(0, count, PIECE_ELEMENTS):  # PIECE_ELEMENTS bytes: two pieces' worth
-            last = min(count, first + PIECE_ELEMENTS)
-            codes[first:last].copy_(src[start // 2 + first : start // 2 + last])
+    """out[lo:hi] from the packed bytes src, a span at a time through this thread's scratch. lo is a multiple of
+    the span (so of the blocksize and even): only the range that ends the tensor can end inside a span or a block.
+    """
+    piece = _piece_elements(blocksize)
+    rows, span = piece // blocksize, PIECES_PER_SPAN * piece
+    codes = _scratch("codes", span // 2 * 4, src.device).view(torch.int32)  # one per packed byte
+    pairs = _scratch("pairs", span // 2 * 8, src.device).view(torch.int64)  # two float32 values per packed byte
+    full = lo + (hi - lo) // blocksize * blocksize  # where the whole blocks end
+    # This range's views, made once: packed bytes a span each, block scales (rows, 1) and output blocks
+    # (rows, blocksize) a piece each
+    byte_spans = src[lo // 2 : full // 2].split(span // 2)
+    scale_pieces = scales[lo // blocksize : full // blocksize, None].split(rows)
+    out_pieces = out[lo:full].view(-1, blocksize).split(rows)
+    for i, packed in enumerate(byte_spans):
+        count = packed.numel()
+        for codes_piece, packed_piece in zip(codes[:count].split(piece), packed.split(piece)):  # < grain each
+            codes_piece.copy_(packed_piece)
         torch.index_select(table, 0, codes[:count], out=pairs[:count])
-        values = pairs.view(torch.float32)[: end - start]  # an odd n leaves the pad nibble out
-        _scale_into(values, scales[start // blocksize :], blocksize, out[start:end])
+        value_pieces = pairs[:count].view(torch.float32).view(-1, blocksize).split(rows)
+        first, last = i * PIECES_PER_SPAN, (i + 1) * PIECES_PER_SPAN
+        for values, scale, out_piece in zip(value_pieces, scale_pieces[first:last], out_pieces[first:last]):
+            _scale(values, scale, out_piece)
+    if full < hi:  # the tensor's last, partial block; an odd n leaves the pad nibble out
+        count = (hi - full + 1) // 2
+        codes[:count].copy_(src[full // 2 : full // 2 + count])
+        torch.index_select(table, 0, codes[:count], out=pairs[:count])
+        _scale(pairs.view(torch.float32)[: hi - full], scales[full // blocksize], out[full:hi])
 
 
-def _scale_into(values, scales, blocksize: int, out) -> None:
-    """out = float32(values * scales[block]) rounded once to out.dtype, a piece per call. values (m,) float32
-    starts at a block boundary; scales[0] is its first block's scale."""
-    full = values.numel() // blocksize * blocksize
-    rows = PIECE_ELEMENTS // blocksize
-    pieces = zip(
-        values[:full].view(-1, blocksize).split(rows),
-        scales[: full // blocksize, None].split(rows),
-        out[:full].view(-1, blocksize).split(rows),
-    )
-    to_float32 = out.dtype == torch.float32
-    for v, s, o in pieces:  # (rows, blocksize), (rows, 1), (rows, blocksize)
-        if to_float32:
-            torch.mul(v, s, out=o)
-        else:  # the float32 product in place, then rounded to nearest even into bf16/fp16 (the specification's
-            o.copy_(v.mul_(s))  # .to(dtype); torch.mul with a 16-bit out= allocates a float32 temporary for it)
-    if full < values.numel():  # the tensor's last, partial block
-        tail, scale, tail_out = values[full:], scales[full // blocksize], out[full:]
-        if to_float32:
-            torch.mul(tail, scale, out=tail_out)
-        else:
-            tail_out.copy_(tail.mul_(scale))
+def _scale(values, scale, out) -> None:
+    """out = float32(values * scale), rounded once to out.dtype; values is float32 scratch."""
+    if out.dtype == torch.float32:
+        torch.mul(values, scale, out=out)
+    else:  # the product in place, then rounded to nearest even into bf16/fp16 (the specification's .to(dtype);
+        out.copy_(values.mul_(scale))  # torch.mul with a 16-bit out= allocates a float32 temporary for it)
 
 
 # madvise(2) advice value (Linux) and the x86-64 / arm64 transparent huge page size.

@@ -44,7 +44,7 @@ SHAPES_AND_BLOCKSIZES = [
     ((1,), 64), ((7,), 32), ((33, 65), 128), ((300, 77), 256), ((1023,), 512), ((130, 130), 1024),
     ((5, 2049), 2048), ((3, 4097), 4096),
     # Many spans (decoded by several threads), and more blocks than one piece of block scales.
-    ((torch_path.SPAN_ELEMENTS * 5 + 33,), 32),
+    ((torch_path.PIECES_PER_SPAN * torch_path._piece_elements(32) * 5 + 33,), 32),
 ]  # fmt: skip
 
 
@@ -64,7 +64,7 @@ def test_dequantize_bit_identical_to_reference(shape, blocksize, quant_type, dou
 def test_dequantize_in_a_forked_child():
     """The torch path's worker threads do not survive fork(); a child (e.g. a DataLoader worker) decodes on its own
     thread (new threads there can trip torch's OpenMP pool assertion) and gets the same bits."""
-    packed, state = quantized((torch_path.SPAN_ELEMENTS * 4,), 64)
+    packed, state = quantized((torch_path.PIECES_PER_SPAN * torch_path._piece_elements(64) * 4,), 64)
     expected = dequantize_4bit(packed, state, torch.bfloat16)
     assert torch.equal(bits(dequantize(packed, state, torch.bfloat16)), bits(expected))  # the parent's threads
     pid = os.fork()
@@ -117,12 +117,12 @@ class _CountingPool(ThreadPoolExecutor):
 
 @pytest.fixture
 def three_threads(monkeypatch):
-    """Three threads (on any machine), with pieces and spans small enough that the awkward shapes below span
-    several ranges, spans of three pieces, and spans whose bytes take two copies; the pool counts its work."""
+    """Three threads (on any machine), with pieces of 4096 elements and spans of three, small enough that the
+    awkward shapes below span several ranges and their spans' bytes take two copies; the pool counts its work."""
     pool = _CountingPool(2)
     monkeypatch.setattr(torch_path, "_pool", pool)
-    monkeypatch.setattr(torch_path, "PIECE_ELEMENTS", 4096)
-    monkeypatch.setattr(torch_path, "SPAN_ELEMENTS", 3 * 4096)
+    monkeypatch.setattr(torch_path, "PARALLEL_GRAIN", 4097)
+    monkeypatch.setattr(torch_path, "PIECES_PER_SPAN", 3)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     yield pool
