@@ -169,8 +169,8 @@ def _vma_flags(address):
 
 
 def test_fresh_outputs_and_scratch_are_advised_to_use_huge_pages(monkeypatch):
-    """A dequantized weight of 8 MiB (and the workspace it is written through) asks Linux for transparent huge
-    pages (VmFlags "hg") over its 2 MiB-aligned part; small tensors are left alone. The values are unchanged."""
+    """A freshly dequantized 8 MiB weight and an 8 MiB workspace buffer ask Linux for transparent huge pages
+    (VmFlags "hg") over their 2 MiB-aligned part; small tensors are left alone. The values are unchanged."""
     monkeypatch.setattr(torch_path, "_workspace", threading.local())
     packed, state = quantized((2048, 1024), 64)
     y = dequantize(packed, state, torch.float32)  # 8 MiB
