@@ -58,6 +58,9 @@ import torch.nn.functional as F
 PARALLEL_GRAIN = 1 << 15
 # Pieces per gather: index_select is one serial loop at any size, so one call gathers several pieces.
 PIECES_PER_SPAN = 8
+# The least work worth another thread, in elements (~60 us on one thread): handing a range to the pool and
+# waiting for it costs 10-50 us on the 2-core VM.
+MIN_RANGE = 1 << 16
 
 # Threads start on first use, one per range beyond the caller's (a pool starts one only when none is idle).
 _pool = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="nf4lora-dequantize")
@@ -73,10 +76,11 @@ os.register_at_fork(after_in_child=_note_fork)
 
 
 def _on_threads(n: int, align: int, fn) -> None:
-    """fn(lo, hi) over [0, n) cut into contiguous ranges at multiples of `align`, one per thread: the caller and
-    torch.get_num_threads() - 1 threads of a pool (the caller alone in a forked child)."""
+    """fn(lo, hi) over [0, n) cut into contiguous ranges of about equal length (MIN_RANGE or more) at multiples
+    of `align`: one per thread, the caller's and up to torch.get_num_threads() - 1 of the pool's (the caller
+    alone in a forked child)."""
     units = -(-n // align)
-    threads = 1 if _forked else max(1, min(torch.get_num_threads(), units))
+    threads = 1 if _forked else max(1, min(torch.get_num_threads(), n // MIN_RANGE, units))
     bounds = [min(n, units * i // threads * align) for i in range(threads + 1)]
     others = [_pool.submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     try:
@@ -104,12 +108,12 @@ def block_scales(
     n = absmax.numel()
     scales = _scratch("scales", n * 4, absmax.device).view(torch.float32)
     decode = functools.partial(_decode_scales, absmax, offset, nested_absmax, nested_code, nested_blocksize, scales)
-    _on_threads(n, _piece_elements(nested_blocksize), decode)
+    _on_threads(n, nested_blocksize, decode)
     return scales
 
 
 def _decode_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize, scales, lo: int, hi: int) -> None:
-    """scales[lo:hi], a piece at a time; lo is a multiple of the piece, so of nested_blocksize."""
+    """scales[lo:hi], a piece at a time; lo is a multiple of nested_blocksize."""
     piece = _piece_elements(nested_blocksize)
     codes = _scratch("scale_codes", piece * 4, absmax.device).view(torch.int32)
     for first in range(lo, hi, piece):
@@ -172,15 +176,13 @@ def dequantize(
         out = _advise_huge_pages(torch.empty(n, dtype=dtype, device=packed.device))
     scales = block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize)
     src, table = packed.reshape(-1), _pair_table(code)
-    span = PIECES_PER_SPAN * _piece_elements(blocksize)
-    _on_threads(n, span, functools.partial(_dequantize_range, src, table, scales, blocksize, out.view(-1)))
+    _on_threads(n, blocksize, functools.partial(_dequantize_range, src, table, scales, blocksize, out.view(-1)))
     return out.view(shape)
 
 
 def _dequantize_range(src, table, scales, blocksize: int, out, lo: int, hi: int) -> None:
     """out[lo:hi] from the packed bytes src, a span at a time through this thread's scratch. lo is a multiple of
-    the span (so of the blocksize and even): only the range that ends the tensor can end inside a span or a block.
-    """
+    the blocksize (so even): only the range that ends the tensor can end inside a block."""
     piece = _piece_elements(blocksize)
     rows, span = piece // blocksize, PIECES_PER_SPAN * piece
     codes = _scratch("codes", span // 2 * 4, src.device).view(torch.int32)  # one per packed byte
@@ -252,9 +254,9 @@ def _scratch(name: str, nbytes: int, device: torch.device) -> torch.Tensor:
 
 def _scratch_weight(state: tuple, dtype: torch.dtype) -> torch.Tensor:
     """W dequantized into this thread's "weight" scratch, reused by every matmul below, for a weight that lives
-    only inside one call: about one layer's 16-bit weight kept for the thread's lifetime. NF4+DQ -> bf16 took
-    19.5-19.9 ms into a new tensor and 9.4 ms into the reused one for 4096x4096, 49-54 ms and 24 ms for 11008x4096
-    (2-core VM, same process)."""
+    only inside one call: about one layer's 16-bit weight kept for the thread's lifetime. A fresh tensor pays its
+    first-touch faults even on huge pages: NF4+DQ -> bf16 on one thread took 18.7 ms of CPU time into a new
+    tensor and 15.5 ms into the reused one for 4096x4096, 49.8 and 41.0 ms for 11008x4096 (2-core VM)."""
     shape, device = state[-1], state[0].device
     return dequantize(*state, dtype, out=_scratch("weight", math.prod(shape) * dtype.itemsize, device).view(dtype))
 

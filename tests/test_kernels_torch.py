@@ -117,10 +117,12 @@ class _CountingPool(ThreadPoolExecutor):
 
 @pytest.fixture
 def three_threads(monkeypatch):
-    """Three threads (on any machine), with pieces of 4096 elements and spans of three, small enough that the
-    awkward shapes below span several ranges and their spans' bytes take two copies; the pool counts its work."""
+    """Three threads (on any machine) for any work, pieces of 4096 elements and spans of three: small enough
+    that the awkward shapes below span several ranges and their spans' bytes take two copies. The pool counts
+    its work."""
     pool = _CountingPool(2)
     monkeypatch.setattr(torch_path, "_pool", pool)
+    monkeypatch.setattr(torch_path, "MIN_RANGE", 1)
     monkeypatch.setattr(torch_path, "PARALLEL_GRAIN", 4097)
     monkeypatch.setattr(torch_path, "PIECES_PER_SPAN", 3)
     threads = torch.get_num_threads()
@@ -141,6 +143,16 @@ def test_ranges_on_threads_cover_every_element_once(three_threads, n, align):
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(lo < hi and lo % align == 0 for lo, hi in ranges)
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous: no gap, no overlap
+    lengths = [hi - lo for lo, hi in ranges]
+    assert max(lengths) - min(lengths) < 2 * align  # balanced: whole units differ by one at most
+
+
+def test_short_work_stays_on_fewer_threads(three_threads, monkeypatch):
+    monkeypatch.setattr(torch_path, "MIN_RANGE", 100)
+    for n, expected in ((99, 1), (199, 1), (200, 2), (10000, 3)):
+        ranges = []
+        torch_path._on_threads(n, 1, lambda lo, hi: ranges.append((lo, hi)))
+        assert len(ranges) == expected, n
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
