@@ -14,14 +14,15 @@ for speed instead of clarity. A span (PIECES_PER_SPAN pieces) at a time, through
 
 No call opens an OpenMP region: each elementwise call is below torch's parallel grain (2**15 elements), so it
 runs inline on the thread that makes it, and index_select over a 1-D table is one serial loop at any size.
-torch.get_num_threads() Python threads share the work instead, a contiguous range of spans each (the caller
+torch.get_num_threads() Python threads share the work instead, a contiguous range of blocks each (the caller
 and a pool; torch calls release the GIL). An OpenMP region ends in a barrier that waits for its slowest
 thread, and on a busy machine (more runnable threads than cores) that thread is often off its core: the
 earlier design let torch's threads split three calls per 2**20-element chunk (~50 regions for 4096x4096),
-and at load average 7-14 on the 2-core VM each region cost 7-20 ms: 4096x4096 NF4+DQ -> bf16 took 0.8-1.1 s
-(median) against 0.06-0.17 s now and 0.09-0.10 s for bitsandbytes, whose C kernel opens one region. Small
-calls cost more per element: on one thread this design spends ~1.5x the earlier one's CPU time (14.8 against
-9.6 ms for that weight).
+and at load average 4-10 on the 2-core VM each region cost 7-20 ms. 4096x4096 NF4+DQ -> bf16, medians of
+alternating runs in one process: at load 7-10, 0.79-1.08 s for the earlier design against 63-169 ms for this
+one and 92-104 ms for bitsandbytes (whose C kernel opens one region); at load 3-5, 31 ms against 42 ms for
+bitsandbytes. Small calls cost more per element: on one thread this design spends ~1.5x the earlier one's CPU
+time (14.8 against 9.6 ms for that weight).
 
 Where the time goes on one thread: the gather (~0.7 ns a byte) ~40%, the rounding copy (it writes the output
 to DRAM) ~20%, the multiply ~12%. Two more things keep page faults out:
