@@ -11,10 +11,10 @@ float32 compute (--compute-dtype float32, so the results hold on every CPU).
 Every launch costs ~10 s on the 2-core CI machine (two interpreters importing torch), so the runs are shared.
 """
 
+import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -70,7 +70,7 @@ def _common(setup, dropout: float) -> list[str]:
             "--lora-r", "4", "--lora-dropout", str(dropout), "--compute-dtype", "float32", "--no-progress"]  # fmt: skip
 
 
-def _torchrun(setup, args: list[str], hook: str | None = None, timeout: float = 120):
+def _torchrun(setup, args: list[str], hook: str | None = None, timeout: float = 120, nproc: int = 2):
     """`torchrun --nproc_per_node=2` of the command line (`-m nf4lora`, or the hooks' runner); --standalone picks
     a free port, so concurrent runs on one machine do not collide."""
     root = setup[0]
@@ -81,7 +81,7 @@ def _torchrun(setup, args: list[str], hook: str | None = None, timeout: float = 
         script.write_text(RUNNER)
         target = [str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TEST_HOOK": hook or ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *target, *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *args]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -98,19 +98,26 @@ def setup(tmp_path_factory):
     return root, model, data
 
 
-@pytest.fixture(scope="module")
-def one_process(setup):
-    """The reference: the same run in one process (in this one, one thread, like each torchrun rank)."""
-    root, model, data = setup
+@contextlib.contextmanager
+def one_thread():
+    """Runs in this process take one thread, like each torchrun rank (OMP_NUM_THREADS=1)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = TrainConfig(model=model, data=data, output_dir=str(root / "one"), seq_len=128, batch_size=4,
-                          micro_batch_size=2, max_steps=5, save_every=2, eval_every=2, warmup_steps=1, lr=5e-3,
-                          lora_r=4, lora_dropout=0.0, compute_dtype="float32", progress=False)  # fmt: skip
-        train(cfg)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_process(setup):
+    """The reference: the same run in one process."""
+    root, model, data = setup
+    cfg = TrainConfig(model=model, data=data, output_dir=str(root / "one"), seq_len=128, batch_size=4,
+                      micro_batch_size=2, max_steps=5, save_every=2, eval_every=2, warmup_steps=1, lr=5e-3,
+                      lora_r=4, lora_dropout=0.0, compute_dtype="float32", progress=False)  # fmt: skip
+    with one_thread():
+        train(cfg)
     return root / "one"
 
 
@@ -229,12 +236,8 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(setup, two_ranks):
     shutil.rmtree(out / "adapter")
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     (out / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "dir": "step-00000002"}))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         assert main(["finetune", *_common(setup, 0.0), "--output-dir", str(out), "--resume"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     two, one = _metrics(run), _metrics(out)
     assert [m["batch_sha1"] for m in one] == [m["batch_sha1"] for m in two]
     for x, y in zip(two[2:], one[2:], strict=True):
@@ -275,3 +278,21 @@ def test_parallel_and_batch_are_checked_before_anything_is_loaded(setup, monkeyp
     assert "nf4lora: error: [rank 0] --batch-size=4 cannot be shared by 3 ranks" in err and "multiple of 6" in err
     assert main(args) == 2
     assert "torchrun started 3 processes but --parallel is 'none'" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_one_rank_on_cuda_with_nccl_trains_as_one_process(setup, parallel):
+    """The CUDA path (nccl, cuda:LOCAL_RANK, PagedAdamW paging DTensor shards) with the one GPU a machine may have."""
+    root = setup[0]
+    args = ["finetune", *_common(setup, 0.0), "--device", "cuda"]
+    one = subprocess.run([sys.executable, "-m", "nf4lora", *args, "--output-dir", str(root / "cuda-one")], cwd=root,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr[-3000:]
+    run = _torchrun(setup, [*args, "--parallel", parallel, "--output-dir", str(root / f"cuda-{parallel}")], nproc=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for a, b in zip(_metrics(root / f"cuda-{parallel}"), _metrics(root / "cuda-one"), strict=True):
+        assert a["batch_sha1"] == b["batch_sha1"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
+    assert all(p > 0 for p in _metrics(root / f"cuda-{parallel}")[-1]["memory"]["peak_train_mib"])

@@ -37,7 +37,6 @@ import contextlib
 import math
 import os
 import sys
-from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -120,25 +119,72 @@ def _rank_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-@dataclass
-class Parallel:
-    """The ranks of a torchrun run and what the training loop asks of them."""
+class OneProcess:
+    """What the training loop asks of the processes of a run, for a run of one: every call is the single-process
+    step as it always was (Parallel below answers the same calls for torchrun's ranks)."""
 
-    mode: str  # "ddp" or "fsdp"
-    rank: int
-    world_size: int
-    device: torch.device
-    mesh: DeviceMesh
-    batch_size: int  # rows per optimizer step, over all ranks
+    rank, world_size, is_main, distributed = 0, 1, True, False
 
-    @classmethod
-    def of(cls, config, device: torch.device) -> Parallel | None:
-        """The run's ranks (setup() joined the process group), or None for a single process."""
+    @staticmethod
+    def of(config, device: torch.device) -> OneProcess:
+        """The run's processes: Parallel under torchrun (setup() joined the process group), else OneProcess."""
         if config.parallel == "none":
-            return None
+            return OneProcess()
         world_size = dist.get_world_size()
         mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
-        return cls(config.parallel, dist.get_rank(), world_size, device, mesh, config.batch_size)
+        return Parallel(config.parallel, dist.get_rank(), world_size, device, mesh, config.batch_size)
+
+    def shard(self, model: nn.Module, optimizer):
+        """(model, optimizer) for the engine."""
+        return model, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The model itself."""
+        return model
+
+    def micro_batches(self, stream, rows: list) -> tuple[list[dict], int]:
+        """This process's micro-batches of a step's `rows` and how many of them are real (all, here)."""
+        batches = stream.micro_batches(rows)
+        return batches, len(batches)
+
+    def eval_batches(self, batches: list[dict]) -> tuple[list[dict], int]:
+        """This process's share of the validation batches and how many are real (all, here)."""
+        return batches, len(batches)
+
+    def sum(self, *values: float) -> list[float]:
+        """Each value summed over the processes."""
+        return list(values)
+
+    def gather(self, value: float) -> list[float]:
+        """[value of rank 0, value of rank 1, ...]."""
+        return [value]
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """One process draws from the generators it saves in its checkpoints."""
+
+    def sync_gradients(self, model: nn.Module, last: bool):
+        """Context for a micro-batch's forward and backward."""
+        return contextlib.nullcontext()
+
+    def save_checkpoint(self, root: str, step: int, model, optimizer, trainer_state: dict, keep: int) -> None:
+        save_checkpoint(root, step, model, optimizer, trainer_state, keep)
+
+    def save_adapter(self, model: nn.Module, directory: str, **kwargs) -> None:
+        save_adapter(model, directory, **kwargs)
+
+    def close(self) -> None:
+        """Nothing to leave."""
+
+
+class Parallel(OneProcess):
+    """The ranks of a torchrun run."""
+
+    distributed = True
+
+    def __init__(self, mode: str, rank: int, world_size: int, device: torch.device, mesh: DeviceMesh, batch_size: int):
+        self.mode = mode  # "ddp" or "fsdp"
+        self.rank, self.world_size, self.device, self.mesh = rank, world_size, device, mesh
+        self.batch_size = batch_size  # rows per optimizer step, over all ranks
 
     @property
     def is_main(self) -> bool:
@@ -152,7 +198,7 @@ class Parallel:
         if self.mode == "ddp":
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # gradient_as_bucket_view: gradients live in the all-reduce buckets (no second copy); no buffer changes
-            # in training, so none is broadcast before each forward.
+            # in training, so none is synchronised before each forward.
             wrapped = DistributedDataParallel(model, device_ids=device_ids, device_mesh=self.mesh,
                                               forward_sync_buffers=False, gradient_as_bucket_view=True)  # fmt: skip
             return wrapped, optimizer
@@ -176,22 +222,22 @@ class Parallel:
                 for name, p in self.unwrap(model).named_parameters() if p.requires_grad}  # fmt: skip
 
     def save_checkpoint(self, root: str, step: int, model, optimizer, trainer_state: dict, keep: int) -> None:
-        """checkpoint.save_checkpoint for the run: every rank gathers, rank 0 writes a single process's files (plus
-        the world size, which a bitwise resume needs unchanged)."""
+        """Every rank gathers, rank 0 writes a single process's files (plus the world size, which a bitwise resume
+        needs unchanged)."""
         weights, optimizer_state = self.whole_lora_weights(model), optimizer.state_dict()
         if self.is_main:
             save_checkpoint(root, step, self.unwrap(model), optimizer, {**trainer_state, "world_size": self.world_size},
                             keep, adapter_weights=weights, optimizer_state=optimizer_state)  # fmt: skip
 
     def save_adapter(self, model: nn.Module, directory: str, **kwargs) -> None:
-        """save_adapter for the run: every rank gathers, rank 0 writes."""
+        """Every rank gathers, rank 0 writes."""
         weights = self.whole_lora_weights(model)
         if self.is_main:
             save_adapter(self.unwrap(model), directory, weights=weights, **kwargs)
 
     def sync_gradients(self, model: nn.Module, last: bool):
-        """Context for a micro-batch's forward and backward: gradients are reduced over the ranks only on the step's
-        last micro-batch (the others accumulate locally)."""
+        """Gradients are reduced over the ranks only on the step's last micro-batch (the others accumulate
+        locally)."""
         if self.mode == "ddp":
             return contextlib.nullcontext() if last else model.no_sync()
         model.set_requires_gradient_sync(last)
@@ -199,10 +245,10 @@ class Parallel:
 
     # -- the data ------------------------------------------------------------------------------------------
     def micro_batches(self, stream, rows: list) -> tuple[list[dict], int]:
-        """This rank's micro-batches of a step's `rows` and how many of them are real: rank r takes rows
-        [r * b, (r + 1) * b), b = batch_size / world_size. Every rank must run as many forward and backward passes
-        (each is a collective), so when the short last step of an epoch leaves a rank fewer micro-batches than rank
-        0, it repeats the step's first one; the loop counts no targets for those."""
+        """Rank r takes rows [r * b, (r + 1) * b), b = batch_size / world_size, in micro-batches. Every rank must
+        run as many forward and backward passes (each is a collective), so when the short last step of an epoch
+        leaves a rank fewer micro-batches than rank 0, it repeats the step's first one; the loop counts no targets
+        for those."""
         per_rank = self.batch_size // self.world_size
         mine = stream.micro_batches(rows[self.rank * per_rank : (self.rank + 1) * per_rank])
         needed = math.ceil(min(per_rank, len(rows)) / stream.micro_batch_size)  # rank 0's count, the largest
@@ -210,8 +256,8 @@ class Parallel:
         return mine + filler * (needed - len(mine)), len(mine)
 
     def eval_batches(self, batches: list[dict]) -> tuple[list[dict], int]:
-        """This rank's share of the validation batches (every world_size-th) and how many are real; padded with
-        repeats of the first so that every rank runs as many forward passes."""
+        """Every world_size-th batch, padded with repeats of the first so that every rank runs as many forward
+        passes."""
         mine = batches[self.rank :: self.world_size]
         needed = math.ceil(len(batches) / self.world_size)
         return mine + batches[:1] * (needed - len(mine)), len(mine)
@@ -223,22 +269,19 @@ class Parallel:
         return t.tolist()
 
     def gather(self, value: float) -> list[float]:
-        """[value of rank 0, value of rank 1, ...] (one all_gather)."""
+        """One all_gather."""
         out = [torch.zeros(1, dtype=torch.float64, device=self.device) for _ in range(self.world_size)]
         dist.all_gather(out, torch.tensor([value], dtype=torch.float64, device=self.device), group=self.mesh.get_group())
         return [float(t) for t in out]
 
     def seed_step(self, seed: int, step: int) -> None:
-        """Reseed this rank's generators for optimizer step `step`: dropout masks differ between ranks and a
-        resumed run draws the same ones as the uninterrupted run."""
+        """Reseed this rank's generators for optimizer step `step`: dropout masks differ between ranks, and a
+        resumed run draws the same ones as the uninterrupted run without N generator states in the checkpoint."""
         torch.manual_seed(((seed * 1_000_003) + step) * self.world_size + self.rank)
-
-    def barrier(self) -> None:
-        dist.barrier(group=self.mesh.get_group())
 
     def close(self) -> None:
         """Leave the process group once every rank is done (rank 0 has written the outputs)."""
-        self.barrier()
+        dist.barrier(group=self.mesh.get_group())
         dist.destroy_process_group()
 
 

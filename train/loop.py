@@ -19,22 +19,21 @@ import math
 import os
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch.distributed.tensor import DTensor
 
-from nf4lora.lora import add_lora, save_adapter
+from nf4lora.lora import add_lora
 from nf4lora.models import Tokenizer
 from nf4lora.models.generic import read_model_config
 
 from . import distributed
 from .allocator import keep_freed_memory
-from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
 from .config import TrainConfig, check_writable_dir
 from .data import DataStream, Example, eval_batches, load_examples, split_validation
-from .distributed import Parallel, packed_bytes, peak_memory_mib
+from .distributed import OneProcess, packed_bytes, peak_memory_mib
 from .merged import finetune_note
 from .optim import PagedAdamW
 from .resources import check_seq_len, load_base, resolve_data, resolve_model
@@ -75,24 +74,23 @@ def _n_tokens(batch) -> int:
     return int(real.sum())
 
 
-def evaluate_loss(model, batches, device, autocast: bool, par: Parallel | None = None) -> float:
-    """Mean cross-entropy per target token over `batches` (token-weighted, so batching does not change it); with
-    `par` the ranks share the batches and the mean is over all of them."""
+def evaluate_loss(model, batches, device, autocast: bool, ranks: OneProcess = OneProcess()) -> float:
+    """Mean cross-entropy per target token over `batches` (token-weighted, so batching does not change it); the
+    ranks of a distributed run share the batches and the mean is over all of them."""
     was_training = model.training
     model.eval()
-    batches, n_real = par.eval_batches(batches) if par is not None else (batches, len(batches))
+    batches, n_real = ranks.eval_batches(batches)
     total, count = 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         for i, batch in enumerate(batches):
             n = _n_targets(batch) if i < n_real else 0  # a repeat (i >= n_real) counts nothing
-            if n == 0 and par is None:
+            if n == 0 and not ranks.distributed:  # (ranks run as many forwards: collectives under FSDP2)
                 continue
-            loss = float(model(**_to(batch, device)).loss)  # ranks run as many forwards: collectives under FSDP2
+            loss = float(model(**_to(batch, device)).loss)
             if n:
                 total += loss * n
                 count += n
-    if par is not None:
-        total, count = par.sum(total, count)
+    total, count = ranks.sum(total, count)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -182,8 +180,7 @@ def _remove_earlier_run(output_dir: str) -> None:
 def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
     """Run the training described by `config`; `prepared` is prepare(config)'s result when already computed."""
     model, tokenizer, train_ex, val_ex, device = prepared if prepared is not None else prepare(config)
-    par = Parallel.of(config, device)  # None in a single process
-    main = par is None or par.is_main  # the process that writes metrics, checkpoints and the adapter
+    ranks = OneProcess.of(config, device)  # torchrun's ranks (train/distributed.py), or this process alone
     out = config.output_dir
     ckpt_root = os.path.join(out, "checkpoints")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -216,63 +213,54 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         start = state["step"]
         if os.path.exists(metrics_path):  # keep the history up to the checkpoint; later lines are redone
             metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
-        world_size = par.world_size if par is not None else 1
-        if state.get("world_size", 1) != world_size:
-            print(f"resuming a run of {state.get('world_size', 1)} processes in {world_size}: the same rows per "
-                  "step, summed in another order (close to, not bitwise, the uninterrupted run)")  # fmt: skip
-    elif main:
+        if state.get("world_size", 1) != ranks.world_size:
+            print(f"resuming a run of {state.get('world_size', 1)} processes in {ranks.world_size}: the same rows "
+                  "per step, summed in another order (close to, not bitwise, the uninterrupted run)")  # fmt: skip
+    elif ranks.is_main:
         _remove_earlier_run(out)  # what is there is what --overwrite allowed (prepare checked)
-    if main:
+    if ranks.is_main:
         _write_metrics(metrics_path, metrics)
-    if par is not None:  # every rank loaded the whole 4-bit base (quantized layer by layer): now shard it
-        memory = {"peak_load_mib": par.gather(peak_memory_mib(device, reset=True)),
+    if ranks.distributed:  # every rank loaded the whole 4-bit base (quantized layer by layer): now shard it
+        memory = {"peak_load_mib": ranks.gather(peak_memory_mib(device, reset=True)),
                   "packed_bytes_whole": packed_bytes(model)}  # fmt: skip
-        model, optimizer = par.shard(model, optimizer)
+        model, optimizer = ranks.shard(model, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
-        memory["packed_bytes"] = par.gather(packed_bytes(model))
+        memory["packed_bytes"] = ranks.gather(packed_bytes(model))
         print(f"packed 4-bit weights per rank: {_mib(memory['packed_bytes'])} of "
               f"{_mib([memory['packed_bytes_whole']])}; peak memory per rank while loading: "
               f"{_mib(memory['peak_load_mib'], 1)}")  # fmt: skip
 
     n_trainable = sum(p.numel() for p in params)  # a DTensor counts its whole shape
-    share = "" if par is None else f" on each of {par.world_size} ranks"
-    where = f"{device}" if par is None else f"{device.type} ({par.mode})"
+    where = f"{device}" if not ranks.distributed else f"{ranks.world_size} ranks ({ranks.mode}, {device.type})"
     print(f"training {n_trainable:,} LoRA parameters for {total_steps} steps ({len(train_ex)} examples, "
-          f"{accum // (par.world_size if par else 1)} micro-batches of {config.micro_batch_size} rows per step{share}) "
-          f"on {where}")  # fmt: skip
-    bar = _progress(config.progress and main, total_steps, start)
+          f"{accum // ranks.world_size} micro-batches of {config.micro_batch_size} rows per step"
+          f"{' per rank' if ranks.distributed else ''}) on {where}")  # fmt: skip
+    bar = _progress(config.progress and ranks.is_main, total_steps, start)
     model.train()
     t0, tokens_done = time.perf_counter(), 0
     for step in range(start, total_steps):
         position = stream.state_dict()
         rows = stream.next_rows()  # the step's rows, over all ranks
-        if par is None:
-            batches = stream.micro_batches(rows)
-            n_real = len(batches)
-        else:
-            batches, n_real = par.micro_batches(stream, rows)  # this rank's share
-            par.seed_step(config.seed, step)
+        batches, n_real = ranks.micro_batches(stream, rows)  # this rank's share (repeats after the n_real first)
+        ranks.seed_step(config.seed, step)
         counts = [_n_targets(b) if i < n_real else 0 for i, b in enumerate(batches)]
-        step_targets = sum(counts) if par is None else int(par.sum(sum(counts))[0])
-        # The engine averages gradients over the ranks: world_size * n / N makes the sum over all N targets.
-        scale = 1 if par is None else par.world_size
+        step_targets = int(ranks.sum(sum(counts))[0])
         lr = lr_at(step, config, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
         for i, (batch, n) in enumerate(zip(batches, counts)):
-            if n == 0 and par is None:
-                continue  # (with par every rank runs as many passes: a repeat is weighted 0 instead)
-            with par.sync_gradients(model, i == len(batches) - 1) if par is not None else nullcontext():
+            if n == 0 and not ranks.distributed:
+                continue  # (ranks run as many passes as each other: a repeat is weighted 0 instead)
+            with ranks.sync_gradients(model, last=i == len(batches) - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                     loss = model(**_to(batch, device)).loss
-                (loss * (n * scale / step_targets)).backward()
+                # The engine averages gradients over the ranks: world_size * n / N sums to the mean over all N.
+                (loss * (n * ranks.world_size / step_targets)).backward()
             if n:
                 loss_sum += float(loss.detach()) * n
-        tokens = sum(_n_tokens(b) for b in batches[:n_real])
-        if par is not None:
-            loss_sum, tokens = par.sum(loss_sum, tokens)
-            tokens = int(tokens)
+        loss_sum, tokens = ranks.sum(loss_sum, sum(_n_tokens(b) for b in batches[:n_real]))
+        tokens = int(tokens)
         grad_norm = _grad_norm(params, config.max_grad_norm)
         if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):  # before the update: nothing is spoiled
             raise ValueError(
@@ -290,42 +278,36 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
             "step": step + 1, "loss": loss_sum / max(step_targets, 1), "lr": lr, "grad_norm": float(grad_norm),
             "tokens": tokens, "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed,
             "data_epoch": position["epoch"], "data_row": position["row"],
-            "batch_sha1": _batch_fingerprint(batches if par is None else stream.micro_batches(rows)),
+            "batch_sha1": _batch_fingerprint(stream.micro_batches(rows) if ranks.distributed else batches),
             "compute_dtype": config.compute_dtype, "bf16_autocast": autocast,
         }  # fmt: skip
         done = step + 1
         if val_batches and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
-            record["val_loss"] = evaluate_loss(model, val_batches, device, autocast, par)
-        if par is not None and done == total_steps:
-            record["memory"] = {**memory, "peak_train_mib": par.gather(peak_memory_mib(device))}
+            record["val_loss"] = evaluate_loss(model, val_batches, device, autocast, ranks)
+        if ranks.distributed and done == total_steps:
+            record["memory"] = {**memory, "peak_train_mib": ranks.gather(peak_memory_mib(device))}
             print(f"peak memory per rank while training: {_mib(record['memory']['peak_train_mib'], 1)}")
         metrics.append(record)
-        if main:
+        if ranks.is_main:
             _append_metrics(metrics_path, record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
         if config.save_every and done % config.save_every == 0 and done < total_steps:
-            trainer_state = {"total_steps": total_steps, "data": stream.state_dict(), "config": config.to_dict()}
-            if par is None:
-                save_checkpoint(ckpt_root, done, model, optimizer, trainer_state, config.keep_checkpoints)
-            else:
-                par.save_checkpoint(ckpt_root, done, model, optimizer, trainer_state, config.keep_checkpoints)
+            ranks.save_checkpoint(
+                ckpt_root, done, model, optimizer,
+                {"total_steps": total_steps, "data": stream.state_dict(), "config": config.to_dict()},
+                config.keep_checkpoints,
+            )  # fmt: skip
     if bar is not None:
         bar.close()
 
     adapter_dir = os.path.join(out, "adapter")
-    base_name = config.model or "HuggingFaceTB/SmolLM2-135M-Instruct"
-    if par is None:
-        save_adapter(model, adapter_dir, base_model_name_or_path=base_name)
-    else:
-        par.save_adapter(model, adapter_dir, base_model_name_or_path=base_name)
-    if main:
+    ranks.save_adapter(model, adapter_dir, base_model_name_or_path=config.model or "HuggingFaceTB/SmolLM2-135M-Instruct")
+    if ranks.is_main:
         plot_losses(metrics, os.path.join(out, "loss.png"))
-    if par is not None:
-        par.close()  # every rank waits here until rank 0 has written everything
-        model = par.unwrap(model)
-    model.eval()
+    ranks.close()  # every rank waits here until rank 0 has written everything
+    model = ranks.unwrap(model).eval()
     return TrainResult(model, tokenizer, adapter_dir, metrics, val_ex)
 
 
