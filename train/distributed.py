@@ -196,14 +196,20 @@ class Parallel(OneProcess):
         the parameters become DTensor shards, so the optimizer is made anew over them and keeps this rank's shard of
         the state the given one holds (a resumed run's, loaded whole)."""
         if self.mode == "ddp":
+            # Every rank loaded the same checkpoint and quantized it the same way, so the frozen base is the same
+            # everywhere; DDP's init_sync would broadcast all of it (a transient copy of the whole model on every
+            # rank, and minutes for a 70B base between nodes). Only the trainable factors come from rank 0.
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.detach(), src=0, group=self.mesh.get_group())
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             # gradient_as_bucket_view: gradients live in the all-reduce buckets (no second copy); no buffer changes
             # in training, so none is synchronised before each forward.
-            wrapped = DistributedDataParallel(model, device_ids=device_ids, device_mesh=self.mesh,
+            wrapped = DistributedDataParallel(model, device_ids=device_ids, device_mesh=self.mesh, init_sync=False,
                                               forward_sync_buffers=False, gradient_as_bucket_view=True)  # fmt: skip
             return wrapped, optimizer
         whole = optimizer.state_dict()
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             fully_shard(layer, mesh=self.mesh)
         fully_shard(model, mesh=self.mesh)  # the rest: embeddings, final norm, lm_head
         params = [p for p in model.parameters() if p.requires_grad]
@@ -283,6 +289,16 @@ class Parallel(OneProcess):
         """Leave the process group once every rank is done (rank 0 has written the outputs)."""
         dist.barrier(group=self.mesh.get_group())
         dist.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers, FSDP2's units: the nn.ModuleList holding most of the parameters
+    (model.layers of the native decoder; transformer.h, gpt_neox.layers, ... of transformers' models)."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    if not stacks:
+        raise ValueError(f"--parallel fsdp shards a model layer by layer, and {type(model).__name__} keeps no "
+                         "layers in an nn.ModuleList; use --parallel ddp")  # fmt: skip
+    return max(stacks, key=lambda stack: sum(p.numel() for p in stack.parameters()))
 
 
 def packed_bytes(model: nn.Module) -> int:

@@ -225,10 +225,11 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
                   "packed_bytes_whole": packed_bytes(model)}  # fmt: skip
         model, optimizer = ranks.shard(model, optimizer)
         params = [p for p in model.parameters() if p.requires_grad]
+        memory["peak_shard_mib"] = ranks.gather(peak_memory_mib(device, reset=True))
         memory["packed_bytes"] = ranks.gather(packed_bytes(model))
         print(f"packed 4-bit weights per rank: {_mib(memory['packed_bytes'])} of "
               f"{_mib([memory['packed_bytes_whole']])}; peak memory per rank while loading: "
-              f"{_mib(memory['peak_load_mib'], 1)}")  # fmt: skip
+              f"{_mib(memory['peak_load_mib'], 1)}, while sharding: {_mib(memory['peak_shard_mib'], 1)}")  # fmt: skip
 
     n_trainable = sum(p.numel() for p in params)  # a DTensor counts its whole shape
     where = f"{device}" if not ranks.distributed else f"{ranks.world_size} ranks ({ranks.mode}, {device.type})"
