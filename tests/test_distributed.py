@@ -11,7 +11,6 @@ float32 compute (--compute-dtype float32, so the results hold on every CPU).
 Every launch costs ~10 s on the 2-core CI machine (two interpreters importing torch), so the runs are shared.
 """
 
-import contextlib
 import json
 import os
 import shutil
@@ -24,8 +23,6 @@ import torch
 from safetensors.torch import load_file
 
 from nf4lora.train.cli import main
-from nf4lora.train.config import TrainConfig
-from nf4lora.train.loop import train
 from test_train_helpers import date_records, write_jsonl, write_tiny_model
 
 # The rows of a step split over 2 ranks are the micro-batches one process runs, so DDP's losses come out equal; FSDP2
@@ -98,27 +95,14 @@ def setup(tmp_path_factory):
     return root, model, data
 
 
-@contextlib.contextmanager
-def one_thread():
-    """Runs in this process take one thread, like each torchrun rank (OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def one_process(setup):
-    """The reference: the same run in one process."""
-    root, model, data = setup
-    cfg = TrainConfig(model=model, data=data, output_dir=str(root / "one"), seq_len=128, batch_size=4,
-                      micro_batch_size=2, max_steps=5, save_every=2, eval_every=2, warmup_steps=1, lr=5e-3,
-                      lora_r=4, lora_dropout=0.0, compute_dtype="float32", progress=False)  # fmt: skip
-    with one_thread():
-        train(cfg)
-    return root / "one"
+    """The reference: the same run in one process (`python -m nf4lora`, one thread like each rank)."""
+    out = setup[0] / "one"
+    run = subprocess.run([sys.executable, "-m", "nf4lora", "finetune", *_common(setup, 0.0), "--output-dir", str(out)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +211,7 @@ def test_killed_two_rank_run_resumes_bit_for_bit(setup):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
 def test_a_two_rank_checkpoint_resumes_in_one_process(setup, two_ranks):
     """The FSDP2 run's checkpoint of step 2, continued by one process: the same rows, summed in another order, so
     the result is the 2-rank run's to float32 rounding (dropout is off in these runs)."""
@@ -236,8 +221,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(setup, two_ranks):
     shutil.rmtree(out / "adapter")
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     (out / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "dir": "step-00000002"}))
-    with one_thread():
-        assert main(["finetune", *_common(setup, 0.0), "--output-dir", str(out), "--resume"]) == 0
+    assert main(["finetune", *_common(setup, 0.0), "--output-dir", str(out), "--resume"]) == 0
     two, one = _metrics(run), _metrics(out)
     assert [m["batch_sha1"] for m in one] == [m["batch_sha1"] for m in two]
     for x, y in zip(two[2:], one[2:], strict=True):
