@@ -5,7 +5,8 @@
 One process per device: cuda:LOCAL_RANK with nccl, or the CPU with gloo, the same code. The device mesh is always
 explicit (one dimension over all ranks): with CUDA visible, the default mesh is CUDA, which a gloo run cannot use.
 
-- ddp: DistributedDataParallel. Every rank holds the whole 4-bit base; only the LoRA gradients are all-reduced.
+- ddp: DistributedDataParallel. Every rank holds the whole 4-bit base (loaded identically by each, so only the
+  LoRA factors are broadcast from rank 0); only the LoRA gradients are all-reduced.
 - fsdp: FSDP2 (`fully_shard`) on every decoder layer, then on the root. Every parameter is sharded on dim 0 over
   the ranks: LoRA factors, norms, embeddings, and the packed 4-bit weights (Linear4bit.weight is a frozen uint8
   Parameter of shape (out * in / 2, 1)). A unit is all-gathered before its forward and again in backward, so a
