@@ -92,12 +92,15 @@ def save_adapter(
     *,
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the LoRA weights of `model` (float32, on the CPU) and a PEFT adapter_config.json into `directory`.
 
     task_type defaults to "CAUSAL_LM" for *ForCausalLM and *LMHeadModel (GPT-2) models (what PeftModel.from_pretrained
     keys on), else none;
     base_model_name_or_path (a str or path) defaults to model.config.name_or_path when the model has one.
+    weights: the LoRA tensors by parameter name ("<layer>.lora_A.weight", as model.named_parameters() has them)
+    when the model's own are not whole, e.g. gathered from the shards of a distributed run.
     """
     _check_root(model)
     if task_type is not None and not isinstance(task_type, str):
@@ -118,8 +121,10 @@ def save_adapter(
 
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"{KEY_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().float().cpu().contiguous()
-        tensors[f"{KEY_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().float().cpu().contiguous()
+        for part in ("lora_A", "lora_B"):
+            key = f"{name}.{part}.weight"
+            value = getattr(layer, part).weight if weights is None else weights[key]
+            tensors[KEY_PREFIX + key] = value.detach().float().cpu().contiguous()
     config = {
         "peft_type": "LORA",
         "task_type": task_type,

@@ -6,9 +6,11 @@ uint8 tensor of shape ((out * in + 1) // 2, 1) and the quantization state is wri
 `weight.quant_state.bitsandbytes__<nf4|fp4>`, so state dicts move between the two libraries unchanged.
 
 Quantization happens only in explicit calls (the constructor, `from_linear`); `.to()` moves bytes; forward only
-reads. The QuantState is a plain attribute rather than buffers because module dtype casts (`model.to(bf16)`,
-`.half()`) must never touch the float32 block scales: `_apply` lets the cast reach the uint8 weight (which
-ignores dtype casts) and then moves the state to wherever the weight went.
+reads. The packed weight is a frozen uint8 Parameter (never trained; FSDP2 can shard it). The QuantState is a
+plain attribute rather than buffers or parameters because module dtype casts (`model.to(bf16)`, `.half()`) and
+FSDP2's mixed precision must never touch the float32 block scales: `_apply` lets the cast reach the uint8 weight
+(which ignores dtype casts) and then moves the state to wherever the weight went. Under FSDP2 the state (about 3%
+of the packed bytes with double quantization) is therefore replicated on every rank.
 """
 
 from __future__ import annotations
@@ -75,7 +77,10 @@ class Linear4bit(nn.Module):
     def _setup(self, packed: torch.Tensor, state: QuantState, bias, compute_dtype, bias_requires_grad=True) -> None:
         self.out_features, self.in_features = state.shape
         self.compute_dtype = compute_dtype
-        self.register_buffer("weight", packed.view(-1, 1))  # ((out * in + 1) // 2, 1) uint8, bitsandbytes' layout
+        # ((out * in + 1) // 2, 1) uint8, bitsandbytes' layout. A frozen Parameter rather than a buffer: FSDP2
+        # (fully_shard) shards parameters only, on dim 0, so each rank holds 1/world of the packed bytes and the
+        # whole weight is all-gathered before forward; buffers would stay whole on every rank.
+        self.weight = nn.Parameter(packed.view(-1, 1), requires_grad=False)
         self.quant_state = state
         # The bias is an ordinary parameter, trainable unless frozen, as in nn.Linear and bitsandbytes.
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias_requires_grad)

@@ -40,8 +40,7 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(f.fileno())
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
     tensors = {
         f"{idx}.{key}": value.detach().cpu().contiguous().reshape(value.shape)
         for idx, state in sd["state"].items()
@@ -51,16 +50,20 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     return tensors, groups
 
 
-def save_checkpoint(root: str, step: int, model, optimizer, trainer_state: dict, keep: int) -> str:
-    """Write checkpoint `step` under `root`, point latest.json at it, prune to the newest `keep`. Returns its dir."""
+def save_checkpoint(
+    root: str, step: int, model, optimizer, trainer_state: dict, keep: int, *, adapter_weights=None, optimizer_state=None
+) -> str:
+    """Write checkpoint `step` under `root`, point latest.json at it, prune to the newest `keep`. Returns its dir.
+    A distributed run gathers the LoRA weights (save_adapter's `weights`) and the optimizer's state dict whole on
+    every rank and passes them in; rank 0 writes."""
     os.makedirs(root, exist_ok=True)
     _remove_leftovers(root)
     name = f"step-{step:08d}"
     final = os.path.join(root, name)
     tmp = make_hidden_dir(root, name)  # the ordinary mode, as every file in it (see models/output_dir.py)
     try:
-        save_adapter(model, os.path.join(tmp, "adapter"))
-        tensors, groups = _optimizer_tensors(optimizer)
+        save_adapter(model, os.path.join(tmp, "adapter"), weights=adapter_weights)
+        tensors, groups = _optimizer_tensors(optimizer.state_dict() if optimizer_state is None else optimizer_state)
         write_file_atomic(os.path.join(tmp, OPTIMIZER), lambda f: save_file(tensors, f, metadata={"format": "pt"}))
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 
 import torch
 
@@ -156,6 +157,10 @@ def cmd_finetune(args) -> None:
     prepared = prepare(config)  # every input is checked here, before any training
     eos = stop_token_ids(resolve_model(config.model), prepared[0].config, prepared[1])
     report = report and bool(prepared[3])  # needs validation examples
+    if config.parallel != "none":  # generating on a model split over processes would need every rank to join in
+        report, args.show = False, 0
+        print("under torchrun, exact match and sample generations are skipped: run `nf4lora eval` or "
+              "`nf4lora generate` with the adapter")  # fmt: skip
     if report:
         model, tokenizer, _, val_ex, _ = prepared  # LoRA B = 0: the model still computes the base exactly
         before = _accuracy(model, tokenizer, val_ex, config, exact_match, eos)
@@ -312,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # progress lines appear in order with the bar, also in logs
     commands = {"finetune": cmd_finetune, "merge": cmd_merge, "eval": cmd_eval}
+    rank = f"[rank {os.environ['RANK']}] " if "WORLD_SIZE" in os.environ and "RANK" in os.environ else ""  # torchrun's
     try:
         if args.command in commands:
             commands[args.command](args)
@@ -319,8 +325,15 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except (ValueError, OSError) as e:  # bad input, or a path that cannot be read or written (a full disk)
         message = f"{e.filename!r}: {e.strerror}" if isinstance(e, OSError) and e.strerror and e.filename else e
-        print(f"nf4lora: error: {message}", file=sys.stderr)
+        print(f"nf4lora: error: {rank}{message}", file=sys.stderr)
         return 2
+    except Exception as e:  # under torchrun: this rank ends now, naming itself; torchrun then stops the others
+        if not rank:
+            raise
+        traceback.print_exc()
+        first_line = next(iter(str(e).strip().splitlines()), "")
+        print(f"nf4lora: error: {rank}{type(e).__name__}: {first_line}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,15 +15,17 @@ import torch
 SCHEDULES = ("constant", "cosine")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 QUANT_TYPES = ("nf4", "fp4")  # plus "none" for a 16-bit base (plain LoRA)
+PARALLEL = ("none", "ddp", "fsdp")  # how torchrun's processes share a run (train/distributed.py)
 
 # Fields a resumed run may change: they decide how the run executes (where outputs go, how often it evaluates or
 # saves, memory/speed trade-offs, threads, the device, the micro-batch split of each step), not which rows each
 # step trains on or which update it makes. Every other field changes the training trajectory, so --resume refuses
 # a checkpoint saved with a different value. The numerics of a changed micro-batch split, device, thread count,
-# recomputation or loss chunking differ in rounding only; a bitwise-equal continuation needs them unchanged too.
+# recomputation, loss chunking, --parallel mode or number of processes differ in rounding only; a bitwise-equal
+# continuation needs them unchanged too.
 RESUMABLE_CHANGES = frozenset({
     "output_dir", "eval_every", "save_every", "keep_checkpoints", "device", "threads", "keep_freed_memory", "resume",
-    "overwrite", "progress", "gradient_checkpointing", "loss_chunk_tokens", "micro_batch_size",
+    "overwrite", "progress", "gradient_checkpointing", "loss_chunk_tokens", "micro_batch_size", "parallel",
 })  # fmt: skip
 
 
@@ -97,6 +99,10 @@ class TrainConfig:
     # (train/allocator.py has the measurements, then and now)
     keep_freed_memory: bool = _f(False, "CPU runs: glibc malloc keeps freed memory for the next step instead of "
                                         "returning it to the OS and faulting it in again (process-wide)")
+    # none: one process. Under torchrun, ddp or fsdp (train/distributed.py); checkpoints are the same either way.
+    parallel: str = _f("none", "how the processes torchrun starts share the run: ddp (every rank holds the whole "
+                               "4-bit base; LoRA gradients are all-reduced), fsdp (FSDP2: parameters, the packed "
+                               "4-bit weights included, sharded over the ranks) or none (one process)")  # fmt: skip
     resume: bool = _f(False, "continue from the newest checkpoint in --output-dir")
     overwrite: bool = _f(False, "start afresh in an --output-dir that holds an earlier run: its checkpoints, "
                                 "metrics.jsonl, adapter and loss.png are removed first")  # fmt: skip
@@ -130,6 +136,7 @@ class TrainConfig:
         need(self.quant_type in (*QUANT_TYPES, "none"), "quant_type", f"one of {(*QUANT_TYPES, 'none')}")
         need(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"one of {COMPUTE_DTYPES}")
         need(self.schedule in SCHEDULES, "schedule", f"one of {SCHEDULES}")
+        need(self.parallel in PARALLEL, "parallel", f"one of {PARALLEL}")
         for name in ("lora_r", "seq_len", "batch_size", "micro_batch_size", "blocksize", "keep_checkpoints"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer")
         for name in ("warmup_steps", "max_steps", "eval_every", "save_every", "threads", "loss_chunk_tokens"):

@@ -302,16 +302,24 @@ class DataStream:
         return self
 
     def __next__(self) -> list[dict[str, torch.Tensor]]:
+        return self.micro_batches(self.next_rows())
+
+    def next_rows(self) -> list[list[Example]]:
+        """The next step's rows (batch_size of them, fewer at the end of an epoch), advancing the position."""
         rows = self._epoch_rows(self.epoch)
         step = rows[self.row : self.row + self.batch_size]
         self.row += self.batch_size
         if self.row >= len(rows):
             self.epoch, self.row = self.epoch + 1, 0
+        return step
+
+    def micro_batches(self, rows: list[list[Example]]) -> list[dict[str, torch.Tensor]]:
+        """`rows` cut into collated micro-batches of micro_batch_size rows (the last may have fewer)."""
         # Packed rows have a fixed length (seq_len) so every step has the same shape; padded rows only need the
         # longest example of the micro-batch.
         m = self.micro_batch_size
-        return [collate(step[i : i + m], self.pad_id, self.pack, self.seq_len if self.pack else None)
-                for i in range(0, len(step), m)]  # fmt: skip
+        return [collate(rows[i : i + m], self.pad_id, self.pack, self.seq_len if self.pack else None)
+                for i in range(0, len(rows), m)]  # fmt: skip
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "row": self.row, "seed": self.seed}

@@ -7,7 +7,8 @@ of the step's target tokens (so the step's gradient is that of the mean loss ove
 the padding or packing), clip the global norm, set the learning rate for the step, PagedAdamW.step(). Everything
 that decides the next step (adapter, optimizer state, step number, data position, RNG) is in the checkpoint, so a
 resumed run is bitwise the uninterrupted one on the same machine (and trains on the same rows when it changes
-only how the run executes: see config.RESUMABLE_CHANGES).
+only how the run executes: see config.RESUMABLE_CHANGES). Under torchrun (--parallel ddp|fsdp) the same step
+runs split by rank: train/distributed.py says how, and the loop calls it where a single process would not.
 """
 
 from __future__ import annotations
@@ -21,16 +22,18 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
-from nf4lora.lora import add_lora, save_adapter
+from nf4lora.lora import add_lora
 from nf4lora.models import Tokenizer
 from nf4lora.models.generic import read_model_config
-from nf4lora.models.loading import resolve_device
 
+from . import distributed
 from .allocator import keep_freed_memory
-from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_trainer_state
 from .config import TrainConfig, check_writable_dir
 from .data import DataStream, Example, eval_batches, load_examples, split_validation
+from .distributed import OneProcess, packed_bytes, peak_memory_mib
 from .merged import finetune_note
 from .optim import PagedAdamW
 from .resources import check_seq_len, load_base, resolve_data, resolve_model
@@ -71,17 +74,23 @@ def _n_tokens(batch) -> int:
     return int(real.sum())
 
 
-def evaluate_loss(model, batches, device, autocast: bool) -> float:
-    """Mean cross-entropy per target token over `batches` (token-weighted, so batching does not change it)."""
+def evaluate_loss(model, batches, device, autocast: bool, ranks: OneProcess = OneProcess()) -> float:
+    """Mean cross-entropy per target token over `batches` (token-weighted, so batching does not change it); the
+    ranks of a distributed run share the batches and the mean is over all of them."""
     was_training = model.training
     model.eval()
+    batches, n_real = ranks.eval_batches(batches)
     total, count = 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        for batch in batches:
-            n = _n_targets(batch)
+        for i, batch in enumerate(batches):
+            n = _n_targets(batch) if i < n_real else 0  # a repeat (i >= n_real) counts nothing
+            if n == 0 and not ranks.distributed:  # (ranks run as many forwards: collectives under FSDP2)
+                continue
+            loss = float(model(**_to(batch, device)).loss)
             if n:
-                total += float(model(**_to(batch, device)).loss) * n
+                total += loss * n
                 count += n
+    total, count = ranks.sum(total, count)
     model.train(was_training)
     return total / max(count, 1)
 
@@ -102,7 +111,7 @@ def prepare(config: TrainConfig):
         torch.set_num_threads(config.threads)
     check_writable_dir(config.output_dir)
     _check_no_earlier_run(config)
-    device = resolve_device(config.device)
+    device = distributed.setup(config)  # --device, or this rank's under torchrun (refuses a batch it cannot share)
     print(f"compute dtype: {config.resolve(device)}")  # "auto" becomes what this device multiplies fastest
     if config.resume:  # after resolve(): the saved config names what ran, not "auto"
         _check_resumable(config)
@@ -171,6 +180,7 @@ def _remove_earlier_run(output_dir: str) -> None:
 def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
     """Run the training described by `config`; `prepared` is prepare(config)'s result when already computed."""
     model, tokenizer, train_ex, val_ex, device = prepared if prepared is not None else prepare(config)
+    ranks = OneProcess.of(config, device)  # torchrun's ranks (train/distributed.py), or this process alone
     out = config.output_dir
     ckpt_root = os.path.join(out, "checkpoints")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -194,7 +204,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         if ckpt is None:
             raise ValueError(f"--resume: no checkpoint under {ckpt_root!r}")
         config.check_resumes(read_trainer_state(ckpt).get("config", {}), f"checkpoint {ckpt!r}")
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, model, optimizer)  # whole tensors, into every rank before sharding
         if state["total_steps"] != total_steps:
             raise ValueError(
                 f"--resume: the checkpoint belongs to a run of {state['total_steps']} steps, this one has {total_steps}"
@@ -203,32 +213,55 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         start = state["step"]
         if os.path.exists(metrics_path):  # keep the history up to the checkpoint; later lines are redone
             metrics = [m for m in _read_metrics(metrics_path) if m["step"] <= start]
-    else:
+        if state.get("world_size", 1) != ranks.world_size:
+            print(f"resuming a run of {state.get('world_size', 1)} processes in {ranks.world_size}: the same rows "
+                  "per step, summed in another order (close to, not bitwise, the uninterrupted run)")  # fmt: skip
+    elif ranks.is_main:
         _remove_earlier_run(out)  # what is there is what --overwrite allowed (prepare checked)
-    _write_metrics(metrics_path, metrics)
+    if ranks.is_main:
+        _write_metrics(metrics_path, metrics)
+    if ranks.distributed:  # every rank loaded the whole 4-bit base (quantized layer by layer): now shard it
+        memory = {"peak_load_mib": ranks.gather(peak_memory_mib(device, reset=True)),
+                  "packed_bytes_whole": packed_bytes(model)}  # fmt: skip
+        model, optimizer = ranks.shard(model, optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        memory["peak_shard_mib"] = ranks.gather(peak_memory_mib(device, reset=True))
+        memory["packed_bytes"] = ranks.gather(packed_bytes(model))
+        print(f"packed 4-bit weights per rank: {_mib(memory['packed_bytes'])} of "
+              f"{_mib([memory['packed_bytes_whole']])}; peak memory per rank while loading: "
+              f"{_mib(memory['peak_load_mib'], 1)}, while sharding: {_mib(memory['peak_shard_mib'], 1)}")  # fmt: skip
 
-    n_trainable = sum(p.numel() for p in params)
+    n_trainable = sum(p.numel() for p in params)  # a DTensor counts its whole shape
+    where = f"{device}" if not ranks.distributed else f"{ranks.world_size} ranks ({ranks.mode}, {device.type})"
     print(f"training {n_trainable:,} LoRA parameters for {total_steps} steps ({len(train_ex)} examples, "
-          f"{accum} micro-batches of {config.micro_batch_size} rows per step) on {device}")  # fmt: skip
-    bar = _progress(config.progress, total_steps, start)
+          f"{accum // ranks.world_size} micro-batches of {config.micro_batch_size} rows per step"
+          f"{' per rank' if ranks.distributed else ''}) on {where}")  # fmt: skip
+    bar = _progress(config.progress and ranks.is_main, total_steps, start)
     model.train()
     t0, tokens_done = time.perf_counter(), 0
     for step in range(start, total_steps):
         position = stream.state_dict()
-        batches = next(stream)  # the step's micro-batches: accum of them, fewer at the end of an epoch
-        step_targets = sum(_n_targets(b) for b in batches)
+        rows = stream.next_rows()  # the step's rows, over all ranks
+        batches, n_real = ranks.micro_batches(stream, rows)  # this rank's share (repeats after the n_real first)
+        ranks.seed_step(config.seed, step)
+        counts = [_n_targets(b) if i < n_real else 0 for i, b in enumerate(batches)]
+        step_targets = int(ranks.sum(sum(counts))[0])
         lr = lr_at(step, config, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for batch in batches:
-            n = _n_targets(batch)
-            if n == 0:
-                continue
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(**_to(batch, device)).loss
-            (loss * (n / step_targets)).backward()
-            loss_sum += float(loss.detach()) * n
+        for i, (batch, n) in enumerate(zip(batches, counts)):
+            if n == 0 and not ranks.distributed:
+                continue  # (ranks run as many passes as each other: a repeat is weighted 0 instead)
+            with ranks.sync_gradients(model, last=i == len(batches) - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = model(**_to(batch, device)).loss
+                # The engine averages gradients over the ranks: world_size * n / N sums to the mean over all N.
+                (loss * (n * ranks.world_size / step_targets)).backward()
+            if n:
+                loss_sum += float(loss.detach()) * n
+        loss_sum, tokens = ranks.sum(loss_sum, sum(_n_tokens(b) for b in batches[:n_real]))
+        tokens = int(tokens)
         grad_norm = _grad_norm(params, config.max_grad_norm)
         if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):  # before the update: nothing is spoiled
             raise ValueError(
@@ -240,25 +273,29 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        tokens = sum(_n_tokens(b) for b in batches)
         tokens_done += tokens
         elapsed = time.perf_counter() - t0
         record = {
             "step": step + 1, "loss": loss_sum / max(step_targets, 1), "lr": lr, "grad_norm": float(grad_norm),
             "tokens": tokens, "tokens_per_s": tokens_done / elapsed, "elapsed_s": elapsed,
-            "data_epoch": position["epoch"], "data_row": position["row"], "batch_sha1": _batch_fingerprint(batches),
+            "data_epoch": position["epoch"], "data_row": position["row"],
+            "batch_sha1": _batch_fingerprint(stream.micro_batches(rows) if ranks.distributed else batches),
             "compute_dtype": config.compute_dtype, "bf16_autocast": autocast,
         }  # fmt: skip
         done = step + 1
         if val_batches and (done == total_steps or (config.eval_every and done % config.eval_every == 0)):
-            record["val_loss"] = evaluate_loss(model, val_batches, device, autocast)
+            record["val_loss"] = evaluate_loss(model, val_batches, device, autocast, ranks)
+        if ranks.distributed and done == total_steps:
+            record["memory"] = {**memory, "peak_train_mib": ranks.gather(peak_memory_mib(device))}
+            print(f"peak memory per rank while training: {_mib(record['memory']['peak_train_mib'], 1)}")
         metrics.append(record)
-        _append_metrics(metrics_path, record)
+        if ranks.is_main:
+            _append_metrics(metrics_path, record)
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
         if config.save_every and done % config.save_every == 0 and done < total_steps:
-            save_checkpoint(
+            ranks.save_checkpoint(
                 ckpt_root, done, model, optimizer,
                 {"total_steps": total_steps, "data": stream.state_dict(), "config": config.to_dict()},
                 config.keep_checkpoints,
@@ -267,19 +304,28 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         bar.close()
 
     adapter_dir = os.path.join(out, "adapter")
-    save_adapter(model, adapter_dir, base_model_name_or_path=config.model or "HuggingFaceTB/SmolLM2-135M-Instruct")
-    plot_losses(metrics, os.path.join(out, "loss.png"))
-    model.eval()
+    ranks.save_adapter(model, adapter_dir, base_model_name_or_path=config.model or "HuggingFaceTB/SmolLM2-135M-Instruct")
+    if ranks.is_main:
+        plot_losses(metrics, os.path.join(out, "loss.png"))
+    ranks.close()  # every rank waits here until rank 0 has written everything
+    model = ranks.unwrap(model).eval()
     return TrainResult(model, tokenizer, adapter_dir, metrics, val_ex)
+
+
+def _mib(values: list[float], unit: float = 2**20) -> str:
+    """"12.5/12.4 MiB": one value per rank (in bytes, or in MiB with unit=1)."""
+    return "/".join(f"{v / unit:.4g}" for v in values) + " MiB"
 
 
 def _grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Global L2 norm of the gradients before clipping; clips them to `max_norm` when it is > 0. Parameters
-    without a gradient count as zero (a step may leave all of them without one)."""
+    without a gradient count as zero (a step may leave all of them without one). Sharded (DTensor) gradients give
+    the norm over all ranks' shards."""
     if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norms = [p.grad.norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 def _progress(enabled: bool, total: int, initial: int):

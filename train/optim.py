@@ -10,6 +10,12 @@ and the buffers are released when `step()` returns. On a CPU-only machine the st
 The update is torch.optim.AdamW's (decoupled weight decay, bias correction), computed in fp32 and written
 back in the parameter's dtype. State dicts have torch's layout: {"state": {i: {"step", "exp_avg",
 "exp_avg_sq"}}, "param_groups": [...]}.
+
+Sharded parameters (DTensors, as FSDP2's fully_shard makes them) are updated shard by shard: each rank keeps
+the state of its own shard and updates its shard of the parameter from its shard of the (already reduced)
+gradient; AdamW is elementwise, so the shards together make the update of the whole. State dicts always hold
+whole tensors, whatever the sharding: `state_dict()` all-gathers the shards (every rank calls it together) and
+`load_state_dict()` keeps each rank's shard of what it is given, so a checkpoint loads at any world size.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 # 2**20 elements: two fp32 state pages are 8 MiB, large enough that a PCIe/NVLink copy runs near full
 # bandwidth and small enough to be invisible next to the model.
@@ -63,7 +70,8 @@ class PagedAdamW(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------------------------------------- state
     def _host_zeros(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(p.shape, dtype=torch.float32, device="cpu", pin_memory=self._pin)
+        """fp32 CPU zeros shaped like this rank's part of `p` (the whole of an unsharded parameter)."""
+        return torch.zeros(_local(p).shape, dtype=torch.float32, device="cpu", pin_memory=self._pin)
 
     def _state_for(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -73,8 +81,21 @@ class PagedAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = self._host_zeros(p)
         return state
 
+    def state_dict(self) -> dict:
+        """torch's state dict with whole tensors: the state of a sharded parameter is all-gathered from every rank's
+        shard, a collective that every rank must call together (in the same order, as for any collective)."""
+        sd = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for idx in sorted(sd["state"]):
+            p = params[idx]
+            if isinstance(p, DTensor):
+                sd["state"][idx] = {**sd["state"][idx],
+                                    **{name: _whole(sd["state"][idx][name], p) for name in ("exp_avg", "exp_avg_sq")}}  # fmt: skip
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state dict from this class or torch.optim.AdamW; state stays in (pinned) CPU fp32."""
+        """Load a state dict from this class or torch.optim.AdamW (whole tensors); state stays in (pinned) CPU fp32,
+        and a sharded parameter keeps this rank's shard of it."""
         groups = self.param_groups
         saved_groups = state_dict.get("param_groups")
         if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
@@ -104,7 +125,7 @@ class PagedAdamW(torch.optim.Optimizer):
                         f"the param has {tuple(p.shape)}"
                     )
                 host = self._host_zeros(p)
-                host.copy_(value)
+                host.copy_(_shard_of(value, p) if isinstance(p, DTensor) else value)
                 loaded[name] = host
             self.state[p] = loaded
         for group, saved in zip(groups, saved_groups):
@@ -123,17 +144,18 @@ class PagedAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise TypeError("PagedAdamW does not support sparse gradients")
-                if not p.is_contiguous():
+                param, grad = _local(p), _local(p.grad)  # this rank's shard of a DTensor (views: updated in place)
+                if not param.is_contiguous():
                     raise ValueError("PagedAdamW: parameters must be contiguous (state pages are flat slices)")
                 state = self._state_for(p)
                 state["step"] += 1
-                if p.device.type == "cpu":
-                    _adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group, state["step"].item())
+                if param.device.type == "cpu":
+                    _adamw_update(param, grad, state["exp_avg"], state["exp_avg_sq"], group, state["step"].item())
                 else:
-                    self._paged_update(p, state, group)
+                    self._paged_update(param, grad, state, group)
         return loss
 
-    def _paged_update(self, p: torch.Tensor, state: dict, group: dict) -> None:
+    def _paged_update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
         """Stream this parameter's state through two device page buffers.
 
         Stream order per page i (slot i % 2): side: H2D(i) after D2H(i-2) freed the slot; main: update(i)
@@ -145,7 +167,7 @@ class PagedAdamW(torch.optim.Optimizer):
         side = torch.cuda.Stream(device)
         step = state["step"].item()
         n = p.numel()
-        flat_p, flat_g = p.view(-1), p.grad.reshape(-1)
+        flat_p, flat_g = p.view(-1), grad.reshape(-1)
         host_m, host_v = state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
         page = min(self.page_numel, n)
         bufs = [torch.empty(2, page, dtype=torch.float32, device=device) for _ in range(2)]
@@ -169,6 +191,24 @@ class PagedAdamW(torch.optim.Optimizer):
                 freed[i % 2] = side.record_event()
         main.wait_stream(side)  # buffers were allocated on `main`: free them only after the side stream is done
         side.synchronize()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view of its storage); any other tensor as it is."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _whole(local_state: torch.Tensor, p: DTensor) -> torch.Tensor:
+    """The whole fp32 CPU tensor whose shards, one per rank, are `local_state` (laid out like DTensor `p`)."""
+    device = p.to_local().device  # the collective runs where the parameter lives (CUDA for nccl)
+    sharded = DTensor.from_local(local_state.to(device), p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return sharded.full_tensor().cpu()
+
+
+def _shard_of(whole: torch.Tensor, p: DTensor) -> torch.Tensor:
+    """This rank's shard of `whole`, cut as DTensor `p` is cut; each rank cuts its own copy (no communication)."""
+    device = p.to_local().device
+    return distribute_tensor(whole.to(device), p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 def _adamw_update(p, grad, exp_avg, exp_avg_sq, group: dict, step: float) -> None:
