@@ -141,3 +141,17 @@ def test_cuda_matches_adamw_and_keeps_no_device_state():
         torch.testing.assert_close(p, r, rtol=0, atol=1e-5)  # fp32; CUDA sqrt/div rounding differs slightly
     for state in opt.state.values():
         assert state["exp_avg"].device.type == "cpu" and state["exp_avg"].is_pinned()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_passes_over_an_empty_shard():
+    """Under FSDP2 a rank at or past dim 0 of a parameter holds an empty shard (lora_A is (r, in): r < world size);
+    the paged update used to fail on it (range() with a page of 0 elements)."""
+    empty = torch.zeros(0, 64, device="cuda", requires_grad=True)
+    full = torch.ones(3, device="cuda", requires_grad=True)
+    empty.grad, full.grad = torch.zeros_like(empty), torch.ones_like(full)
+    opt = PagedAdamW([empty, full], lr=0.1)
+    opt.step()
+    assert opt.state[empty]["step"].item() == 1 and opt.state[empty]["exp_avg"].shape == (0, 64)
+    assert bool((full < 1).all())  # the other parameter was updated

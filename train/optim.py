@@ -149,6 +149,8 @@ class PagedAdamW(torch.optim.Optimizer):
                     raise ValueError("PagedAdamW: parameters must be contiguous (state pages are flat slices)")
                 state = self._state_for(p)
                 state["step"] += 1
+                if param.numel() == 0:  # FSDP2 gives a rank past the end of a short dim 0 (lora_A's r) no rows
+                    continue
                 if param.device.type == "cpu":
                     _adamw_update(param, grad, state["exp_avg"], state["exp_avg_sq"], group, state["step"].item())
                 else:
