@@ -379,6 +379,8 @@ def test_bad_inputs_fail_before_the_model_is_loaded(capsys, files, adapter, tmp_
         ([*run, "--data", files["data"], "--val-data", str(malformed)], f"{malformed}:2: not valid JSON"),
         ([*run, "--data", files["data"], "--seq-len", "512"], "--seq-len=512 exceeds the model's context (256"),
         ([*run, "--data", files["data"], "--resume"], "--resume: no checkpoint under"),
+        ([*run, "--data", files["data"], "--lora-targets", "q_proj,v_prj"],
+         "--lora-targets='q_proj,v_prj': target_modules ['v_prj'] match no Linear layer"),
         (["eval", "--model", files["model"], "--data", str(malformed)], f"{malformed}:2: not valid JSON"),
         (["eval", "--model", files["model"], "--data", files["data"], "--seq-len", "300"], "--seq-len=300 exceeds"),
         (["eval", "--model", files["other"], "--adapter", adapter], "lora_A.weight has shape"),

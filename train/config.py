@@ -112,6 +112,13 @@ class TrainConfig:
     def grad_accum_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
 
+    @property
+    def target_modules(self) -> str | list[str]:
+        """--lora-targets as add_lora takes it: "all-linear", or the list of the comma-separated module names."""
+        if self.lora_targets == "all-linear":
+            return self.lora_targets
+        return [name.strip() for name in self.lora_targets.split(",")]
+
     def resolve(self, device) -> str:
         """Fix "auto" (compute_dtype) and None (bf16) to what runs on `device`, in place, so that checkpoints record
         what ran and a resumed run compares like with like. Returns the choice in words, e.g.

