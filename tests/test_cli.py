@@ -396,6 +396,34 @@ def test_bad_inputs_fail_before_the_model_is_loaded(capsys, files, adapter, tmp_
     assert not os.path.exists(tmp_path / "m") and not os.path.exists(tmp_path / "run" / "metrics.jsonl")
 
 
+def _fake_checkpoint(out, argv: list[str], **state) -> None:
+    """A checkpoint of step 2 under `out` saved by a run of the finetune flags `argv` (only trainer_state.json and
+    latest.json: what --resume reads before loading the model)."""
+    config = config_from_args(build_parser().parse_args(["finetune", *argv]))
+    config.resolve(torch.device("cpu"))
+    os.makedirs(out / "checkpoints" / "step-00000002")
+    state = {"step": 2, "total_steps": 6, "data": {"epoch": 0, "row": 8, "seed": 0}, "config": config.to_dict(),
+             **state}
+    (out / "checkpoints" / "step-00000002" / "trainer_state.json").write_text(json.dumps(state))
+    (out / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "dir": "step-00000002"}))
+
+
+def test_resume_refuses_a_checkpoint_of_other_data_before_the_model_is_loaded(capsys, files, tmp_path,
+                                                                               no_model_loading):  # fmt: skip
+    """The settings are the checkpoint's, but its run had another number of steps (as when the data file changed
+    since: here the step count is --max-steps), or its data position is an older nf4lora's."""
+    argv = ["--model", files["model"], "--data", files["data"], "--seq-len", "128", "--batch-size", "4",
+            "--micro-batch-size", "2", "--max-steps", "6", "--compute-dtype", "float32", "--no-progress"]  # fmt: skip
+    cases = [({"total_steps": 99}, "belongs to a run of 99 steps, and the same settings make 6 of this data"),
+             ({"data": {"epoch": 0, "index": 4, "seed": 0}}, "counts micro-batches (a checkpoint of an older")]
+    for i, (state, says) in enumerate(cases):
+        out = tmp_path / f"run{i}"
+        _fake_checkpoint(out, argv, **state)
+        assert main(["finetune", *argv, "--output-dir", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nf4lora: error: ") and says in err, err
+
+
 def test_a_model_path_that_is_not_a_checkpoint_directory_is_named_exactly(capsys, files, tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"x")
     (tmp_path / "empty").mkdir()

@@ -113,8 +113,6 @@ def prepare(config: TrainConfig):
     _check_no_earlier_run(config)
     device = distributed.setup(config)  # --device, or this rank's under torchrun (refuses a batch it cannot share)
     print(f"compute dtype: {config.resolve(device)}")  # "auto" becomes what this device multiplies fastest
-    if config.resume:  # after resolve(): the saved config names what ran, not "auto"
-        _check_resumable(config)
     data_path, val_path = resolve_data(config.data, config.val_data)
     path = resolve_model(config.model)
     model_config = read_model_config(path)  # config.json only
@@ -126,6 +124,8 @@ def prepare(config: TrainConfig):
         train_ex, val_ex = examples, load_examples(val_path, tokenizer, config.seq_len)
     else:
         train_ex, val_ex = split_validation(examples, config.val_fraction, config.seed)
+    if config.resume:  # after resolve() (the saved config names what ran, not "auto") and with the data read
+        _check_resumable(config, _data_stream(config, train_ex, tokenizer))
     note = finetune_note(path, model_config.nf4lora_merged, config.quant_type)
     if note:
         print(note)
@@ -140,13 +140,33 @@ def prepare(config: TrainConfig):
     return model, tokenizer, train_ex, val_ex, device
 
 
-def _check_resumable(config: TrainConfig) -> None:
-    """--resume: a checkpoint exists under the output directory and was saved with these training settings."""
+def _data_stream(config: TrainConfig, train_ex: list[Example], tokenizer) -> DataStream:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DataStream(train_ex, config.batch_size, config.micro_batch_size, config.seq_len, config.pack, pad_id,
+                      config.seed)  # fmt: skip
+
+
+def _total_steps(config: TrainConfig, stream: DataStream) -> int:
+    return config.max_steps or max(1, math.ceil(config.epochs * stream.steps_per_epoch(0)))
+
+
+def _check_resumable(config: TrainConfig, stream: DataStream) -> None:
+    """--resume: a checkpoint exists under the output directory, was saved with these training settings, and its
+    run had as many steps over this data; `stream` (this run's, at its start) takes its data position."""
     root = os.path.join(config.output_dir, "checkpoints")
     ckpt = latest_checkpoint(root)
     if ckpt is None:
         raise ValueError(f"--resume: no checkpoint under {root!r}")
-    config.check_resumes(read_trainer_state(ckpt).get("config", {}), f"checkpoint {ckpt!r}")
+    state = read_trainer_state(ckpt)
+    config.check_resumes(state.get("config", {}), f"checkpoint {ckpt!r}")
+    total_steps = _total_steps(config, stream)
+    if state["total_steps"] != total_steps:  # the same settings (checked above), so the data differ
+        raise ValueError(
+            f"--resume: checkpoint {ckpt!r} belongs to a run of {state['total_steps']} steps, and the same settings "
+            f"make {total_steps} of this data: the training data (--data, or the tokenizer) changed since it was "
+            "saved; give the run's data, or start afresh (--overwrite or a new --output-dir)"
+        )
+    stream.load_state_dict(state["data"])
 
 
 def _earlier_run(output_dir: str) -> list[str]:
@@ -181,32 +201,22 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
     ranks = OneProcess.of(config, device)  # torchrun's ranks (train/distributed.py), or this process alone
     out = config.output_dir
     ckpt_root = os.path.join(out, "checkpoints")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    stream = DataStream(train_ex, config.batch_size, config.micro_batch_size, config.seq_len, config.pack, pad_id,
-                        config.seed)  # fmt: skip
+    stream = _data_stream(config, train_ex, tokenizer)
     accum = config.grad_accum_steps
-    total_steps = config.max_steps or max(1, math.ceil(config.epochs * stream.steps_per_epoch(0)))
+    total_steps = _total_steps(config, stream)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = PagedAdamW(
         params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_eps,
         weight_decay=config.weight_decay,
     )  # fmt: skip
     autocast = config.bf16 and (device.type == "cpu" or torch.cuda.is_bf16_supported())
-    val_batches = list(eval_batches(val_ex, config.micro_batch_size, config.seq_len, config.pack, pad_id))
+    val_batches = list(eval_batches(val_ex, config.micro_batch_size, config.seq_len, config.pack, stream.pad_id))
 
     metrics_path = os.path.join(out, "metrics.jsonl")
     metrics: list[dict] = []
     start = 0
-    if config.resume:
-        ckpt = latest_checkpoint(ckpt_root)
-        if ckpt is None:
-            raise ValueError(f"--resume: no checkpoint under {ckpt_root!r}")
-        config.check_resumes(read_trainer_state(ckpt).get("config", {}), f"checkpoint {ckpt!r}")
-        state = load_checkpoint(ckpt, model, optimizer)  # whole tensors, into every rank before sharding
-        if state["total_steps"] != total_steps:
-            raise ValueError(
-                f"--resume: the checkpoint belongs to a run of {state['total_steps']} steps, this one has {total_steps}"
-            )
+    if config.resume:  # prepare() checked that the checkpoint continues this run (_check_resumable)
+        state = load_checkpoint(latest_checkpoint(ckpt_root), model, optimizer)  # whole, into every rank
         stream.load_state_dict(state["data"])
         start = state["step"]
         if os.path.exists(metrics_path):  # keep the history up to the checkpoint; later lines are redone
