@@ -424,6 +424,26 @@ def test_resume_refuses_a_checkpoint_of_other_data_before_the_model_is_loaded(ca
         assert err.startswith("nf4lora: error: ") and says in err, err
 
 
+def test_resume_of_a_checkpoint_from_before_compute_dtype_auto_says_why_bf16_differs(capsys, files, tmp_path,
+                                                                                      no_model_loading):  # fmt: skip
+    """--bf16 defaulted to on before compute dtype "auto"; now it follows the compute dtype, so an old float32 run
+    (bf16 autocast on, no --parallel saved) resumed with the same flags differs in a flag the user never gave."""
+    argv = ["--model", files["model"], "--data", files["data"], "--seq-len", "128", "--max-steps", "6",
+            "--compute-dtype", "float32"]
+    out = tmp_path / "old"
+    _fake_checkpoint(out, [*argv, "--bf16"])
+    state_file = out / "checkpoints" / "step-00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["parallel"]
+    state_file.write_text(json.dumps(state))
+    assert main(["finetune", *argv, "--output-dir", str(out), "--resume"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[-1] == ("  --bf16: saved True, given False (the default for compute dtype float32, which was on "
+                         "before compute dtype 'auto')")  # fmt: skip
+    with pytest.raises(AssertionError, match="the model was loaded"):  # past the checks: no_model_loading stops it
+        main(["finetune", *argv, "--bf16", "--output-dir", str(out), "--resume"])
+
+
 def test_a_model_path_that_is_not_a_checkpoint_directory_is_named_exactly(capsys, files, tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"x")
     (tmp_path / "empty").mkdir()

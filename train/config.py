@@ -126,11 +126,16 @@ class TrainConfig:
         from nf4lora.kernels.precision import resolve_compute_dtype
 
         chosen = resolve_compute_dtype(self.compute_dtype, device)
+        # Why each value was chosen, for check_resumes to say next to a value the user did not give.
+        self._chosen_by_default = {}
         if self.compute_dtype == "auto":
-            self._resolved_from_auto = f"auto: {chosen.reason}"
+            self._chosen_by_default["compute_dtype"] = f"auto: {chosen.reason}"
         self.compute_dtype = chosen.name
         if self.bf16 is None:
             self.bf16 = chosen.dtype == torch.bfloat16
+            # Before "auto" (checkpoints of earlier versions) the default was on whatever the compute dtype.
+            self._chosen_by_default["bf16"] = (f"the default for compute dtype {self.compute_dtype}, which was "
+                                               "on before compute dtype 'auto'")  # fmt: skip
         return str(chosen)
 
     def validate(self) -> None:
@@ -182,8 +187,9 @@ class TrainConfig:
             if f.name in RESUMABLE_CHANGES or (f.name in saved and saved[f.name] == given):
                 continue
             before = repr(saved[f.name]) if f.name in saved else "(not saved)"
-            auto = getattr(self, "_resolved_from_auto", None) if f.name == "compute_dtype" else None
-            diffs.append(f"--{f.name.replace('_', '-')}: saved {before}, given {given!r}" + (f" ({auto})" if auto else ""))
+            why = getattr(self, "_chosen_by_default", {}).get(f.name)
+            diff = f"--{f.name.replace('_', '-')}: saved {before}, given {given!r}"
+            diffs.append(f"{diff} ({why})" if why else diff)
         if diffs:
             raise ValueError(
                 f"--resume: {where} was saved by a run with other settings, and continuing it with these would "
