@@ -54,6 +54,7 @@ def test_help_lists_every_command_and_every_config_field(capsys):
     text = capsys.readouterr().out
     for f in dataclasses.fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "(default: None)" not in text  # a field whose default is None says in its help what None means
 
 
 def test_flags_fill_the_dataclass_and_demo_settings_apply_only_to_the_builtin_run():

@@ -38,10 +38,11 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 # ------------------------------------------------------------------------------------------------------ parser
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, --field-name, typed from the annotation, help from the field's metadata."""
+    """One flag per TrainConfig field, --field-name, typed from the annotation, help from the field's metadata
+    (whose text says what a default of None stands for)."""
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
+        help_text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
         if f.type in ("bool", "bool | None"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
