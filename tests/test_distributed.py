@@ -116,6 +116,7 @@ def two_ranks(setup):
             args = ["finetune", *_common(setup, 0.0), "--parallel", parallel, "--output-dir", str(out)]
             result = _torchrun(setup, args, hook="dump")
             assert result.returncode == 0, result.stderr[-3000:]
+            assert result.stdout.count("config: ") == 1  # rank 0 prints, rank 1 does not
             done[parallel] = out
         return done[parallel]
 

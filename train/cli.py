@@ -147,10 +147,12 @@ def cmd_finetune(args) -> None:
     from nf4lora.models.generate import stop_token_ids
     from nf4lora.models.loading import resolve_device
 
+    from .distributed import quiet_other_ranks
     from .evaluate import exact_match, prompt_and_answer
     from .loop import prepare, train
     from .resources import resolve_model
 
+    quiet_other_ranks()  # under torchrun, what follows is printed once, by rank 0
     config = config_from_args(args)
     report = args.exact_match if args.exact_match is not None else config.data is None
     print("config:", {k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig, k, v)} or "defaults")

@@ -89,21 +89,27 @@ def check_world(config, world_size: int | None) -> None:
         )
 
 
+def quiet_other_ranks() -> None:
+    """Under torchrun, ranks other than 0 print nothing to stdout from here on (their stderr, where errors go,
+    stays), so a run's output reads as one process's."""
+    launch = launched_by_torchrun()
+    if launch is not None and launch[0] != 0 and getattr(sys.stdout, "name", None) != os.devnull:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+
+
 def setup(config) -> torch.device:
     """This process's device. In one process: --device. Under torchrun: check the launch against the config, join
-    the process group and return this rank's device (cuda:LOCAL_RANK, or the CPU); ranks other than 0 print nothing
-    to stdout from here on (their stderr, where errors go, stays)."""
+    the process group and return this rank's device (cuda:LOCAL_RANK, or the CPU); quiet_other_ranks()."""
     launch = launched_by_torchrun()
     check_world(config, launch[2] if launch else None)
     if config.parallel == "none":
         return resolve_device(config.device)
-    rank, local_rank, world_size = launch
+    _, local_rank, _ = launch
     device = _rank_device(config.device, local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
-    if rank != 0:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    quiet_other_ranks()
     return device
 
 
