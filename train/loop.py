@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from nf4lora.lora import add_lora
 from nf4lora.models import Tokenizer
 from nf4lora.models.generic import read_model_config
+from nf4lora.models.output_dir import write_file_atomic, write_text_atomic
 
 from . import distributed
 from .allocator import keep_freed_memory
@@ -345,11 +346,7 @@ def _progress(enabled: bool, total: int, initial: int):
 
 
 def _write_metrics(path: str, metrics: list[dict]) -> None:
-    fd_path = path + ".tmp"
-    with open(fd_path, "w") as f:
-        for m in metrics:
-            f.write(json.dumps(m) + "\n")
-    os.replace(fd_path, path)
+    write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in metrics))
 
 
 def _read_metrics(path: str) -> list[dict]:
@@ -397,8 +394,8 @@ def plot_losses(metrics: list[dict], path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_file_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
 
