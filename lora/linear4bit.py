@@ -6,11 +6,13 @@ uint8 tensor of shape ((out * in + 1) // 2, 1) and the quantization state is wri
 `weight.quant_state.bitsandbytes__<nf4|fp4>`, so state dicts move between the two libraries unchanged.
 
 Quantization happens only in explicit calls (the constructor, `from_linear`); `.to()` moves bytes; forward only
-reads. The packed weight is a frozen uint8 Parameter (never trained; FSDP2 can shard it). The QuantState is a
-plain attribute rather than buffers or parameters because module dtype casts (`model.to(bf16)`, `.half()`) and
-FSDP2's mixed precision must never touch the float32 block scales: `_apply` lets the cast reach the uint8 weight
-(which ignores dtype casts) and then moves the state to wherever the weight went. Under FSDP2 the state (about 3%
-of the packed bytes with double quantization) is therefore replicated on every rank.
+reads. The packed weight is a frozen uint8 Parameter (never trained; FSDP2 can shard it), as bitsandbytes'
+Params4bit is: model.parameters() lists it (grad None, so optimizers pass over it), and requires_grad_(True) on it
+or on a whole model raises, since integer tensors cannot require gradients. The QuantState is a plain attribute
+rather than buffers or parameters because module dtype casts (`model.to(bf16)`, `.half()`) and FSDP2's mixed
+precision must never touch the float32 block scales: `_apply` lets the cast reach the uint8 weight (which ignores
+dtype casts) and then moves the state to wherever the weight went. Under FSDP2 the state (about 3% of the packed
+bytes with double quantization) is therefore replicated on every rank.
 """
 
 from __future__ import annotations
