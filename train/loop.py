@@ -258,17 +258,7 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
         lr = lr_at(step, config, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
-        for i, (batch, n) in enumerate(zip(batches, counts)):
-            if n == 0 and not ranks.distributed:
-                continue  # (ranks run as many passes as each other: a repeat is weighted 0 instead)
-            with ranks.sync_gradients(model, last=i == len(batches) - 1):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = model(**_to(batch, device)).loss
-                # The engine averages gradients over the ranks: world_size * n / N sums to the mean over all N.
-                (loss * (n * ranks.world_size / step_targets)).backward()
-            if n:
-                loss_sum += float(loss.detach()) * n
+        loss_sum = _forward_backward(model, batches, counts, step_targets, ranks, device, autocast)
         loss_sum, tokens = ranks.sum(loss_sum, sum(_n_tokens(b) for b in batches[:n_real]))
         tokens = int(tokens)
         grad_norm = _grad_norm(params, config.max_grad_norm)
@@ -319,6 +309,24 @@ def train(config: TrainConfig, prepared: tuple | None = None) -> TrainResult:
     ranks.close()  # every rank waits here until rank 0 has written everything
     model = ranks.unwrap(model).eval()
     return TrainResult(model, tokenizer, adapter_dir, metrics, val_ex)
+
+
+def _forward_backward(model, batches: list[dict], counts: list[int], step_targets: int, ranks: OneProcess, device,
+                      autocast: bool) -> float:  # fmt: skip
+    """Forward and backward of this process's micro-batches of a step, accumulating gradients; `counts` are their
+    target tokens (0 for a repeat), `step_targets` the step's over all ranks. Returns sum(loss * targets)."""
+    loss_sum = 0.0
+    for i, (batch, n) in enumerate(zip(batches, counts)):
+        if n == 0 and not ranks.distributed:
+            continue  # (ranks run as many passes as each other: a repeat is weighted 0 instead)
+        with ranks.sync_gradients(model, last=i == len(batches) - 1):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**_to(batch, device)).loss
+            # The engine averages gradients over the ranks: world_size * n / N sums to the mean over all N.
+            (loss * (n * ranks.world_size / step_targets)).backward()
+        if n:
+            loss_sum += float(loss.detach()) * n
+    return loss_sum
 
 
 def _mib(values: list[float], unit: float = 2**20) -> str:
