@@ -48,6 +48,10 @@ HF_EXTRA = "pip install 'nf4lora[hf]'"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Context-length names of configs that have no max_position_embeddings (MPT: max_seq_len), which nf4lora reads.
 _CONTEXT_KEYS = ("n_positions", "max_seq_len", "seq_length", "n_ctx")
+# Buffers that checkpoints saved by older transformers versions hold and today's modules no longer have: rotary
+# inv_freq, and the masked_bias scalar of GPT-2-style attention (EleutherAI/gpt-neo-* store one per layer).
+# transformers skips them on loading; so does nf4lora.
+_STALE_BUFFERS = ("inv_freq", ".masked_bias")
 
 
 def read_config_json(path: str) -> dict:
@@ -160,9 +164,15 @@ def load_generic(path, quantize="nf4", double_quant=True, blocksize=64, compute_
         if model.get_output_embeddings().weight is not model.get_input_embeddings().weight:
             raise ValueError(f"{where}: tie_word_embeddings is true, but transformers did not tie {head}")
         consumed.add(key(f"{head}.weight"))  # a tied checkpoint may still store a copy; it is the same matrix
+    # Tensors transformers skips too: its own list, and a checkpoint's copy of a buffer the modules compute (GPT-Neo's
+    # causal-mask `bias`) or of one they no longer have. They are stale, not a sign of another architecture.
     ignore = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
-    check_all_used(ckpt, consumed, lambda k: k.endswith("inv_freq") or any(p.search(k) for p in ignore),
-                   f"this {config.model_type} config")  # fmt: skip
+    buffers = {key(name) for name, _ in model.named_buffers()}
+
+    def stale(k: str) -> bool:
+        return k in buffers or k.endswith(_STALE_BUFFERS) or any(p.search(k) for p in ignore)
+
+    check_all_used(ckpt, consumed, stale, f"this {config.model_type} config")
     return model.eval()
 
 

@@ -299,6 +299,31 @@ def test_bitsandbytes_4bit_saves_load_as_stored(tmp_path, model_type):
         torch.testing.assert_close(ours(ids).logits, reference(ids).logits, **TOL)
 
 
+def test_stale_buffers_of_older_checkpoints_are_skipped_as_transformers_skips_them(tmp_path):
+    """EleutherAI's GPT-Neo checkpoints still hold the causal-mask `bias` of their global layers and every layer's
+    `masked_bias`, saved when those buffers were persistent; transformers loads them (listing them as unexpected),
+    and so must we, with its logits. A tensor that fits nothing in the model is still refused."""
+    from safetensors.torch import save_file
+
+    config = transformers.AutoConfig.for_model("gpt_neo", vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4,
+                                               attention_types=[[["global", "local"], 1]], window_size=8,
+                                               max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["transformer.h.0.attn.attention.bias"] = hf.transformer.h[0].attn.attention.bias.clone()
+    tensors |= {f"transformer.h.{i}.attn.attention.masked_bias": torch.tensor(-1e9) for i in range(2)}
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = load_any(tmp_path, quantize=None, compute_dtype=torch.float32)
+    ids = tokens(6)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, **TOL)
+    save_file({**tensors, "transformer.h.0.mlp.c_extra.weight": torch.zeros(2, 2)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="1 tensors this gpt_neo config does not use, e.g. 'transformer.h.0.mlp.c_"):
+        load_any(tmp_path, quantize=None, compute_dtype=torch.float32)
+
+
 def test_native_checkpoints_never_import_transformers(tmp_path):
     model = write_tiny_model(tmp_path / "llama")
     code = ("import sys, torch; from nf4lora.models import load_any; "
