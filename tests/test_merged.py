@@ -84,6 +84,40 @@ def test_merge_reports_the_logit_difference_in_the_written_dtype(files, tmp_path
     assert mean > 10 * exact["logits_vs_base_plus_adapter"]["mean_abs"]  # bf16 rounding shows, float32 barely
 
 
+def test_merge_measures_the_written_weights_without_a_float32_copy_of_the_model(files, tmp_path, monkeypatch):
+    """A bf16 base merged to bf16: while merge runs the merged model in float32 to compare it, only the layer
+    running holds float32 copies of its weights; the others keep the bf16 tensors being written (a float32 copy
+    of every layer at once would triple the memory merge needs)."""
+    from safetensors.torch import load_file, save_file
+
+    from nf4lora.train import merged
+
+    base = write_tiny_model(tmp_path / "base")
+    tensors = load_file(os.path.join(base, "model.safetensors"))
+    save_file({k: v.bfloat16() for k, v in tensors.items()}, os.path.join(base, "model.safetensors"))
+    others = []  # per decoder layer run: the dtypes of the other layers' Linear weights
+    sample_logits = merged.sample_logits
+
+    def spy(model, sample):
+        layers = model.model.layers
+
+        def record(layer, args):
+            others.append({m.weight.dtype for other in layers if other is not layer
+                           for m in other.modules() if isinstance(m, torch.nn.Linear)})  # fmt: skip
+
+        hooks = [layer.register_forward_pre_hook(record) for layer in layers]
+        others.clear()  # only the last call counts: the merged model's
+        try:
+            return sample_logits(model, sample)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(merged, "sample_logits", spy)
+    _run(["merge", "--model", base, "--adapter", files["adapter"], "--out", str(tmp_path / "merged")])
+    assert others and all(dtypes == {torch.bfloat16} for dtypes in others), others
+
+
 def test_generate_and_eval_of_a_merged_checkpoint_give_the_fine_tuned_answers_by_default(files):
     generate = ["generate", "--prompt", PROMPT, "--max-new-tokens", "8", *FLOAT32]
     base, _ = _run([*generate, "--model", files["base"]])

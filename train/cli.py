@@ -207,7 +207,8 @@ def cmd_merge(args) -> None:
     from nf4lora.models.output_dir import atomic_output_dir
     from nf4lora.models.safetensors_io import save_safetensors_atomic
 
-    from .merged import bundled_sample, compare_logits, describe_difference, merge_record, sample_logits
+    from .merged import (bundled_sample, compare_logits, describe_difference, merge_record, sample_logits,
+                         weights_as_written)
     from .resources import check_adapter_fits, load_base, resolve_model
 
     base_dir = resolve_model(args.model)
@@ -226,8 +227,8 @@ def cmd_merge(args) -> None:
         reference = sample_logits(model, sample)  # base + adapter
         merge_lora(model, dequantize=True, unload=True)
         tensors, config = (merged_checkpoint if is_generic(model) else _merged_checkpoint)(model, args.dtype)
-        _round_to(model, DTYPES[args.dtype])  # the model now computes with the weights as written
-        difference = compare_logits(reference, sample_logits(model, sample))
+        with weights_as_written(model, DTYPES[args.dtype]):
+            difference = compare_logits(reference, sample_logits(model, sample))
         record = merge_record(base_dir, args.adapter, read_adapter_config(args.adapter), quant, args.dtype)
         config = dataclasses.replace(config, nf4lora_merged={**record, "logits_vs_base_plus_adapter": difference})
         save_safetensors_atomic(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -239,13 +240,6 @@ def cmd_merge(args) -> None:
     print(f"merged checkpoint ({args.dtype}, {len(tensors)} tensors) written to {args.out}")
     print(f"merged model ({args.dtype} weights as written, computed in float32) against base + adapter: "
           f"{describe_difference(difference)}")  # fmt: skip
-
-
-def _round_to(model, dtype: torch.dtype) -> None:
-    """Round every parameter to `dtype` and hold it in float32 again (what loading the written file gives)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.to(dtype).float()
 
 
 def _merged_checkpoint(model, dtype_name: str):

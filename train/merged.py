@@ -16,6 +16,7 @@ the key), and:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -23,6 +24,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .data import IGNORE_INDEX, Example, encode_record, read_jsonl
 
@@ -139,6 +141,51 @@ def sample_logits(model, sample: list[Example]) -> list[torch.Tensor]:
     out = [model(torch.tensor([e.input_ids], device=device)).logits[0].float().cpu() for e in sample]
     model.train(was_training)
     return out
+
+
+@contextlib.contextmanager
+def weights_as_written(model: nn.Module, dtype: torch.dtype):
+    """Inside, `model` computes in float32 with every parameter rounded to `dtype` (what loading the written
+    checkpoint gives), one unit at a time: each decoder block (an element of an nn.ModuleList) or other module with
+    parameters of its own gets its float32 copies when it runs and gives them back after. A float32 copy of the
+    whole model beside the tensors being written would triple what merge holds (a 7B model: 28 GB more than the
+    14 GB of bf16 weights)."""
+    hooks = []
+    for unit, recurse in _units(model):
+        saved = {}
+
+        def cast(module, args, saved=saved, recurse=recurse):
+            for p in module.parameters(recurse=recurse):  # each once, tied weights included
+                saved[id(p)] = p, p.data
+                p.data = p.data.to(dtype).float()
+
+        def restore(module, args, output, saved=saved):
+            for p, data in saved.values():
+                p.data = data
+            saved.clear()
+
+        hooks += [unit.register_forward_pre_hook(cast), unit.register_forward_hook(restore)]
+    try:
+        yield model
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _units(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """(module, whether its submodules' parameters go with it): every element of an nn.ModuleList (a decoder block,
+    whose parts may read each other's weights), and every other module with parameters of its own."""
+    units, in_block = [], set()
+    for module in model.modules():  # parents before their children
+        if module in in_block:
+            continue
+        if isinstance(module, nn.ModuleList):
+            for block in module:
+                units.append((block, True))
+                in_block.update(block.modules())
+        elif next(module.parameters(recurse=False), None) is not None:
+            units.append((module, False))
+    return units
 
 
 def compare_logits(reference: list[torch.Tensor], other: list[torch.Tensor]) -> dict:
