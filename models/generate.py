@@ -40,7 +40,7 @@ def generate(
     decode: how the steps after the prompt run with the cache: "dynamic" (a KVCache growing by a token a step),
         "static" (a StaticKVCache: fixed shapes, no host reads), "graph" (static, captured once into a CUDA graph
         and replayed: decode-speed generation on CUDA), or "auto": "graph" on CUDA where a static cache applies
-        (no sliding window reached, no longrope switch within the length), else "dynamic". Same tokens on each.
+        (no sliding window reached, no longrope switch while decoding), else "dynamic". Same tokens on each.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -87,7 +87,7 @@ def generate(
     # Phi3ForCausalLM.prepare_inputs_for_generation does.
     rebuild_at = config.rope_scaling["original_max_position_embeddings"] + 1 if config.rope_type == "longrope" else 0
 
-    decode = _decode_mode(decode, config, device, use_cache, T + max_new_tokens, rebuild_at)
+    decode = _decode_mode(decode, config, device, use_cache, T, max_new_tokens, rebuild_at)
 
     def new_cache():
         dtype = model.model.embed_tokens.weight.dtype
@@ -132,15 +132,18 @@ def generate(
 DECODE_MODES = ("auto", "dynamic", "static", "graph")
 
 
-def _decode_mode(decode: str, config: LlamaConfig, device, use_cache: bool, max_len: int, rebuild_at: int) -> str:
+def _decode_mode(decode: str, config: LlamaConfig, device, use_cache: bool, T: int, max_new_tokens: int,
+                 rebuild_at: int) -> str:  # fmt: skip
     """The mode `decode` asks for, resolved ("auto") and checked: a static cache needs the cache, no sliding window
-    within max_len (StaticKVCache masks none) and no longrope rebuild within it; a graph needs CUDA."""
+    reached (StaticKVCache masks none) and no longrope rebuild while decoding after the T prompt tokens (a prompt
+    already past the pretraining length runs on the long frequencies throughout); a graph needs CUDA."""
+    longest = T + max_new_tokens - 1  # the last token is sampled, never fed to the model
     why_not = None
     if not use_cache:
         why_not = "use_cache=False"
-    elif config.sliding_window is not None and max_len > config.sliding_window:
-        why_not = f"{max_len} positions pass the sliding window of {config.sliding_window}"
-    elif 0 < rebuild_at <= max_len:
+    elif config.sliding_window is not None and longest > config.sliding_window:
+        why_not = f"{longest} positions pass the sliding window of {config.sliding_window}"
+    elif T < rebuild_at <= longest:
         why_not = f"longrope switches frequencies at position {rebuild_at - 1}"
     if decode == "auto":
         return "graph" if why_not is None and torch.device(device).type == "cuda" else "dynamic"

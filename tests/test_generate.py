@@ -113,6 +113,25 @@ def test_decode_modes_are_checked(models):
         generate(ours, _prompt(1), 2, decode="fast")
 
 
+def test_static_decoding_past_the_longrope_switch_runs_and_within_it_is_refused():
+    """Phi-3's longrope switches to its long frequencies once a sequence passes the pretraining length (16 here):
+    a prompt already past it decodes on the long ones throughout, so the static cache applies and gives the dynamic
+    cache's tokens; a switch while decoding (where the cache is rebuilt) is refused for it, naming the position."""
+    from nf4lora.models import LlamaConfig, LlamaForCausalLM
+
+    config = tiny_config(architectures=["Phi3ForCausalLM"], model_type="phi3", original_max_position_embeddings=16,
+                         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                                       "long_factor": [1.0 + 0.5 * i for i in range(8)]})  # fmt: skip
+    torch.manual_seed(0)
+    ours = LlamaForCausalLM(LlamaConfig.from_dict(config)).eval()
+    past = _prompt(2, T=18)
+    assert torch.equal(generate(ours, past, 8, decode="static"), generate(ours, past, 8, decode="dynamic"))
+    with pytest.raises(ValueError, match="longrope switches frequencies at position 16"):
+        generate(ours, _prompt(2, T=10), 8, decode="static")
+    short = _prompt(2, T=9)  # fed 9 + 7 = 16 positions at most: no switch
+    assert torch.equal(generate(ours, short, 8, decode="static"), generate(ours, short, 8, use_cache=False))
+
+
 def test_greedy_past_a_sliding_window_matches_transformers():
     # A 6-token prompt and 24 new tokens against a window of 8: the cached steps must drop the keys that leave it.
     config = tiny_config(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8)
