@@ -10,13 +10,10 @@ import argparse
 import os
 import sys
 
-import torch
-
-from nf4lora.kernels.precision import resolve_compute_dtype
+from nf4lora.kernels.precision import DTYPE_NAMES, resolve_compute_dtype
 
 from .loading import resolve_device
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # -------------------------------------------------------------------------------------------------- generate
@@ -41,7 +38,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,
                    help="double quantization (default: on)")  # fmt: skip
     p.add_argument("--blocksize", type=int, default=64, help="quantization block size (default: 64)")
-    p.add_argument("--compute-dtype", choices=("auto", *DTYPES), default="auto",
+    p.add_argument("--compute-dtype", choices=("auto", *DTYPE_NAMES), default="auto",
                    help="dtype the model computes in (default: auto, the device's fastest: bfloat16 where native, "
                         "else float32)")  # fmt: skip
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -136,7 +133,7 @@ class _StreamPrinter:
 def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("gguf", help="LLaMA-architecture .gguf file")
     p.add_argument("out_dir", help="output directory (Hugging Face layout)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of the written weights")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="bfloat16", help="dtype of the written weights")
     p.add_argument("--overwrite", action="store_true",
                    help="replace out_dir if it already holds a checkpoint (a directory with config.json); without "
                         "it out_dir must be new or empty")  # fmt: skip

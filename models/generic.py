@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nf4lora.kernels.precision import DTYPE_NAMES
+
 from . import loading
 from .config import LlamaConfig
 from .families import ARCHITECTURES, FAMILIES, MODEL_TYPES
@@ -45,7 +47,6 @@ from .loss import IGNORE_INDEX
 from .output_dir import write_text_atomic
 
 HF_EXTRA = "pip install 'nf4lora[hf]'"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Context-length names of configs that have no max_position_embeddings (MPT: max_seq_len), which nf4lora reads.
 _CONTEXT_KEYS = ("n_positions", "max_seq_len", "seq_length", "n_ctx")
 # Buffers that checkpoints saved by older transformers versions hold and today's modules no longer have: rotary
@@ -429,18 +430,8 @@ def merged_checkpoint(model, dtype_name: str):
     """(state dict, config) of a generic model whose adapters are merged and unloaded: every weight dense in
     `dtype_name` under transformers' names and layouts (Conv1D weights transposed back to (in, out)), checked
     against the transformers model its config builds; config.json as transformers writes it."""
-    from nf4lora.lora import Linear4bit
-
-    dtype = DTYPES[dtype_name]
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):  # a layer the adapter does not cover is still packed
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
-            with torch.no_grad():
-                dense.weight.copy_(module.dequantize())
-                if module.bias is not None:
-                    dense.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense)
+    dtype = DTYPE_NAMES[dtype_name]
+    loading.dequantize_linears(model, dtype)  # the layers the adapter does not cover are still packed
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     head_name = next(n for n, m in model.named_modules() if m is head)
     tied = bool(getattr(model.config, "tie_word_embeddings", False)) and torch.equal(head.weight, embed.weight)

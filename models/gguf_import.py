@@ -17,6 +17,8 @@ import re
 import numpy as np
 import torch
 
+from nf4lora.kernels.precision import DTYPE_NAMES
+
 from .config import LlamaConfig, write_json_atomic
 from .output_dir import atomic_output_dir
 from .rope import rope_inv_freq
@@ -31,7 +33,6 @@ _NOT_IMPORTED = {
     "gemma3": "llama.cpp stores Gemma's norm weights plus one and hard-codes its layer pattern and local RoPE base",
     "phi3": "not implemented (fused tensors and longrope factor tensors)",
 }
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SHARD_BYTES = 2 * 1024**3  # shard the output above 2 GiB, as transformers does by default (5 GB) but smaller
 # GGUF tensor name (per block `{bid}`) -> Hugging Face name
 _LAYER_NAMES = {
@@ -68,9 +69,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     from gguf import GGUFReader, Keys
 
     gguf_path, out_dir = os.fspath(gguf_path), os.fspath(out_dir)
-    torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-    if torch_dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    torch_dtype = DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else dtype
+    if torch_dtype not in DTYPE_NAMES.values():
+        raise ValueError(f"dtype must be one of {list(DTYPE_NAMES)}, got {dtype!r}")
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"GGUF file {gguf_path!r} does not exist")
     with atomic_output_dir(out_dir, "out_dir", overwrite=overwrite, inputs=[("gguf", gguf_path)]) as tmp:

@@ -316,6 +316,19 @@ def _read_bnb_weight(ckpt: Checkpoint, wkey: str, shape, consumed) -> tuple[torc
     return packed.view(-1, 1), state
 
 
+def dequantize_linears(model: nn.Module, dtype: torch.dtype) -> None:
+    """Replace every Linear4bit of `model` (in place) by an nn.Linear in `dtype` holding its dequantized weight: the
+    layers no adapter covered, when a merged checkpoint is written dense."""
+    from nf4lora.lora import Linear4bit
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Linear4bit):
+            bias = None if module.bias is None else module.bias.detach().to(dtype)
+            dense = _dense_linear(module.dequantize().to(dtype), bias)  # its original dtype, then this one
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+
+
 def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     out_features, in_features = weight.shape
     with empty_init():

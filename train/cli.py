@@ -21,6 +21,8 @@ import traceback
 
 import torch
 
+from nf4lora.kernels.precision import DTYPE_NAMES
+
 from .config import TrainConfig
 
 # The built-in run, sized for 2 CPU cores and well under 10 minutes. It applies only to fields not given on the
@@ -33,7 +35,6 @@ DEMO_OVERRIDES = dict(seq_len=256, batch_size=4, micro_batch_size=4, max_steps=1
                       gradient_checkpointing=False, eval_every=4, save_every=8)  # fmt: skip
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")  # fmt: skip
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 # ------------------------------------------------------------------------------------------------------ parser
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true",
                     help="replace --out if it already holds a checkpoint (a directory with config.json)")  # fmt: skip
     _add_quant_flags(mg, merge=True)
-    mg.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="dtype of the written weights")
+    mg.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="bfloat16", help="dtype of the written weights")
 
     ev = sub.add_parser(
         "eval", help="loss and perplexity of a model (optionally with an adapter) on a file",
@@ -137,7 +138,7 @@ def _add_quant_flags(p: argparse.ArgumentParser, merge: bool = False) -> None:
                    help="double quantization, as in training (default: on)")  # fmt: skip
     p.add_argument("--blocksize", type=int, default=64, help="quantization block size, as in training (default: 64)")
     if not merge:  # merging computes in float32 and rounds once to --dtype
-        p.add_argument("--compute-dtype", choices=("auto", *DTYPES), default="auto",
+        p.add_argument("--compute-dtype", choices=("auto", *DTYPE_NAMES), default="auto",
                        help="dtype the model computes in (default: auto, the device's fastest: bfloat16 where native, "
                             "else float32)")  # fmt: skip
 
@@ -227,7 +228,7 @@ def cmd_merge(args) -> None:
         reference = sample_logits(model, sample)  # base + adapter
         merge_lora(model, dequantize=True, unload=True)
         tensors, config = (merged_checkpoint if is_generic(model) else _merged_checkpoint)(model, args.dtype)
-        with weights_as_written(model, DTYPES[args.dtype]):
+        with weights_as_written(model, DTYPE_NAMES[args.dtype]):
             difference = compare_logits(reference, sample_logits(model, sample))
         record = merge_record(base_dir, args.adapter, read_adapter_config(args.adapter), quant, args.dtype)
         config = dataclasses.replace(config, nf4lora_merged={**record, "logits_vs_base_plus_adapter": difference})
@@ -245,20 +246,12 @@ def cmd_merge(args) -> None:
 def _merged_checkpoint(model, dtype_name: str):
     """(state dict, config) of a model whose adapters are merged and unloaded: every weight dense in dtype_name,
     keys and shapes checked against a model built from the config, so what is written is what transformers loads."""
-    from nf4lora.lora import Linear4bit
     from nf4lora.models import LlamaForCausalLM
     from nf4lora.models.llama import empty_init
+    from nf4lora.models.loading import dequantize_linears
 
-    dtype = DTYPES[dtype_name]
-    for name, module in list(model.named_modules()):
-        if isinstance(module, Linear4bit):  # a layer the adapter does not cover is still packed: dequantize it too
-            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
-            with torch.no_grad():
-                dense.weight.copy_(module.dequantize())  # rounded to its original dtype, then this one, as merged layers
-                if module.bias is not None:
-                    dense.bias.copy_(module.bias)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, dense)
+    dtype = DTYPE_NAMES[dtype_name]
+    dequantize_linears(model, dtype)  # the layers the adapter does not cover are still packed
     # A LoRA on lm_head of a tied model gives lm_head a weight of its own: it is written and the tie undone.
     head, embed = model.lm_head.weight.to(dtype), model.model.embed_tokens.weight.to(dtype)
     tied = model.config.tie_word_embeddings and torch.equal(head, embed)
