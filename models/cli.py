@@ -131,7 +131,7 @@ class _StreamPrinter:
 
 # --------------------------------------------------------------------------------------------- convert-gguf
 def add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("gguf", help="LLaMA-architecture .gguf file")
+    p.add_argument("gguf", help="LLaMA, Qwen2/2.5 or Qwen3 .gguf file")
     p.add_argument("out_dir", help="output directory (Hugging Face layout)")
     p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="bfloat16", help="dtype of the written weights")
     p.add_argument("--overwrite", action="store_true",
@@ -142,7 +142,7 @@ def add_convert_args(p: argparse.ArgumentParser) -> None:
 def add_convert_gguf_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "convert-gguf", help="convert a llama.cpp GGUF file into a Hugging Face checkpoint directory",
-        description="Dequantize a LLaMA-architecture GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1) into "
+        description="Dequantize a LLaMA, Qwen2/2.5 or Qwen3 GGUF file (F32/F16/BF16/Q8_0/Q4_0/Q4_1/Q5_0/Q5_1) into "
         "model.safetensors + config.json + tokenizer.json + tokenizer_config.json + generation_config.json. "
         "The directory is built beside out_dir and moved into place when complete, replacing (with --overwrite) "
         "an earlier checkpoint there as a whole; a failed conversion leaves out_dir as it was.",

