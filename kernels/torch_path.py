@@ -83,12 +83,20 @@ def _on_threads(n: int, align: int, fn) -> None:
     units = -(-n // align)
     threads = 1 if _forked else max(1, min(torch.get_num_threads(), n // MIN_RANGE, units))
     bounds = [min(n, units * i // threads * align) for i in range(threads + 1)]
-    others = [_pool.submit(fn, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    # A pool thread starts outside inference mode, where torch refuses writes into tensors made inside it (the
+    # caller's output and scratch, when the caller runs under torch.inference_mode()): it enters the caller's mode.
+    pooled = functools.partial(_in_inference_mode, fn) if threads > 1 and torch.is_inference_mode_enabled() else fn
+    others = [_pool.submit(pooled, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     try:
         fn(0, bounds[1])
     finally:
         for other in others:
             other.result()
+
+
+def _in_inference_mode(fn, lo: int, hi: int) -> None:
+    with torch.inference_mode():
+        fn(lo, hi)
 
 
 def block_scales(

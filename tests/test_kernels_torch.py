@@ -167,6 +167,22 @@ def test_dequantize_on_three_threads_bit_identical(three_threads, quant_type, do
     assert three_threads.submitted > 0
 
 
+def test_dequantize_and_matmul_on_three_threads_under_inference_mode(three_threads):
+    """Under torch.inference_mode() the output and the workspace are inference tensors, which torch lets only
+    inference mode write: the pool's threads must decode in it too (they raised RuntimeError before). Then the
+    same calls outside it, into the workspace made inside it."""
+    packed, state = quantized((257, 333), 32, "nf4", True)
+    g = torch.Generator().manual_seed(5)
+    for inference in (True, False):
+        for dtype in DTYPES:
+            x = torch.randn(2, 333, generator=g).to(dtype)
+            with torch.inference_mode(inference):
+                ours, y = dequantize(packed, state, dtype), matmul_4bit(x, packed, state)
+            ref = dequantize_4bit(packed, state, dtype)
+            assert torch.equal(bits(ours), bits(ref)) and torch.equal(y, F.linear(x, ref)), (inference, dtype)
+    assert three_threads.submitted > 0
+
+
 def _vma_flags(address):
     """The VmFlags of the mapping holding `address`, from /proc/self/smaps (Linux)."""
     with open("/proc/self/smaps") as f:
