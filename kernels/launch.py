@@ -7,10 +7,12 @@ stubbed: benchmarks/host_overhead.py). `Launcher` runs that dispatch once per di
 compiled kernel; later calls derive the same key (a few comparisons per argument) and call the compiled kernel's
 launcher directly, with the same arguments Triton's own dispatch would pass it.
 
-The key holds exactly what Triton specializes a launch on (triton.runtime.jit, Triton 3.6 to 3.9): a tensor's dtype
-and whether its address is 16-byte aligned (unless the parameter is do_not_specialize_on_alignment), an int's
-being 1 or a multiple of 16 (unless do_not_specialize), and the constexprs and launch options. Under the
-interpreter, or with a Triton launch hook installed (a profiler), every call takes Triton's own dispatch.
+The key holds exactly what Triton specializes a launch on (triton.runtime.jit, Triton 3.6 to 3.9): the current
+device (Triton keeps a cache per device, and a compiled kernel's function handle belongs to the device it was
+loaded on), a tensor's dtype and whether its address is 16-byte aligned (unless the parameter is
+do_not_specialize_on_alignment), an int's type (i32, i64 or u64, by its value) and, unless do_not_specialize, its
+being 1 or a multiple of 16, and the constexprs and launch options. Under the interpreter, or with a Triton launch
+hook installed (a profiler), every call takes Triton's own dispatch.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ from triton.runtime.driver import driver
 
 # The interpreter decides at decoration time (triton.jit reads TRITON_INTERPRET when a kernel module is imported).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _int_type(value: int) -> str:
+    """The type Triton passes an int argument as (its launcher packs the value in that width)."""
+    if -(2**31) <= value < 2**31:
+        return "i32"
+    return "u64" if value >= 2**63 else "i64"
 
 
 def _hooked(hook) -> bool:
@@ -50,28 +59,29 @@ class Launcher:
         self._aligned_ptrs = [not p.do_not_specialize_on_alignment for p in params]
         self._constexpr_names = [p.name for p in params if p.is_constexpr]
 
-    def key(self, args: tuple, constexprs: dict) -> tuple:
-        spec = []
+    def key(self, device: int, args: tuple, constexprs: dict) -> tuple:
+        spec = [device]
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 spec.append((a.dtype, self._aligned_ptrs[i] and a.data_ptr() % 16 == 0))
-            elif self._plain_ints[i]:
-                spec.append((a == 1, a % 16 == 0))
+            elif self._plain_ints[i]:  # an i32 (the usual case) costs no function call: this runs per launch
+                spec.append((-0x80000000 <= a < 0x80000000 or _int_type(a), a == 1, a % 16 == 0))
             else:
-                spec.append(None)
+                spec.append(-0x80000000 <= a < 0x80000000 or _int_type(a))
         return (*spec, *constexprs.items())
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict) -> None:
         if INTERPRETED or _hooked(triton.knobs.runtime.launch_enter_hook):
             self.kernel[grid](*args, **constexprs)
             return
-        key = self.key(args, constexprs)
+        device = driver.active.get_current_device()
+        key = self.key(device, args, constexprs)
         compiled = self._compiled.get(key)
         if compiled is None:  # first launch of this specialization: Triton's dispatch compiles (or loads) it
             self._compiled[key] = self.kernel[grid](*args, **constexprs)
             return
         # As JITFunction.run launches: every argument in signature order (the launcher skips the constexprs).
         values = [*args, *(constexprs[name] for name in self._constexpr_names)]
-        stream = driver.active.get_current_stream(driver.active.get_current_device())
+        stream = driver.active.get_current_stream(device)
         compiled.run(*grid, *(1,) * (3 - len(grid)), stream, compiled.function, compiled.packed_metadata, None,
                      None, None, *values)  # fmt: skip

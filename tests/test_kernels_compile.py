@@ -58,27 +58,54 @@ spec = importlib.util.spec_from_file_location("bench_kernels", sys.argv[1])
 bench = importlib.util.module_from_spec(spec)
 sys.path.insert(0, spec.origin.rsplit("/", 1)[0])
 spec.loader.exec_module(bench)
-stub = bench._StubDriver()
+
+
+class Stub(bench._StubDriver):
+    # The stub driver with a current device to switch, loading a kernel as a function handle of that device (a
+    # CUDA function belongs to the context it was loaded in).
+    device = 0
+
+    class utils(bench._StubDriver.utils):
+        @staticmethod
+        def load_binary(name, kernel, shared, device):
+            return 1, 100 + device, 64, 0, 1024
+
+    def get_current_device(self):
+        return self.device
+
+
+stub = Stub()
 launched = []
 stub.launcher_cls = lambda src, metadata: (lambda *args: launched.append(args))
 driver.set_active(stub)
+from triton._C.libtriton import native_specialize_impl
+from triton.backends.compiler import BaseBackend
 from nf4lora.kernels import gemv
 from nf4lora.kernels.dispatch import state_args
 from nf4lora.nf4 import quantize_4bit
 gemv.check_triton_device = lambda t, name: None
 packed, state = quantize_4bit(torch.randn(256, 512), 64, "nf4", True)
 x = torch.randn(1, 512, dtype=torch.bfloat16)
-for _ in range(2):
+for device in (0, 0, 1, 1):
+    stub.device = device
     gemv.gemv(x, None, *state_args(packed, state))
-first, cached = launched
-assert len(gemv._launch._compiled) == 1, gemv._launch._compiled
+assert len(gemv._launch._compiled) == 2, gemv._launch._compiled  # one launch, on two devices
 # The launcher gets (grid x, y, z, stream, function, metadata, launch metadata, hooks, *arguments): the cached
-# launch passes what Triton's dispatch passed, except the output tensor, which is new at every call.
-assert first[:4] == cached[:4] and first[4] == cached[4], (first[:5], cached[:5])
-args_first, args_cached = first[9:], cached[9:]
-assert len(args_first) == len(args_cached)
-for a, b in zip(args_first, args_cached):
-    assert type(a) is type(b) and (a is b or not isinstance(a, torch.Tensor) and a == b or a.shape == b.shape), (a, b)
+# launch passes what Triton's dispatch passed, except the output tensor, which is new at every call; on device 1
+# the kernel Triton loaded there, not device 0's.
+assert [args[4] for args in launched] == [100, 100, 101, 101], [args[4] for args in launched]
+for first, cached in (launched[:2], launched[2:]):
+    assert first[:4] == cached[:4] and first[4] == cached[4], (first[:5], cached[:5])
+    args_first, args_cached = first[9:], cached[9:]
+    assert len(args_first) == len(args_cached)
+    for a, b in zip(args_first, args_cached):
+        same = a is b or not isinstance(a, torch.Tensor) and a == b or a.shape == b.shape
+        assert type(a) is type(b) and same, (a, b)
+# An int that Triton passes in another width (i32 up to 2**31 - 1, then i64) is another launch.
+launch_args = lambda n: (x, packed, *state_args(packed, state)[1:6], x, x, 1, n, 512, 256)
+types = [native_specialize_impl(BaseBackend, n, False, True, True) for n in (2**31 - 16, 2**31 + 16)]
+assert types == [("i32", "D"), ("i64", "D")], types
+assert gemv._launch.key(0, launch_args(2**31 - 16), {}) != gemv._launch.key(0, launch_args(2**31 + 16), {})
 print("same launch")
 """
 
@@ -86,7 +113,8 @@ print("same launch")
 def test_cached_launch_passes_what_triton_passes(tmp_path):
     """kernels.launch.Launcher: the second call of a launch skips Triton's dispatch and calls the compiled kernel's
     launcher itself; with Triton's CUDA driver stubbed (bench_kernels._StubDriver), both calls reach the launcher
-    with the same grid, kernel and arguments. (Compiles one GEMV for sm_90: a few seconds.)"""
+    with the same grid, kernel and arguments. A launch on another current device takes the kernel loaded there,
+    and an int Triton passes in another width is another launch. (Compiles one GEMV for sm_90: a few seconds.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
