@@ -154,6 +154,16 @@ def test_results_page_headline_keeps_the_verdict(monkeypatch, tmp_path):
     assert headline == "**ours 1.21x the peer** (target >= 1.5x \\| 0.7x): not met."
 
 
+def test_results_page_equals_the_results_files(monkeypatch):
+    """benchmarks/results/README.md is what results_page.py builds from the files beside it: a results file
+    committed without regenerating the page leaves the page quoting numbers the file no longer holds."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import results_page
+
+    page = (results_page.RESULTS / results_page.PAGE).read_text()
+    assert page == results_page.build(), "benchmarks/results/README.md is stale: run benchmarks/results_page.py"
+
+
 def test_fmt_time_resolves_microseconds(monkeypatch):
     monkeypatch.syspath_prepend(BENCHMARKS)
     from harness import fmt_time
