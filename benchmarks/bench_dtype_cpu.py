@@ -9,8 +9,9 @@ and records what "auto" chooses here and why (nf4lora.kernels.precision), so eac
 choice next to the measurements that justify it.
 
 Writes benchmarks/results/dtype-cpu-<isa>.md and .json, named after the CPU's ISA (AVX2, AVX-512, AVX512-BF16,
-AMX); with ONEDNN_MAX_CPU_ISA set (oneDNN capped below what the CPU has, e.g. to behave like an AVX2 machine,
-together with ATEN_CPU_CAPABILITY=avx2) the name says "capped-<cap>" and the file says it was emulated.
+AMX); with a cap set (ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA: oneDNN capped below what the CPU has, and/or
+ATEN_CPU_CAPABILITY; e.g. both set to AVX2 to behave like an AVX2 machine) the name says "capped-<values>" and the
+file says it was emulated, so a capped run never overwrites the uncapped one's file.
 """
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from harness import RESULTS, environment_block, markdown_table, time_fn, write_results_in
 
-from nf4lora.kernels.precision import auto_compute_dtype, cpu_isa, isa_label
+from nf4lora.kernels.precision import CAP_VARS, auto_compute_dtype, cpu_isa, isa_label
 from nf4lora.lora import Linear4bit
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,13 +49,20 @@ def cases(dtype: torch.dtype):
     ]
 
 
+def results_name() -> str:
+    """dtype-cpu-<isa>, plus -capped-<each cap's value> where the environment caps this process (isa_label's caps)."""
+    caps = dict.fromkeys(os.environ[var].lower() for var in CAP_VARS if os.environ.get(var))  # ordered, no repeats
+    name = "dtype-cpu-" + cpu_isa().lower().replace("-", "")
+    return name + ("-capped-" + "-".join(caps) if caps else "")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--out", default=str(RESULTS), help="results directory (default: benchmarks/results)")
     args = parser.parse_args()
 
-    isa, cap, label = cpu_isa(), os.environ.get("ONEDNN_MAX_CPU_ISA"), isa_label()
+    label = isa_label()
     chosen = auto_compute_dtype("cpu")
     print(f"CPU: {label}; auto: {chosen}", flush=True)
 
@@ -86,9 +94,8 @@ def main():
         "",
         verdict,
     ])  # fmt: skip
-    name = "dtype-cpu-" + isa.lower().replace("-", "") + ("" if cap is None else f"-capped-{cap.lower()}")
-    print(write_results_in(args.out, name, md, {"isa": label, "auto": str(chosen), "bf16_over_fp32_layer": ratio,
-                                                "results": data}))  # fmt: skip
+    record = {"isa": label, "auto": str(chosen), "bf16_over_fp32_layer": ratio, "results": data}
+    print(write_results_in(args.out, results_name(), md, record))
 
 
 if __name__ == "__main__":

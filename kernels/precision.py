@@ -23,6 +23,9 @@ import torch
 
 AUTO = "auto"
 DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Environment variables that make this process compute like a lesser CPU: oneDNN's ISA cap (new and old name) and
+# the ATen kernels' capability.
+CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 # oneDNN ISA caps that leave out the bf16 dot-product instructions (AVX512_CORE_BF16 and every later ISA have them).
 _CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
@@ -56,8 +59,7 @@ def isa_label() -> str:
     """cpu_isa(), plus the caps that make this process compute like a lesser CPU, for results files: e.g.
     "AVX512-BF16 capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2; ATEN_CPU_CAPABILITY=avx2)" (no commas: results files
     list machine fields separated by ", ")."""
-    caps = [f"{var}={os.environ[var]}" for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
-            if os.environ.get(var)]  # fmt: skip
+    caps = [f"{var}={os.environ[var]}" for var in CAP_VARS if os.environ.get(var)]
     if not caps:
         return cpu_isa()
     onednn = next((c.split("=", 1)[1] for c in caps if "MAX_CPU_ISA" in c), None)

@@ -164,6 +164,22 @@ def test_results_page_equals_the_results_files(monkeypatch):
     assert page == results_page.build(), "benchmarks/results/README.md is stale: run benchmarks/results_page.py"
 
 
+def test_bench_dtype_cpu_names_a_capped_run_apart(monkeypatch):
+    """Every cap the results file's ISA label names (isa_label) also names the file: a run with only
+    ATEN_CPU_CAPABILITY or DNNL_MAX_CPU_ISA set wrote over the uncapped run's dtype-cpu-<isa> file."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    import bench_dtype_cpu
+
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(var, raising=False)
+    uncapped = bench_dtype_cpu.results_name()
+    assert uncapped.startswith("dtype-cpu-") and "capped" not in uncapped
+    for var, value in (("ATEN_CPU_CAPABILITY", "avx2"), ("DNNL_MAX_CPU_ISA", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")):
+        monkeypatch.setenv(var, value)
+        assert bench_dtype_cpu.results_name() == uncapped + "-capped-avx2", var
+        monkeypatch.delenv(var)
+
+
 def test_fmt_time_resolves_microseconds(monkeypatch):
     monkeypatch.syspath_prepend(BENCHMARKS)
     from harness import fmt_time
