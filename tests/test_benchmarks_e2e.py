@@ -12,6 +12,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from test_train_helpers import write_tiny_model
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -178,6 +179,57 @@ def test_bench_dtype_cpu_names_a_capped_run_apart(monkeypatch):
         monkeypatch.setenv(var, value)
         assert bench_dtype_cpu.results_name() == uncapped + "-capped-avx2", var
         monkeypatch.delenv(var)
+
+
+def _benchmark_module(monkeypatch, name: str):
+    """benchmarks/<name>.py imported fresh (it imports harness from its own folder)."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FLOAT32_AUTO = SimpleNamespace(dtype=torch.float32, name="float32", reason="a CPU without native bf16 (patched)")
+
+
+def test_bench_generate_runs_both_sides_in_the_auto_dtype(monkeypatch):
+    """Both models are built in the compute dtype "auto" picks for the device (float32 on a CPU without native
+    bf16), not a fixed bf16 that such a CPU multiplies ~30x slower."""
+    bench = _benchmark_module(monkeypatch, "bench_generate")
+    monkeypatch.setattr(bench, "auto_compute_dtype", lambda device: FLOAT32_AUTO)
+    built = []
+
+    def pair(shape, device, dtype=None):
+        built.append(dtype)
+        raise KeyboardInterrupt  # stop before generating anything
+
+    monkeypatch.setattr(bench, "random_pair", pair)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--device", "cpu", "--model", "tiny"])
+    assert built == [torch.float32]
+
+
+def test_bench_kernels_cpu_matmuls_run_in_the_auto_dtype(monkeypatch):
+    """The CPU matmul rows: ours, bitsandbytes' and the dense reference all compute in the dtype "auto" picks."""
+    bench = _benchmark_module(monkeypatch, "bench_kernels")
+    monkeypatch.setattr(bench, "auto_compute_dtype", lambda device: FLOAT32_AUTO)
+    seen = []  # the dtypes of every matmul's x and W
+    matmul_4bit, linear = bench.matmul_4bit, bench.F.linear
+    monkeypatch.setattr(bench, "matmul_4bit", lambda x, *a: seen.append(x.dtype) or matmul_4bit(x, *a))
+    spy_linear = lambda x, w: seen.append((x.dtype, w.dtype)) or linear(x, w)  # noqa: E731
+    monkeypatch.setattr(bench, "F", SimpleNamespace(linear=spy_linear))
+
+    def timer(fn):  # runs each timed call once
+        fn()
+        return {"median": 1.0, "min": 1.0, "max": 1.0}
+
+    results, sections = [], []
+    bench.bench_cpu_matmul(SimpleNamespace(quick=True), None, timer, results, sections, [(4, 64)])
+    assert len(seen) == 8 and set(seen) == {torch.float32, (torch.float32, torch.float32)}, seen
+    assert all("dense_fp32_s" in r for r in results) and "fp32" in sections[0][0]
 
 
 def test_fmt_time_resolves_microseconds(monkeypatch):
