@@ -13,7 +13,9 @@ for speed instead of clarity. A span (PIECES_PER_SPAN pieces) at a time, through
    float32(code * scale).to(dtype). A float32 output takes the product directly.
 
 No call opens an OpenMP region: each elementwise call is below torch's parallel grain (2**15 elements), so it
-runs inline on the thread that makes it, and index_select over a 1-D table is one serial loop at any size.
+runs inline on the thread that makes it, and index_select over a 1-D table is one serial loop at any size. (Where
+torch runs one thread nothing opens a region at any size, and the pieces are up to 2**20 elements, one per gather:
+at one thread the small pieces took 1.2-1.5x the earlier design's time, these 0.85-0.95x of it.)
 torch.get_num_threads() Python threads share the work instead, a contiguous range of blocks each (the caller
 and a pool; torch calls release the GIL). An OpenMP region ends in a barrier that waits for its slowest
 thread, and on a busy machine (more runnable threads than cores) that thread is often off its core: the
@@ -21,8 +23,8 @@ earlier design let torch's threads split three calls per 2**20-element chunk (~5
 and at load average 4-10 on the 2-core VM each region cost 7-20 ms. 4096x4096 NF4+DQ -> bf16, medians of
 alternating runs in one process: at load 7-10, 0.79-1.08 s for the earlier design against 63-169 ms for this
 one and 92-104 ms for bitsandbytes (whose C kernel opens one region); at load 3-5, 31 ms against 42 ms for
-bitsandbytes. Small calls cost more per element: on one thread this design spends ~1.5x the earlier one's CPU
-time (14.8 against 9.6 ms for that weight).
+bitsandbytes. Small calls cost more per element: on one thread of a two-thread run this design spends ~1.5x the
+earlier one's CPU time (14.8 against 9.6 ms for that weight).
 
 Where the time goes on one thread: the gather (~0.7 ns a byte) ~40%, the rounding copy (it writes the output
 to DRAM) ~20%, the multiply ~12%. Two more things keep page faults out:
@@ -59,6 +61,9 @@ import torch.nn.functional as F
 PARALLEL_GRAIN = 1 << 15
 # Pieces per gather: index_select is one serial loop at any size, so one call gathers several pieces.
 PIECES_PER_SPAN = 8
+# Where torch runs one thread no call opens a parallel region at any size: elements per piece there, one piece per
+# gather (the earlier design's chunk; fewer, larger calls).
+ONE_THREAD_PIECE = 1 << 20
 # The least work worth another thread, in elements (~60 us on one thread): handing a range to the pool and
 # waiting for it costs 10-50 us on the 2-core VM.
 MIN_RANGE = 1 << 16
@@ -123,7 +128,7 @@ def block_scales(
 
 def _decode_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize, scales, lo: int, hi: int) -> None:
     """scales[lo:hi], a piece at a time; lo is a multiple of nested_blocksize."""
-    piece = _piece_elements(nested_blocksize)
+    piece, _ = _pieces(nested_blocksize)
     codes = _scratch("scale_codes", piece * 4, absmax.device).view(torch.int32)
     for first in range(lo, hi, piece):
         count = min(piece, hi - first)
@@ -140,6 +145,14 @@ def _decode_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize,
 def _piece_elements(blocksize: int) -> int:
     """Elements per elementwise call: the most whole blocks below the parallel grain (28672 to 32736)."""
     return (PARALLEL_GRAIN - 1) // blocksize * blocksize
+
+
+def _pieces(blocksize: int) -> tuple[int, int]:
+    """(elements per elementwise call, pieces per gather) on this thread: _piece_elements and PIECES_PER_SPAN
+    where torch runs more than one thread, else the most whole blocks below ONE_THREAD_PIECE, one per gather."""
+    if torch.get_num_threads() > 1:
+        return _piece_elements(blocksize), PIECES_PER_SPAN
+    return (ONE_THREAD_PIECE - 1) // blocksize * blocksize, 1
 
 
 def _pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -192,8 +205,8 @@ def dequantize(
 def _dequantize_range(src, table, scales, blocksize: int, out, lo: int, hi: int) -> None:
     """out[lo:hi] from the packed bytes src, a span at a time through this thread's scratch. lo is a multiple of
     the blocksize (so even): only the range that ends the tensor can end inside a block."""
-    piece = _piece_elements(blocksize)
-    rows, span = piece // blocksize, PIECES_PER_SPAN * piece
+    piece, per_span = _pieces(blocksize)
+    rows, span = piece // blocksize, per_span * piece
     codes = _scratch("codes", span // 2 * 4, src.device).view(torch.int32)  # one per packed byte
     pairs = _scratch("pairs", span // 2 * 8, src.device).view(torch.int64)  # two float32 values per packed byte
     full = lo + (hi - lo) // blocksize * blocksize  # where the whole blocks end
@@ -204,11 +217,11 @@ def _dequantize_range(src, table, scales, blocksize: int, out, lo: int, hi: int)
     out_pieces = out[lo:full].view(-1, blocksize).split(rows)
     for i, packed in enumerate(byte_spans):
         count = packed.numel()
-        for codes_piece, packed_piece in zip(codes[:count].split(piece), packed.split(piece)):  # < grain each
+        for codes_piece, packed_piece in zip(codes[:count].split(piece), packed.split(piece)):
             codes_piece.copy_(packed_piece)
         torch.index_select(table, 0, codes[:count], out=pairs[:count])
         value_pieces = pairs[:count].view(torch.float32).view(-1, blocksize).split(rows)
-        first, last = i * PIECES_PER_SPAN, (i + 1) * PIECES_PER_SPAN
+        first, last = i * per_span, (i + 1) * per_span
         for values, scale, out_piece in zip(value_pieces, scale_pieces[first:last], out_pieces[first:last]):
             _scale(values, scale, out_piece)
     if full < hi:  # the tensor's last, partial block; an odd n leaves the pad nibble out

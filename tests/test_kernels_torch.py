@@ -167,6 +167,19 @@ def test_dequantize_on_three_threads_bit_identical(three_threads, quant_type, do
     assert three_threads.submitted > 0
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_on_one_thread_in_large_pieces_bit_identical(one_thread, monkeypatch, double_quant):
+    """Where torch runs one thread the pieces are up to ONE_THREAD_PIECE elements, one per gather: here 4096, so
+    that the awkward shapes end pieces and the block scales' pieces anywhere."""
+    monkeypatch.setattr(torch_path, "ONE_THREAD_PIECE", 4097)
+    assert torch_path._pieces(64) == (4096, 1) and torch_path._pieces(4096) == (4096, 1)
+    for shape, blocksize in SHAPES_AND_BLOCKSIZES[:-1] + [((257, 333), 32), ((1, 40961), 64)]:
+        packed, state = quantized(shape, blocksize, "nf4", double_quant)
+        for dtype in DTYPES:
+            ours, ref = dequantize(packed, state, dtype), dequantize_4bit(packed, state, dtype)
+            assert torch.equal(bits(ours), bits(ref)), (shape, blocksize, double_quant, dtype)
+
+
 def test_dequantize_and_matmul_on_three_threads_under_inference_mode(three_threads):
     """Under torch.inference_mode() the output and the workspace are inference tensors, which torch lets only
     inference mode write: the pool's threads must decode in it too (they raised RuntimeError before). Then the
