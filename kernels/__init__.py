@@ -2,7 +2,9 @@
 
 Layers (docs/architecture.md, "Kernels in layers"): @triton.jit kernels and their launchers in dequant.py,
 matmul.py, gemv.py; the fast torch path in torch_path.py; in ops.py the rule that picks a kernel, the torch custom
-ops (for torch.compile) and the eager autograd.Function; checked public entry points in dispatch.py.
+ops (for torch.compile) and the eager autograd.Function; checked public entry points in dispatch.py. The decoder's
+other ops (RMSNorm, RoPE, SwiGLU/GeGLU, linear + cross-entropy) have their kernels in rmsnorm.py, rope.py, glu.py
+and cross_entropy.py, and their entries and torch references in model_ops.py.
 """
 
 # Run only as nf4lora.kernels. Found through sys.path as a top-level "kernels" (the checkout's root on sys.path),
@@ -13,8 +15,10 @@ ops (for torch.compile) and the eager autograd.Function; checked public entry po
 if __name__ == "nf4lora.kernels":
     from .backend import backend_for
     from .dispatch import dequantize, matmul_4bit, matmul_4bit_grad_input
+    from .model_ops import apply_rope, geglu, linear_cross_entropy, rms_norm, swiglu
 
-    __all__ = ["dequantize", "matmul_4bit", "matmul_4bit_grad_input", "backend_for"]
+    __all__ = ["dequantize", "matmul_4bit", "matmul_4bit_grad_input", "backend_for",
+               "rms_norm", "apply_rope", "swiglu", "geglu", "linear_cross_entropy"]  # fmt: skip
 else:
     import importlib.machinery as _machinery
     import importlib.util as _util
