@@ -81,6 +81,40 @@ def matmul_impl(x: torch.Tensor, bias: torch.Tensor | None, *state) -> torch.Ten
     return torch_path.matmul(x, bias, *state)
 
 
+# -- one dequantize per backward under activation checkpointing ------------------------------------------------------
+# With checkpointing, a layer's backward first reruns its forward (which dequantizes W for the product x @ W.T) and
+# then needs W again for dy @ W: two dequantizations where one suffices. The rerun keeps its dense W for the
+# backward that follows it. Checkpointing matches what the rerun saves to what the first forward saved by shape,
+# dtype and device, and the first forward cannot know whether it is checkpointed, so it saves a stand-in of W's
+# shape that holds no memory (a 0-stride view of one element): without checkpointing, backward finds the stand-in
+# and dequantizes as before. Only the rerun, which runs inside the backward pass, keeps a real W, and only until
+# the backward of the same op takes it: at most one checkpointed block's weights at a time.
+def keeps_dense_weight(x: torch.Tensor, *state) -> bool:
+    """Whether a forward of x through W keeps the dense W for its backward: it is a checkpointed block's rerun
+    (the autograd engine is running a backward pass: torch's graph-task id is set) and its product dequantizes W in
+    x.dtype anyway (the torch path, or Triton's dequantize + cuBLAS path)."""
+    if torch._C._current_graph_task_id() == -1:
+        return False
+    return backend_for(x) == "torch" or matmul_path(_rows(x, state[-1][1])) == "dequant + cuBLAS"
+
+
+def dense_linear(x: torch.Tensor, bias: torch.Tensor | None, *state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x @ W.T + bias, W in x.dtype): matmul_impl's result on its dequantizing paths, bit for bit, and the W it
+    multiplied with, in a tensor of its own (the torch path's scratch weight is reused by the next layer)."""
+    w = dequantize_impl(*state, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype)), w
+
+
+def dense_stand_in(x: torch.Tensor, shape: list[int], dtype: torch.dtype | None = None) -> torch.Tensor:
+    """What a forward that keeps no dense W saves in its place: W's shape, dtype (default x's), no memory."""
+    return x.new_empty((), dtype=dtype).expand(shape)
+
+
+def kept_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The dense W a checkpointed rerun saved (None for a stand-in, or a W in another dtype than dy's)."""
+    return w if w.stride() != (0, 0) and w.dtype == dtype else None
+
+
 def grad_input_impl(dy: torch.Tensor, *state) -> torch.Tensor:
     """dy (..., N) @ W -> (..., K) in dy.dtype on dy's backend."""
     if backend_for(dy) == "triton":
@@ -178,10 +212,10 @@ def _saved_state(ctx) -> list:
     return state
 
 
-def _input_grads(ctx, dy, grad_input, x_index: int, bias_index: int):
+def _input_grads(ctx, dy, grad_input, x_index: int, bias_index: int, state=None):
     """(grad_x, grad_bias) where needed: dy @ W by `grad_input` (the custom op or its implementation), the bias'
-    row sum. The indices are x's and bias' places among the inputs."""
-    grad_x = grad_input(dy, *_saved_state(ctx)) if ctx.needs_input_grad[x_index] else None
+    row sum. The indices are x's and bias' places among the inputs; state: the saved state, if already read."""
+    grad_x = grad_input(dy, *(state or _saved_state(ctx))) if ctx.needs_input_grad[x_index] else None
     grad_bias = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[bias_index]:
         grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0).to(ctx.bias_dtype)
@@ -202,14 +236,25 @@ matmul_4bit.register_autograd(_backward, setup_context=_setup_context)
 
 
 class Matmul4bit(torch.autograd.Function):
-    """The eager door: matmul_4bit's forward and backward without the custom-op machinery (same saved tensors)."""
+    """The eager door: matmul_4bit's forward and backward without the custom-op machinery; it also saves the dense
+    W (or its stand-in) last, so that a checkpointed rerun's backward does not dequantize again (see above)."""
 
     @staticmethod
     def forward(ctx, x, bias, *state):
-        _save_state(ctx, state, bias)
-        return matmul_impl(x, bias, *state)
+        if ctx.needs_input_grad[0] and keeps_dense_weight(x, *state):
+            y, w = dense_linear(x, bias, *state)
+        else:
+            y, w = matmul_impl(x, bias, *state), dense_stand_in(x, state[-1])
+        _save_state(ctx, (*state, w), bias)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        grad_x, grad_bias = _input_grads(ctx, dy, grad_input_impl, 0, 1)
+        *state, w = _saved_state(ctx)
+        kept = kept_weight(w, dy.dtype)
+
+        def grad_input(dy, *state):
+            return grad_input_impl(dy, *state) if kept is None else dy @ kept
+
+        grad_x, grad_bias = _input_grads(ctx, dy, grad_input, 0, 1, state)
         return grad_x, grad_bias, *([None] * len(STATE_ARGS))

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nf4lora.kernels import matmul_4bit_grad_input
+from nf4lora.kernels import matmul_4bit_grad_input, ops
+from nf4lora.kernels.dispatch import state_args
 from nf4lora.nf4 import max_abs_error, quantize_4bit, relative_error
 
 from .linear4bit import Linear4bit
@@ -44,6 +45,19 @@ def _dense_dtype(base: Linear4bit) -> torch.dtype:
     return base.quant_state.dtype if base.bias is None else base.bias.dtype
 
 
+def _base_forward(base: nn.Module, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(base(x), the dense 4-bit weight for backward): for a Linear4bit base the weight a checkpointed rerun
+    dequantized (kept, as Matmul4bit keeps it: kernels/ops.py) or its memory-free stand-in; None for nn.Linear."""
+    if not isinstance(base, Linear4bit):
+        return base(x), None
+    dtype = base.dtypes_for(x)[0]  # == the output dtype (LoRALinear._fusable)
+    state = state_args(base.weight, base.quant_state)
+    if keep and ops.keeps_dense_weight(x, *state):
+        bias = None if base.bias is None else base.bias.contiguous()
+        return ops.dense_linear(x.to(dtype), bias, *state)
+    return base(x), ops.dense_stand_in(x, state[-1], dtype)
+
+
 class _FrozenBaseLoRA(torch.autograd.Function):
     """y = base(x) + (x @ A.T) @ (scaling * B).T for a frozen base without dropout, with the adapter's products
     added into tensors the base makes anyway: into its output in forward (y.addmm_) and into its input gradient
@@ -55,25 +69,28 @@ class _FrozenBaseLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, scaling, base):
-        y = base(x)  # the base's own dtype rules (autocast, compute_dtype); LoRALinear._fusable checked them
+        y, w = _base_forward(base, x, keep=ctx.needs_input_grad[0])
         dtype = y.dtype
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = lora_a.to(dtype), (lora_b * scaling).to(dtype)  # (r, in), (out, r)
         h = x2 @ a.t()  # (tokens, r)
         y.view(-1, y.shape[-1]).addmm_(h, b.t())
-        ctx.save_for_backward(x2, a, b, h)
+        ctx.save_for_backward(x2, a, b, h, w)
         ctx.base, ctx.scaling, ctx.dtypes = base, scaling, (x.dtype, lora_a.dtype, lora_b.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2, a, b, h = ctx.saved_tensors
+        x2, a, b, h, w = ctx.saved_tensors
         dy2 = dy.reshape(-1, dy.shape[-1]).to(a.dtype)
         dh = dy2 @ b  # (tokens, r)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             base = ctx.base
-            if isinstance(base, Linear4bit):
+            kept = None if w is None else ops.kept_weight(w, dy2.dtype)
+            if kept is not None:  # a checkpointed rerun's dense W: no second dequantization
+                grad_x = dy2 @ kept
+            elif isinstance(base, Linear4bit):
                 grad_x = matmul_4bit_grad_input(dy2, base.weight, base.quant_state)
             else:
                 grad_x = dy2 @ base.weight.to(dy2.dtype)
