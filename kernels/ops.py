@@ -61,17 +61,20 @@ def dequantize_impl(*state_and_dtype) -> torch.Tensor:
     return torch_path.dequantize(*state_and_dtype)
 
 
-def matmul_path(rows: int) -> str:
-    """The Triton path of x @ W.T for `rows` rows of x, by the rule above: "gemv", "fused" or "dequant + cuBLAS"."""
+def matmul_path(rows: int, shape: list[int] | None = None, blocksize: int | None = None) -> str:
+    """The Triton path of x @ W.T for `rows` rows of x, by the rule above: "gemv", "fused" or "dequant + cuBLAS"
+    (given the weight's shape and blocksize, "fused" only for a layout matmul.supports)."""
     if rows <= _triton("gemv").MAX_M:
         return "gemv"
-    return "fused" if rows <= FUSED_MAX_M else "dequant + cuBLAS"
+    if rows <= FUSED_MAX_M and (shape is None or _triton("matmul").supports(shape, blocksize)):
+        return "fused"
+    return "dequant + cuBLAS"
 
 
 def matmul_impl(x: torch.Tensor, bias: torch.Tensor | None, *state) -> torch.Tensor:
     """x (..., K) @ W.T + bias -> (..., N) in x.dtype on x's backend (on Triton, the path matmul_path names)."""
     if backend_for(x) == "triton":
-        path = matmul_path(_rows(x, state[-1][1]))
+        path = matmul_path(_rows(x, state[-1][1]), state[-1], state[6])
         if path == "gemv":
             return _triton("gemv").gemv(x, bias, *state)
         if path == "fused":
@@ -95,7 +98,7 @@ def keeps_dense_weight(x: torch.Tensor, *state) -> bool:
     x.dtype anyway (the torch path, or Triton's dequantize + cuBLAS path)."""
     if torch._C._current_graph_task_id() == -1:
         return False
-    return backend_for(x) == "torch" or matmul_path(_rows(x, state[-1][1])) == "dequant + cuBLAS"
+    return backend_for(x) == "torch" or matmul_path(_rows(x, state[-1][1]), state[-1], state[6]) == "dequant + cuBLAS"
 
 
 def dense_linear(x: torch.Tensor, bias: torch.Tensor | None, *state) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +121,7 @@ def kept_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
 def grad_input_impl(dy: torch.Tensor, *state) -> torch.Tensor:
     """dy (..., N) @ W -> (..., K) in dy.dtype on dy's backend."""
     if backend_for(dy) == "triton":
-        if _rows(dy, state[-1][0]) <= FUSED_MAX_M:
+        if _rows(dy, state[-1][0]) <= FUSED_MAX_M and _triton("matmul").supports(state[-1], state[6]):
             return _triton("matmul").matmul_grad_input(dy, *state)
         return dy @ _triton("dequant").dequantize(*state, dy.dtype)
     return torch_path.matmul_grad_input(dy, *state)

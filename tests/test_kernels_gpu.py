@@ -19,8 +19,6 @@ from nf4lora.kernels import backend_for, dequantize, matmul_4bit  # noqa: E402
 if torch.cuda.is_available():
     # Only with a GPU: the kernel modules are not needed here without one (tests/conftest.py sets
     # TRITON_INTERPRET=1 on CPU machines before any of them is imported).
-    from triton.runtime.errors import OutOfResources
-
     from nf4lora.kernels import gemv, matmul, ops
 from nf4lora.nf4 import QuantState, dequantize_4bit, quantize_4bit  # noqa: E402
 from nf4lora.nf4.codebooks import NESTED_BLOCKSIZE  # noqa: E402
@@ -62,33 +60,38 @@ def reference_linear(x, packed, state, bias):
     return F.linear(x.double(), w.double(), None if bias is None else bias.double())
 
 
-WEIGHTS = [(50, 72, 64, "nf4", True), (40, 96, 32, "fp4", False), (33, 65, 64, "nf4", False), (70, 128, 128, "fp4", True)]
+# The fused kernels take K a multiple of the blocksize (matmul.supports): a partial last K step, N leaving partial
+# tiles, blocksizes on both sides of every BLOCK_K.
+FUSED_WEIGHTS = [(50, 192, 64, "nf4", True), (40, 96, 32, "fp4", False), (33, 160, 32, "nf4", False),
+                 (70, 384, 128, "fp4", True)]  # fmt: skip
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 17, 33, 128])
-@pytest.mark.parametrize("weight", WEIGHTS)
+@pytest.mark.parametrize("m", [1, 17, 128, 300])  # BLOCK_M 16, 32, 128 (300: three row tiles, the last partial)
+@pytest.mark.parametrize("weight", FUSED_WEIGHTS)
 def test_bf16_fused_forward_and_grad_input(m, weight):
     n, k, blocksize, quant_type, double_quant = weight
     packed, state = quantized((n, k), blocksize, quant_type, double_quant, seed=m)
     x, bias = randn(m, k, dtype=torch.bfloat16, seed=1), randn(n, dtype=torch.bfloat16, seed=2)
-    aligned = k % 2 == 0 and k % blocksize == 0
-    launched = 0
-    for config in (None, *matmul.CONFIGS):  # the autotuned launch and every candidate
-        try:
-            y = matmul.matmul(x, bias, *state_args(packed, state), config=config)
-            dy = randn(m, n, dtype=torch.bfloat16, seed=3)
-            dx = matmul.matmul_grad_input(dy, *state_args(packed, state), config=config)
-        except OutOfResources:
-            # Odd or block-unaligned K loads W element by element, and the software pipeline then stages far more
-            # shared memory: on an H200 (227 KB per block) only the 16x64 tile fits for K = 72, blocksize 64, and
-            # 315 KB are asked for at 32x128. The autotuner skips configs that do not fit.
-            assert config is not None and not aligned, f"{config} must fit in shared memory for {weight}"
-            continue
-        launched += 1
+    dy = randn(m, n, dtype=torch.bfloat16, seed=3)
+    for config in (None, *matmul.CONFIGS):  # the autotuned launch and every candidate (all fit in shared memory)
+        y = matmul.matmul(x, bias, *state_args(packed, state), config=config)
         torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.bfloat16])
+        dx = matmul.matmul_grad_input(dy, *state_args(packed, state), config=config)
         ref = dy.double() @ dequantize_4bit(packed, state, torch.bfloat16).double()
         torch.testing.assert_close(dx.double(), ref, **TOL[torch.bfloat16])
-    assert launched >= 2  # at least the autotuned launch and the smallest tile (K = 72 on an H200: exactly these)
+
+
+@pytest.mark.parametrize("split", [1, 2, 4, 8])
+def test_bf16_fused_split_k_llama_shape(split):
+    """Every split-K the launcher may pick, at a LLaMA-7B shape and M = 16."""
+    packed, state = quantized((4096, 4096), 64, "nf4", True)
+    x, bias = randn(16, 4096, dtype=torch.bfloat16, seed=4), randn(4096, dtype=torch.bfloat16, seed=5)
+    y = matmul.matmul(x, bias, *state_args(packed, state), split=split)
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.bfloat16])
+    dy = randn(16, 4096, dtype=torch.bfloat16, seed=6)
+    dx = matmul.matmul_grad_input(dy, *state_args(packed, state), split=split)
+    ref = dy.double() @ dequantize_4bit(packed, state, torch.bfloat16).double()
+    torch.testing.assert_close(dx.double(), ref, **TOL[torch.bfloat16])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

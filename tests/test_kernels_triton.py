@@ -106,6 +106,10 @@ def test_dequantize_launch_settings_are_checked():
 # (N, K, blocksize, quant_type, double_quant): K not a multiple of the tile (general scale path), K a multiple of
 # the blocksize (one scale per row and tile), odd K (rows start mid-byte), N leaving partial tiles.
 WEIGHTS = [(50, 72, 64, "nf4", True), (40, 96, 32, "fp4", False), (33, 65, 64, "nf4", False), (70, 128, 128, "fp4", True)]
+# The fused kernels take K a multiple of the blocksize (matmul.supports): K not a multiple of the tile (a partial
+# last step), N leaving partial tiles, blocksizes on both sides of BLOCK_K.
+FUSED_WEIGHTS = [(50, 192, 64, "nf4", True), (40, 96, 32, "fp4", False), (33, 160, 32, "nf4", False),
+                 (70, 128, 128, "fp4", True)]  # fmt: skip
 MS = [1, 2, 3, 7, 16, 17, 33, 128]
 
 
@@ -120,7 +124,7 @@ def reference_linear(x, packed, state, bias):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fused_forward_matches_dense(m, dtype, with_bias):
-    n, k, blocksize, quant_type, double_quant = WEIGHTS[MS.index(m) % len(WEIGHTS)]
+    n, k, blocksize, quant_type, double_quant = FUSED_WEIGHTS[MS.index(m) % len(FUSED_WEIGHTS)]
     packed, state = quantized((n, k), blocksize, quant_type, double_quant, seed=m)
     x = randn(m, k, dtype=dtype, seed=1)
     bias = randn(n, dtype=dtype, seed=2) if with_bias else None
@@ -132,13 +136,39 @@ def test_fused_forward_matches_dense(m, dtype, with_bias):
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_fused_grad_input_matches_dense(m, dtype):
-    n, k, blocksize, quant_type, double_quant = WEIGHTS[MS.index(m) % len(WEIGHTS)]
+    n, k, blocksize, quant_type, double_quant = FUSED_WEIGHTS[MS.index(m) % len(FUSED_WEIGHTS)]
     packed, state = quantized((n, k), blocksize, quant_type, double_quant, seed=m)
     dy = randn(m, n, dtype=dtype, seed=3)
     dx = matmul.matmul_grad_input(dy, *state_args(packed, state))
     assert dx.shape == (m, k) and dx.dtype == dtype
     ref = dy.double() @ dequantize_4bit(packed, state, dtype).double()
     torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_fused_split_k_matches_dense(split):
+    """Programs sharing the reduction (K for the forward, N for grad-input) in ranges of matmul.K_SPLIT_ALIGN,
+    the last one shorter; their float32 partials summed by the second kernel, with the bias."""
+    packed, state = quantized((300, 576), 64, "nf4", True, seed=split)
+    x, bias = randn(20, 576, dtype=torch.float16, seed=17), randn(300, dtype=torch.float16, seed=18)
+    assert matmul.split_ranges(576, split) == {2: (512, 2), 3: (256, 3)}[split]
+    y = matmul.matmul(x, bias, *state_args(packed, state), split=split)
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.float16])
+    dy = randn(20, 300, dtype=torch.float16, seed=19)
+    dx = matmul.matmul_grad_input(dy, *state_args(packed, state), split=split)
+    ref = dy.double() @ dequantize_4bit(packed, state, torch.float16).double()
+    torch.testing.assert_close(dx.double(), ref, **TOL[torch.float16])
+
+
+def test_fused_kernels_refuse_unaligned_k_and_the_dispatch_routes_around_them(monkeypatch):
+    packed, state = quantized((8, 72), 64, "nf4", True)
+    x = randn(6, 72, dtype=torch.float32, seed=20)
+    with pytest.raises(ValueError, match=r"K \(in_features\) a multiple of the blocksize 64, got weight \(8, 72\)"):
+        matmul.matmul(x, None, *state_args(packed, state))
+    monkeypatch.setattr(ops, "FUSED_MAX_M", 8)
+    assert ops.matmul_path(6, [8, 72], 64) == "dequant + cuBLAS" and ops.matmul_path(6, [8, 128], 64) == "fused"
+    y = matmul_4bit(x, packed, state)
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, None), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("config", matmul.CONFIGS, ids=lambda c: "x".join(str(v) for v in c.kwargs.values()))
@@ -214,8 +244,8 @@ def test_matmul_4bit_routes_and_differentiates(m, fused_max_m, kernels, monkeypa
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     monkeypatch.setattr(ops, "FUSED_MAX_M", fused_max_m)
-    packed, state = quantized((24, 40), 32, "nf4", True)
-    x = randn(m, 40, dtype=torch.float32, seed=10).requires_grad_()
+    packed, state = quantized((24, 64), 32, "nf4", True)
+    x = randn(m, 64, dtype=torch.float32, seed=10).requires_grad_()
     bias = randn(24, dtype=torch.float32, seed=11).requires_grad_()
     y = matmul_4bit(x, packed, state, bias)
 
