@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test and GPU benchmark of nf4lora in one run, with all results written into one folder. Budget: the
-# steps' time caps add up to 16 minutes on one H200-class GPU; a 15-minute device slot runs `--only tests,decode`
-# (at most 9 minutes with the installs). GPU time comes in short slots: run this, then commit what it wrote under
-# benchmarks/results/ (see docs/benchmarking.md).
+# steps' time caps add up to 18.5 minutes on one H200-class GPU; a 15-minute device slot runs `--only tests,decode`
+# (at most 9 minutes with the installs) or `--only bench-kernels,bench-qlora-step` (at most 8). GPU time comes in
+# short slots: run this, then commit what it wrote under benchmarks/results/ (see docs/benchmarking.md).
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR [--bnb-wheels DIR] [--python PY] [--only STEPS] [--dry-run]
 #
@@ -192,7 +192,7 @@ fi
 # its files (with TRITON_INTERPRET=1, for the scripts that run Triton kernels on CPU tensors).
 BENCHES=(
     "bench-kernels|150|benchmarks/bench_kernels.py --device cuda|--device cpu --quick --repeat 1"
-    "bench-qlora-step|150|benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 --batch 2 --tokens-per-step 2048,4096 --grad-ckpt on --steps 4 --warmup 2 --rounds 1 --no-profile|--device cpu --synthetic tiny --seq-len 32 --batch 2 --tokens-per-step 64 --steps 1 --warmup 1 --rounds 1 --no-profile"
+    "bench-qlora-step|300|benchmarks/bench_qlora_step.py --device cuda --synthetic 1b --seq-len 2048 --batch 1 --tokens-per-step 2048,4096,8192 --grad-ckpt on --steps 4 --warmup 2 --rounds 1|--device cpu --synthetic tiny --seq-len 32 --batch 2 --tokens-per-step 64 --steps 1 --warmup 1 --rounds 1"
 )
 for entry in "${BENCHES[@]}"; do
     IFS='|' read -r name limit cmd dry_args <<< "$entry"
@@ -212,7 +212,8 @@ if ! wanted triton-tests-compiled; then
 elif ((DRY)); then
     skip "compiled kernel tests" "dry run: tests/test_kernels_triton.py runs in CI under the interpreter"
 elif ((PYTEST_OK)); then
-    step triton-tests-compiled 80 "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py
+    step triton-tests-compiled 80 "${PYTEST[@]}" "${XDIST[@]}" --junitxml="$OUT/triton-tests.xml" tests/test_kernels_triton.py \
+        tests/test_kernels_model_ops.py
 fi
 
 say "total ${SECONDS}s; results in $OUT"

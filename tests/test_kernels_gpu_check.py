@@ -5,6 +5,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
 
@@ -13,9 +16,15 @@ def run(*args, timeout=600):
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_dry_run_runs_every_step_and_writes_results(tmp_path):
-    out = tmp_path / "gpu-results"
-    proc = run(str(out), "--dry-run", "--python", sys.executable)
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """The results folder of one full dry run, and the run's process."""
+    out = tmp_path_factory.mktemp("gpu-check") / "gpu-results"
+    return out, run(str(out), "--dry-run", "--python", sys.executable)
+
+
+def test_dry_run_runs_every_step_and_writes_results(dry_run):
+    out, proc = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     summary = (out / "summary.txt").read_text()
@@ -44,6 +53,30 @@ def test_dry_run_runs_every_step_and_writes_results(tmp_path):
     assert "## Dequantize (CPU torch path)" in (out / "kernels-cpu-quick.md").read_text()
     step = json.loads((out / "qlora-step-cpu.json").read_text())
     assert step["points"] and all(p[side]["tokens_per_s"]["median"] > 0 for p in step["points"] for side in ("ours", "peer"))
+    assert "test_kernels_model_ops_gpu.py::test_linear_cross_entropy_bf16" in collected
+
+
+def test_gpu_step_report_gives_mfu_targets_and_profiles(dry_run, monkeypatch):
+    """The QLoRA step's CUDA report (MFU, the targets at every point, each side's per-kernel profile), rendered
+    from the points of the dry run's tiny CPU run as if they came from a GPU: its code runs nowhere else here."""
+    out, _ = dry_run
+    step = json.loads((out / "qlora-step-cpu.json").read_text())
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_qlora_step
+
+    points = step["points"]
+    for p in points:
+        p.pop("malloc_kept", None)  # the CPU-only allocator ablation
+        for side in ("ours", "peer"):
+            p[side]["peak_cuda_mib"] = p[side]["peak_rss_mib"]
+    args = SimpleNamespace(**{**step["args"], "device": "cuda", "peak_tflops": 790.0})
+    md = bench_qlora_step.report(args, points, step["default_tokens_per_step"], "tiny", "random", "qlora-step-cuda",
+                                 (0.0, 0.0), step["params"])  # fmt: skip
+    assert "## Targets at every point" in md and f"{8 * step['params'] / 1e9:.2f} GFLOP per token" in md
+    ours = points[0]["ours"]
+    mfu = 8 * step["params"] * ours["tokens_per_s"]["median"] / 790e12
+    assert f"| {points[0]['tokens_per_step']} | {points[0]['speedup']:.2f}x |" in md and f"{mfu:.1%}" in md
+    assert md.count("torch.profiler self CUDA time") == 2  # one step of each side, by kernel on a GPU
 
 
 def test_only_runs_the_named_steps(tmp_path):
