@@ -1,7 +1,8 @@
 """Linear + cross-entropy without the (tokens, vocab) logits: the loss of a language-model head, fused in chunks.
 
     loss_sum = sum_i CE(softcap(h_i @ W.T), y_i)   over rows with y_i != ignore_index
-    softcap(z) = cap * tanh(z / cap)               (Gemma 2's final-logit soft-capping; off when cap is None)
+    softcap(z) = tanh(z / cap) * cap               (Gemma 2's final-logit soft-capping, in the logits' dtype as
+                                                    transformers computes it; off when cap is None)
 
 The hidden states go through the head `chunk` rows at a time (cuBLAS, in the compute dtype). A Triton kernel
 then reads each row of the chunk's logits twice (an online logsumexp over vocabulary tiles, then the softmax)
@@ -29,10 +30,13 @@ MAX_BLOCK_V = 32768
 
 
 @triton.jit
-def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
+def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr, DTYPE: tl.constexpr):
+    """(softcap(z), tanh(z / cap)) in float32, rounded where torch rounds tanh(z / cap) * cap in the logits' DTYPE
+    (model_ops.softcap_torch); without soft-capping (z, 0)."""
     if HAS_SOFTCAP:
-        z = softcap * tanh(z / softcap)
-    return z
+        t = round_to(tanh(round_to(z / softcap, DTYPE).to(tl.float32)), DTYPE).to(tl.float32)
+        return round_to(t * softcap, DTYPE).to(tl.float32), t
+    return z, 0.0
 
 
 @triton.jit
@@ -46,30 +50,30 @@ def _cross_entropy_kernel(
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
     target = tl.where(valid, label, 0)
+    DTYPE: tl.constexpr = logits_ptr.dtype.element_ty
     # pass 1: running max m and sum of exp(z - m) over the vocabulary tiles
     m = float("-inf")
     s = 0.0
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        z = _capped(tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
+        z, _ = _capped(tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP, DTYPE)
         z = tl.where(cols < V, z, float("-inf"))  # after the cap, which would map -inf to -softcap
         m_new = tl.maximum(m, tl.max(z, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
         m = m_new
     lse = m + tl.log(s)
-    z_target = _capped(tl.load(row_ptr + target).to(tl.float32), softcap, HAS_SOFTCAP)
+    z_target, _ = _capped(tl.load(row_ptr + target).to(tl.float32), softcap, HAS_SOFTCAP, DTYPE)
     tl.store(loss_ptr + row, tl.where(valid, lse - z_target, 0.0))
     # pass 2: the gradient, in place
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         mask = cols < V
-        raw = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        z = _capped(raw, softcap, HAS_SOFTCAP)
+        z, t = _capped(tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP, DTYPE)
         grad = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
         if HAS_SOFTCAP:
-            grad = grad * (1.0 - (z / softcap) * (z / softcap))
+            grad = grad * (1.0 - t * t)  # d(cap * tanh(z / cap)) / dz
         grad = tl.where(valid, grad, 0.0)
-        tl.store(row_ptr + cols, round_to(grad, logits_ptr.dtype.element_ty), mask=mask)
+        tl.store(row_ptr + cols, round_to(grad, DTYPE), mask=mask)
 
 
 def cross_entropy_rows(

@@ -55,16 +55,24 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, heads, T, hd) by the angles in cos/sin (B, T, hd), rotate_half layout (models/rope.py)."""
+    """Rotate the first rotary_dim dimensions of x (B, heads, T, hd) by the angles in cos/sin (B, T, rotary_dim),
+    rotate_half layout; the rest pass through (partial rotary, Phi-3)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + _rotate_half(x) * sin
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rope_torch's result (bit for bit), by the Triton kernel where it serves; differentiable in x."""
-    if _use_triton(x):
+    if not _use_triton(x):
+        return apply_rope_torch(x, cos, sin)
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
         return _triton("rope").RoPE.apply(x, cos, sin)
-    return apply_rope_torch(x, cos, sin)
+    return torch.cat((_triton("rope").RoPE.apply(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)  # a strided view
 
 
 # -- gated MLP activations ------------------------------------------------------------------------------------------
@@ -99,16 +107,22 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
+def softcap_torch(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """Gemma 2's final-logit soft-capping, cap * tanh(logits / cap), in the logits' dtype and transformers' order."""
+    return torch.tanh(logits / cap) * cap
+
+
 def linear_cross_entropy_torch(hidden, weight, labels, chunk_tokens: int, softcap=None, ignore_index=IGNORE_INDEX):
-    """Mean cross-entropy of softcap(hidden @ weight.T) (float32 logits) against labels over the rows whose label
-    is not ignore_index; each chunk of rows is checkpointed, so its logits are recomputed in backward."""
+    """Mean cross-entropy of softcap(hidden @ weight.T) against labels over the rows whose label is not
+    ignore_index: logits in the compute dtype, soft-capped there, log-softmax in float32 (the model's full-logits
+    path). Each chunk of rows is checkpointed, so its logits are recomputed in backward."""
     dtype = _compute_dtype(hidden)
 
     def chunk_loss_sum(h, y):
-        logits = F.linear(h.to(dtype), weight.to(dtype)).float()  # (chunk, V)
+        logits = F.linear(h.to(dtype), weight.to(dtype))  # (chunk, V)
         if softcap is not None:
-            logits = softcap * torch.tanh(logits / softcap)
-        return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
+            logits = softcap_torch(logits, softcap)
+        return F.cross_entropy(logits.float(), y, ignore_index=ignore_index, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], chunk_tokens):
@@ -128,7 +142,7 @@ def linear_cross_entropy(
     """Mean cross-entropy of a bias-free head: hidden (..., H) @ weight (V, H).T against labels (...), over
     labels != ignore_index (NaN when there are none, as F.cross_entropy's mean), never holding more than
     chunk_tokens rows of logits (default on Triton: a chunk of logits no larger than hidden; on torch: 1024 rows).
-    softcap: Gemma 2's final-logit soft-capping cap * tanh(logits / cap). Differentiable in hidden and weight."""
+    softcap: Gemma 2's final-logit soft-capping (softcap_torch). Differentiable in hidden and weight."""
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"weight must be (vocab, {hidden.shape[-1]}) for hidden {tuple(hidden.shape)}, "
                          f"got {tuple(weight.shape)}")  # fmt: skip

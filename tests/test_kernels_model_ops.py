@@ -106,6 +106,15 @@ def test_rope_bit_identical_to_transformers(style, dtype):
         assert torch.equal(gx, want)
 
 
+def test_rope_partial_rotary_matches_the_reference():
+    """Phi-3's partial rotary: only the first rotary_dim dimensions of each head turn, the rest pass through."""
+    q = randn(2, 8, 3, 16, seed=27, dtype=torch.float16).transpose(1, 2).requires_grad_()  # (B, heads, T, hd)
+    cos, sin = randn(2, 8, 6, seed=28, dtype=torch.float16), randn(2, 8, 6, seed=29, dtype=torch.float16)
+    y, ref = apply_rope(q, cos, sin), model_ops.apply_rope_torch(q, cos, sin)
+    assert torch.equal(y, ref) and torch.equal(y[..., 6:], q[..., 6:])
+    assert torch.equal(grads(y, (q,), seed=30)[0], grads(ref, (q,), seed=30)[0])
+
+
 def test_rope_broadcasts_cos_over_the_batch():
     q = randn(3, 2, 5, 8, seed=11, dtype=torch.float16)
     cos, sin = randn(1, 5, 8, seed=12, dtype=torch.float16), randn(1, 5, 8, seed=13, dtype=torch.float16)
@@ -128,11 +137,12 @@ def test_gated_activation_matches_transformers(activation, dtype):
 
 # -- linear + cross-entropy -----------------------------------------------------------------------------------------
 def full_logits_loss(hidden, weight, labels, dtype, softcap):
-    """The reference: the whole (N, V) logits in `dtype`, upcast, soft-capped, F.cross_entropy's mean."""
-    logits = F.linear(hidden.to(dtype), weight.to(dtype)).float()
+    """The reference: the whole (N, V) logits in `dtype`, soft-capped there as transformers' Gemma 2 does, upcast,
+    F.cross_entropy's mean."""
+    logits = F.linear(hidden.to(dtype), weight.to(dtype))
     if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits, labels, ignore_index=-100)
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -161,7 +171,7 @@ def test_cross_entropy_vocabulary_tiles_and_ignored_rows():
     logits = randn(6, 100, seed=20, scale=4.0)
     labels = torch.tensor([3, -100, 99, 0, -100, 57], device=DEVICE)
     z = logits.clone().requires_grad_()
-    capped = 5.0 * torch.tanh(z / 5.0)
+    capped = torch.tanh(z / 5.0) * 5.0
     ref = F.cross_entropy(capped, labels, ignore_index=-100, reduction="none")
     (ref_grad,) = torch.autograd.grad(ref.sum(), z)
     for block_v in (32, 128):

@@ -84,10 +84,10 @@ def test_linear_cross_entropy_bf16(softcap, trainable_head, monkeypatch):
     if not trainable_head:  # (a trainable head adds its float32 gradient, 250 MiB, whatever the logits)
         full_logits = TOKENS * VOCAB * 2  # bytes of the bf16 logits the kernel never holds at once
         assert peak < full_logits / 2, f"{peak / 2**20:.0f} MiB at peak, {full_logits / 2**20:.0f} MiB of logits"
-    logits = F.linear(hidden, weight).float()
+    logits = F.linear(hidden, weight)  # bf16, soft-capped in bf16 as transformers' Gemma 2
     if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    ref = F.cross_entropy(logits, labels, ignore_index=-100)
+        logits = torch.tanh(logits / softcap) * softcap
+    ref = F.cross_entropy(logits.float(), labels, ignore_index=-100)
     torch.testing.assert_close(loss, ref, rtol=2e-3, atol=0)
     inputs = (hidden, weight) if trainable_head else (hidden,)
     for a, b in zip(torch.autograd.grad(loss, inputs), torch.autograd.grad(ref, inputs)):
