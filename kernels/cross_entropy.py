@@ -83,8 +83,8 @@ def cross_entropy_rows(
     d(sum of losses)/d(logits). block_v: the vocabulary tile (a power of two; default up to MAX_BLOCK_V)."""
     check_triton_device(logits, "logits")
     if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"logits must be a (rows, vocab) tensor with unit stride along vocab, got {tuple(logits.shape)} "
-                         f"strides {logits.stride()}")  # fmt: skip
+        raise ValueError(f"logits must be a (rows, vocab) tensor with unit stride along vocab, got shape "
+                         f"{tuple(logits.shape)} strides {logits.stride()}")  # fmt: skip
     rows, V = logits.shape
     if labels.shape != (rows,):
         raise ValueError(f"labels must have shape ({rows},), got {tuple(labels.shape)}")

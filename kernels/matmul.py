@@ -77,7 +77,9 @@ def _block_scales_kernel(
     """scales[b] = float32 scale of 4-bit block b, decoded from its 8-bit code (double quantization)."""
     block = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = block < n_blocks
-    scales = load_scales(absmax_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, block, mask, True, NESTED_BLOCKSIZE)
+    scales = load_scales(
+        absmax_ptr, offset_ptr, nested_absmax_ptr, nested_code_ptr, block, mask, True, NESTED_BLOCKSIZE
+    )
     tl.store(scales_ptr + block, scales, mask=mask)
 
 
@@ -97,7 +99,8 @@ def _select16(nibble, c):
     """c[nibble] for an int32 tensor of 4-bit codes and the 16 values c: a tree of 15 selects on the code's bits
     (no memory access)."""
     b0 = (nibble & 1) != 0
-    p0, p1, p2, p3 = tl.where(b0, c[1], c[0]), tl.where(b0, c[3], c[2]), tl.where(b0, c[5], c[4]), tl.where(b0, c[7], c[6])
+    p0, p1 = tl.where(b0, c[1], c[0]), tl.where(b0, c[3], c[2])
+    p2, p3 = tl.where(b0, c[5], c[4]), tl.where(b0, c[7], c[6])
     p4, p5 = tl.where(b0, c[9], c[8]), tl.where(b0, c[11], c[10])
     p6, p7 = tl.where(b0, c[13], c[12]), tl.where(b0, c[15], c[14])
     b1 = (nibble & 2) != 0

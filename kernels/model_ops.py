@@ -148,7 +148,8 @@ def linear_cross_entropy(
                          f"got {tuple(weight.shape)}")  # fmt: skip
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
-    if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+    bad_chunk = isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1
+    if chunk_tokens is not None and bad_chunk:
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")

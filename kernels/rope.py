@@ -65,7 +65,9 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         raise ValueError(f"head_dim must be even for rotate_half, got {hd}")
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 3 or t.shape[0] not in (1, B) or t.shape[1:] != (T, hd):
-            raise ValueError(f"{name} must have shape ({B} or 1, {T}, {hd}) for x {tuple(x.shape)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have shape ({B} or 1, {T}, {hd}) for x {tuple(x.shape)}, got {tuple(t.shape)}"
+            )
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move both to one device")
 

@@ -66,32 +66,32 @@ FUSED_WEIGHTS = [(50, 192, 64, "nf4", True), (40, 96, 32, "fp4", False), (33, 16
                  (70, 384, 128, "fp4", True)]  # fmt: skip
 
 
+def assert_bf16_fused_products_match(packed, state, rows: int, **launch):
+    """matmul.matmul (with a bias) and matmul_grad_input in bf16 against the dense products; launch: config=, split=."""
+    n, k = state.shape
+    x, bias = randn(rows, k, dtype=torch.bfloat16, seed=1), randn(n, dtype=torch.bfloat16, seed=2)
+    dy = randn(rows, n, dtype=torch.bfloat16, seed=3)
+    y = matmul.matmul(x, bias, *state_args(packed, state), **launch)
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.bfloat16])
+    dx = matmul.matmul_grad_input(dy, *state_args(packed, state), **launch)
+    ref = dy.double() @ dequantize_4bit(packed, state, torch.bfloat16).double()
+    torch.testing.assert_close(dx.double(), ref, **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("m", [1, 17, 128, 300])  # BLOCK_M 16, 32, 128 (300: three row tiles, the last partial)
 @pytest.mark.parametrize("weight", FUSED_WEIGHTS)
 def test_bf16_fused_forward_and_grad_input(m, weight):
     n, k, blocksize, quant_type, double_quant = weight
     packed, state = quantized((n, k), blocksize, quant_type, double_quant, seed=m)
-    x, bias = randn(m, k, dtype=torch.bfloat16, seed=1), randn(n, dtype=torch.bfloat16, seed=2)
-    dy = randn(m, n, dtype=torch.bfloat16, seed=3)
     for config in (None, *matmul.CONFIGS):  # the autotuned launch and every candidate (all fit in shared memory)
-        y = matmul.matmul(x, bias, *state_args(packed, state), config=config)
-        torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.bfloat16])
-        dx = matmul.matmul_grad_input(dy, *state_args(packed, state), config=config)
-        ref = dy.double() @ dequantize_4bit(packed, state, torch.bfloat16).double()
-        torch.testing.assert_close(dx.double(), ref, **TOL[torch.bfloat16])
+        assert_bf16_fused_products_match(packed, state, m, config=config)
 
 
 @pytest.mark.parametrize("split", [1, 2, 4, 8])
 def test_bf16_fused_split_k_llama_shape(split):
     """Every split-K the launcher may pick, at a LLaMA-7B shape and M = 16."""
     packed, state = quantized((4096, 4096), 64, "nf4", True)
-    x, bias = randn(16, 4096, dtype=torch.bfloat16, seed=4), randn(4096, dtype=torch.bfloat16, seed=5)
-    y = matmul.matmul(x, bias, *state_args(packed, state), split=split)
-    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.bfloat16])
-    dy = randn(16, 4096, dtype=torch.bfloat16, seed=6)
-    dx = matmul.matmul_grad_input(dy, *state_args(packed, state), split=split)
-    ref = dy.double() @ dequantize_4bit(packed, state, torch.bfloat16).double()
-    torch.testing.assert_close(dx.double(), ref, **TOL[torch.bfloat16])
+    assert_bf16_fused_products_match(packed, state, 16, split=split)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -145,19 +145,26 @@ def test_fused_grad_input_matches_dense(m, dtype):
     torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
 
 
+def assert_fused_products_match(packed, state, rows: int, dtype=torch.float16, seed=0, **launch):
+    """matmul.matmul (with a bias) and matmul.matmul_grad_input for `rows` rows against the dense products;
+    launch: the launchers' config= or split=."""
+    n, k = state.shape
+    x, bias = randn(rows, k, dtype=dtype, seed=seed), randn(n, dtype=dtype, seed=seed + 1)
+    dy = randn(rows, n, dtype=dtype, seed=seed + 2)
+    y = matmul.matmul(x, bias, *state_args(packed, state), **launch)
+    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[dtype])
+    dx = matmul.matmul_grad_input(dy, *state_args(packed, state), **launch)
+    ref = dy.double() @ dequantize_4bit(packed, state, dtype).double()
+    torch.testing.assert_close(dx.double(), ref, **TOL[dtype])
+
+
 @pytest.mark.parametrize("split", [2, 3])
 def test_fused_split_k_matches_dense(split):
     """Programs sharing the reduction (K for the forward, N for grad-input) in ranges of matmul.K_SPLIT_ALIGN,
     the last one shorter; their float32 partials summed by the second kernel, with the bias."""
     packed, state = quantized((300, 576), 64, "nf4", True, seed=split)
-    x, bias = randn(20, 576, dtype=torch.float16, seed=17), randn(300, dtype=torch.float16, seed=18)
     assert matmul.split_ranges(576, split) == {2: (512, 2), 3: (256, 3)}[split]
-    y = matmul.matmul(x, bias, *state_args(packed, state), split=split)
-    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.float16])
-    dy = randn(20, 300, dtype=torch.float16, seed=19)
-    dx = matmul.matmul_grad_input(dy, *state_args(packed, state), split=split)
-    ref = dy.double() @ dequantize_4bit(packed, state, torch.float16).double()
-    torch.testing.assert_close(dx.double(), ref, **TOL[torch.float16])
+    assert_fused_products_match(packed, state, 20, seed=17, split=split)
 
 
 def test_fused_kernels_refuse_unaligned_k_and_the_dispatch_routes_around_them(monkeypatch):
@@ -175,14 +182,7 @@ def test_fused_kernels_refuse_unaligned_k_and_the_dispatch_routes_around_them(mo
 def test_every_autotune_config_is_correct(config):
     """Each candidate the autotuner may pick on a GPU, run explicitly, on a shape with partial tiles."""
     packed, state = quantized((70, 96), 32, "nf4", True)
-    x = randn(20, 96, dtype=torch.float16, seed=4)
-    bias = randn(70, dtype=torch.float16, seed=5)
-    y = matmul.matmul(x, bias, *state_args(packed, state), config=config)
-    torch.testing.assert_close(y.double(), reference_linear(x, packed, state, bias), **TOL[torch.float16])
-    dy = randn(20, 70, dtype=torch.float16, seed=6)
-    dx = matmul.matmul_grad_input(dy, *state_args(packed, state), config=config)
-    ref = dy.double() @ dequantize_4bit(packed, state, torch.float16).double()
-    torch.testing.assert_close(dx.double(), ref, **TOL[torch.float16])
+    assert_fused_products_match(packed, state, 20, seed=4, config=config)
 
 
 # -- decode GEMV (M <= 8) ---------------------------------------------------------------------------------------------
