@@ -33,10 +33,11 @@ MAX_BLOCK_V = 32768
 def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr, DTYPE: tl.constexpr):
     """(softcap(z), tanh(z / cap)) in float32, rounded where torch rounds tanh(z / cap) * cap in the logits' DTYPE
     (model_ops.softcap_torch); without soft-capping (z, 0)."""
+    t = tl.zeros_like(z)
     if HAS_SOFTCAP:
         t = round_to(tanh(round_to(z / softcap, DTYPE).to(tl.float32)), DTYPE).to(tl.float32)
-        return round_to(t * softcap, DTYPE).to(tl.float32), t
-    return z, 0.0
+        z = round_to(t * softcap, DTYPE).to(tl.float32)
+    return z, t
 
 
 @triton.jit

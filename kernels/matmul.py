@@ -8,9 +8,11 @@ How the loop is built, against what the first version's sm_90 code showed (docs/
   float32 scale of every block (n_blocks floats, i.e. (N, K / blocksize)); without it absmax already is that array.
   The loop then loads one float per row and block at an address that depends on nothing loaded (the nested
   absmax code used to feed the next load's address: one memory latency per K step).
-- Codes are looked up in registers: the 16 code values are read once per program, and each 4-bit code picks its
-  value through a four-level tree of selects. The table gather in the loop is gone (Triton staged it through
-  shared memory as 4-byte async copies: 64 KB of shared memory for 8 KB of codes at 128x256x64).
+- Codes are looked up in registers: each lane holds one of the 16 code values (read once per program) and a warp
+  shuffle reads the one a code names (gemv._lookup, shared with the GEMV), one instruction per weight instead of
+  the table gather in the loop, which Triton staged through shared memory as 4-byte async copies (64 KB of shared
+  memory for 8 KB of codes at 128x256x64). The interpreter cannot run the shuffle (inline PTX): there the codes
+  are loaded.
 - Weight rows are the MMA's wide operand: each program computes acc (BLOCK_N, BLOCK_M) = W_tile @ x_tile.T, so the
   64-row side of the sm_90 wgmma is filled by BLOCK_N = 64 or 128 weight rows and the few rows of x are its narrow
   side (16..128), instead of padding 16 rows of x up to 64.
@@ -32,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .dequant import INTERPRETED, check_triton_device, load_scales, round_to
+from .gemv import _load_table, _lookup
 
 # Autotune candidates: few, and printed by benchmarks/bench_kernels.py (its "autotune choices" table) so the GPU
 # run shows which one each shape takes. BLOCK_N is the wgmma's 64-row side (64 or 128 weight rows); BLOCK_K 64 or
@@ -51,8 +54,9 @@ INTERPRETER_CONFIG = triton.Config({"BLOCK_N": 16, "BLOCK_K": 32})
 MIN_BLOCK_M, MAX_BLOCK_M = 16, 128  # tl.dot's smallest side; the widest x tile (a 128x128 float32 accumulator)
 SPLIT_K_MAX_M = 64  # split-K serves M up to this
 MAX_SPLIT_K = 8
-K_TILE_ALIGN = 128  # every candidate's BLOCK_K divides it: K a multiple of it needs no column mask (EVEN_K)
-K_SPLIT_ALIGN = 256  # each split's K range is a multiple of every candidate's BLOCK_K
+# Every candidate's BLOCK_K and BLOCK_N divide it: K a multiple of it needs no column mask (EVEN_K), and split-K
+# ranges are multiples of it, so each program's range is whole steps.
+K_TILE_ALIGN = 128
 M_BUCKET_CAP = 4096  # autotuning is keyed on M rounded up to a power of two (capped), not on every M
 _KEY = ["M_BUCKET", "N", "K", "BLOCKSIZE", "BLOCK_M", "SPLIT_K"]
 SCALES_PER_PROGRAM = 1024  # the scale-decoding kernel: blocks per program
@@ -84,38 +88,13 @@ def _block_scales_kernel(
 
 
 @triton.jit
-def _load_codes(code_ptr):
-    """The 16 code values as a tuple of float32 scalars (registers), read once per program."""
-    return (
-        tl.load(code_ptr), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
-        tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7),
-        tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
-        tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15),
-    )  # fmt: skip
-
-
-@triton.jit
-def _select16(nibble, c):
-    """c[nibble] for an int32 tensor of 4-bit codes and the 16 values c: a tree of 15 selects on the code's bits
-    (no memory access)."""
-    b0 = (nibble & 1) != 0
-    p0, p1 = tl.where(b0, c[1], c[0]), tl.where(b0, c[3], c[2])
-    p2, p3 = tl.where(b0, c[5], c[4]), tl.where(b0, c[7], c[6])
-    p4, p5 = tl.where(b0, c[9], c[8]), tl.where(b0, c[11], c[10])
-    p6, p7 = tl.where(b0, c[13], c[12]), tl.where(b0, c[15], c[14])
-    b1 = (nibble & 2) != 0
-    q0, q1, q2, q3 = tl.where(b1, p1, p0), tl.where(b1, p3, p2), tl.where(b1, p5, p4), tl.where(b1, p7, p6)
-    b2 = (nibble & 4) != 0
-    r0, r1 = tl.where(b2, q1, q0), tl.where(b2, q3, q2)
-    return tl.where((nibble & 8) != 0, r1, r0)
-
-
-@triton.jit
-def _decode_pair(packed_ptr, scales_ptr, codes, rn, k0, k_end, N, K, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+def _decode_pair(packed_ptr, scales_ptr, code_ptr, table, rn, k0, k_end, N, K, BLOCKSIZE: tl.constexpr,
+                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, LANES: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
     """W[rn, k0 + 2j] and W[rn, k0 + 2j + 1] for j < BLOCK_K / 2, as two (BLOCK_N, BLOCK_K / 2) tiles in DTYPE;
     0 outside rows < N and columns < k_end (EVEN_K: k_end - k0 is a multiple of BLOCK_K, no column mask, so the
-    mask is constant along a row and its bytes load 16 at a time). codes: _load_codes' tuple."""
+    mask is constant along a row and its bytes load 16 at a time). The codes are looked up through the lanes
+    (gemv._lookup: each lane holds one of the 16 values, a shuffle reads the one a code names; LANES) or, in the
+    interpreter, loaded; table: gemv._load_table's."""
     HALF: tl.constexpr = BLOCK_K // 2
     j = tl.arange(0, HALF)
     row = rn[:, None].to(tl.int64)
@@ -128,7 +107,7 @@ def _decode_pair(packed_ptr, scales_ptr, codes, rn, k0, k_end, N, K, BLOCKSIZE: 
         scale = tl.load(scales_ptr + row * (K // BLOCKSIZE) + k0 // BLOCKSIZE, mask=rn[:, None] < N, other=0.0)
     else:
         scale = tl.load(scales_ptr + row * (K // BLOCKSIZE) + (k0 + 2 * j[None, :]) // BLOCKSIZE, mask=mask, other=0.0)
-    high, low = _select16(byte >> 4, codes), _select16(byte & 15, codes)
+    high, low = _lookup(code_ptr, table, byte, 4, LANES), _lookup(code_ptr, table, byte, 0, LANES)
     return round_to(high * scale, DTYPE), round_to(low * scale, DTYPE)
 
 
@@ -137,7 +116,7 @@ def _decode_pair(packed_ptr, scales_ptr, codes, rn, k0, k_end, N, K, BLOCKSIZE: 
 def _matmul_kernel(
     xp_ptr, packed_ptr, scales_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, M_BUCKET, k_per_split, stride_xm, stride_om,
     stride_os, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    LANES: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """out[m, n] (+ bias) for a (BLOCK_N, BLOCK_M) tile of y.T over one K range. xp is x with each row's even
     columns first, then its odd ones (the launcher's permutation). With SPLIT_K > 1, out is the float32 partial
@@ -149,11 +128,11 @@ def _matmul_kernel(
     j = tl.arange(0, BLOCK_K // 2)
     x_rows = xp_ptr + rm[None, :].to(tl.int64) * stride_xm  # (1, BLOCK_M)
     DTYPE: tl.constexpr = xp_ptr.dtype.element_ty
-    codes = _load_codes(code_ptr)
+    table = _load_table(code_ptr, LANES)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
-        w_even, w_odd = _decode_pair(packed_ptr, scales_ptr, codes, rn, k0, k_end, N, K, BLOCKSIZE, BLOCK_K, EVEN_K,
-                                     DTYPE)  # fmt: skip
+        w_even, w_odd = _decode_pair(packed_ptr, scales_ptr, code_ptr, table, rn, k0, k_end, N, K, BLOCKSIZE, BLOCK_K,
+                                     EVEN_K, LANES, DTYPE)  # fmt: skip
         if EVEN_K:
             x_mask = (rm[None, :] < M) & (j[:, None] < BLOCK_K // 2)  # (BLOCK_K / 2, BLOCK_M)
         else:
@@ -175,8 +154,8 @@ def _matmul_kernel(
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _grad_input_kernel(
     dy_ptr, packed_ptr, scales_ptr, code_ptr, out_ptr, M, N, K, M_BUCKET, n_per_split, stride_dym, stride_om,
-    stride_os, BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_os, BLOCKSIZE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, LANES: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """dx[m, k] for the (BLOCK_K, BLOCK_M) tile of dx.T at columns k0.. over one range of N (the reduction):
     dx.T (K, M) = W.T (K, N) @ dy.T (N, M), the even and odd columns of the tile accumulated apart and stored
@@ -189,11 +168,11 @@ def _grad_input_kernel(
     DTYPE: tl.constexpr = dy_ptr.dtype.element_ty
     acc_even = tl.zeros((BLOCK_K // 2, BLOCK_M), dtype=tl.float32)
     acc_odd = tl.zeros((BLOCK_K // 2, BLOCK_M), dtype=tl.float32)
-    codes = _load_codes(code_ptr)
+    table = _load_table(code_ptr, LANES)
     for n0 in range(n_start, n_end, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        w_even, w_odd = _decode_pair(packed_ptr, scales_ptr, codes, rn, k0, K, n_end, K, BLOCKSIZE, BLOCK_K, EVEN_K,
-                                     DTYPE)  # fmt: skip
+        w_even, w_odd = _decode_pair(packed_ptr, scales_ptr, code_ptr, table, rn, k0, K, n_end, K, BLOCKSIZE, BLOCK_K,
+                                     EVEN_K, LANES, DTYPE)  # fmt: skip
         dy = tl.load(dy_ptr + rm[None, :].to(tl.int64) * stride_dym + rn[:, None],
                      mask=(rm[None, :] < M) & (rn[:, None] < n_end), other=0.0)  # (BLOCK_N, BLOCK_M)  # fmt: skip
         acc_even = tl.dot(tl.trans(w_even), dy, acc_even, input_precision=INPUT_PRECISION)
@@ -248,22 +227,22 @@ def block_scales(absmax, offset, nested_absmax, nested_code, nested_blocksize: i
 
 def split_ranges(reduction: int, split: int) -> tuple[int, int]:
     """(length of each program's range, number of ranges) when `split` programs share `reduction`: ranges are
-    multiples of K_SPLIT_ALIGN, so there may be fewer than asked for."""
+    multiples of K_TILE_ALIGN, so there may be fewer than asked for."""
     if split <= 1:
         return reduction, 1
-    per = triton.cdiv(triton.cdiv(reduction, split), K_SPLIT_ALIGN) * K_SPLIT_ALIGN
+    per = triton.cdiv(triton.cdiv(reduction, split), K_TILE_ALIGN) * K_TILE_ALIGN
     return per, triton.cdiv(reduction, per)
 
 
 def split_k(t: torch.Tensor, m: int, tiles: int, reduction: int) -> int:
     """Programs per output tile along the reduction for M = m rows: for m <= SPLIT_K_MAX_M, the power of two (up
     to MAX_SPLIT_K) that brings `tiles` output tiles (counted at 64-row weight tiles) closest to one wave of the
-    SMs without falling under K_SPLIT_ALIGN of reduction per program; 1 otherwise and in the interpreter."""
+    SMs without falling under K_TILE_ALIGN of reduction per program; 1 otherwise and in the interpreter."""
     if m > SPLIT_K_MAX_M or not t.is_cuda or INTERPRETED:
         return 1
     sms = torch.cuda.get_device_properties(t.device).multi_processor_count
     split = 1
-    while split < MAX_SPLIT_K and tiles * split * 2 <= sms and reduction // (split * 2) >= K_SPLIT_ALIGN:
+    while split < MAX_SPLIT_K and tiles * split * 2 <= sms and reduction // (split * 2) >= K_TILE_ALIGN:
         split *= 2
     return split
 
@@ -317,7 +296,7 @@ def matmul(
     args = (xp, packed, scales, code, bias if bias is not None else y, out, M, N, K,
             min(triton.next_power_of_2(M), M_BUCKET_CAP), k_per_split, xp.stride(0), N, M * N)  # fmt: skip
     meta = dict(HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, INPUT_PRECISION=_input_precision(x.dtype),
-                EVEN_K=K % K_TILE_ALIGN == 0, SPLIT_K=split, BLOCK_M=block_m)  # fmt: skip
+                EVEN_K=K % K_TILE_ALIGN == 0, LANES=not INTERPRETED, SPLIT_K=split, BLOCK_M=block_m)  # fmt: skip
 
     def grid(block_n, block_k):
         return (triton.cdiv(N, block_n), triton.cdiv(M, block_m), split)
@@ -353,7 +332,7 @@ def matmul_grad_input(
     args = (dy2, packed, scales, code, out, M, N, K, min(triton.next_power_of_2(M), M_BUCKET_CAP), n_per_split,
             dy2.stride(0), K, M * K)  # fmt: skip
     meta = dict(BLOCKSIZE=blocksize, INPUT_PRECISION=_input_precision(dy.dtype), EVEN_K=K % K_TILE_ALIGN == 0,
-                SPLIT_K=split, BLOCK_M=block_m)  # fmt: skip
+                LANES=not INTERPRETED, SPLIT_K=split, BLOCK_M=block_m)  # fmt: skip
 
     def grid(block_n, block_k):
         return (triton.cdiv(K, block_k), triton.cdiv(M, block_m), split)

@@ -8,8 +8,11 @@ target arch, over the launch variants the launchers produce:
 - _dequantize_kernel: output dtype, double quantization, blocksize (64, and the smallest and largest allowed), n a
   whole number of words or odd, and each of dequant.LAUNCH_SETTINGS (elements per program, warps);
 - _matmul_kernel, _grad_input_kernel: every matmul.CONFIGS (GRAD_INPUT_CONFIGS) entry, activation dtype and dot
-  precision (tf32 only for float32, as the launcher picks it), double quantization, bias (forward only), and the
-  weight layouts load_weight_tile tells apart (EVEN_K and K_ALIGNED; a blocksize on each side of BLOCK_K);
+  precision (tf32 only for float32, as the launcher picks it), M (which sets BLOCK_M and split-K), bias (forward
+  only) and a blocksize on each side of BLOCK_K (the kernels take K a multiple of the blocksize only), plus their
+  helpers (the block-scale decoder, the split-K sum);
+- the decoder's kernels (rmsnorm.py, rope.py, glu.py, cross_entropy.py) at TinyLlama-1.1B's sizes, per dtype and
+  variant (LLaMA/Gemma norm, forward/backward, SiLU/GELU, soft-capping, vocabulary tile);
 - _gemv_kernel: the launch of each batch size (gemv.DEFAULT_CONFIGS) and the other gemv.CANDIDATES at M = 1, x's
   dtype, double quantization, bias, and K a multiple of the blocksize or only of 8 (odd K does not take it).
 
@@ -64,12 +67,14 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import sass_gates  # noqa: E402  (tests/, the script's own folder)
 
-from nf4lora.kernels import dequant, gemv, matmul  # noqa: E402
+from nf4lora.kernels import cross_entropy, dequant, gemv, glu, matmul, rmsnorm, rope, rowwise  # noqa: E402
 from nf4lora.nf4.codebooks import BLOCKSIZES, NESTED_BLOCKSIZE  # noqa: E402
 
 DEFAULT_BLOCKSIZE = 64  # quantize_4bit's default and what HF/bitsandbytes checkpoints use
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # first is the baseline: the usual training dtype
-TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8"}
+TRITON_DTYPES = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8", torch.int64: "i64",
+}  # fmt: skip
 
 # (M, N, K) of the launches in each weight layout: everything a multiple of 16 (divisibility hints, EVEN_K,
 # K_ALIGNED); K a multiple of 16 but of no blocksize (EVEN_K only); everything odd (no hints, rows start mid-byte).
@@ -81,7 +86,8 @@ MAX_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 
 
 # Kernels whose float arithmetic must not be contracted: their PTX must hold no fma.rn.f32 at all. (The GEMV
 # need not match bit for bit and is compiled with fusion; a tl.dot on float32 operands is itself a chain of FMAs.)
-FMA_FREE = {"dequant"}
+FMA_FREE = {"dequant", "block_scales", "rope"}
+MODULES = {m.__name__.rsplit(".", 1)[1]: m for m in (cross_entropy, dequant, gemv, glu, matmul, rmsnorm, rope)}
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,8 @@ def precisions(dtype: torch.dtype) -> list[str]:
 
 
 def blocksizes_for(block_k: int) -> list[int]:
-    """64, and the blocksize nearest to it on the other side of BLOCK_K: load_weight_tile has one K_ALIGNED
-    branch for a tile inside one block (blocksize >= BLOCK_K) and one for whole blocks inside a tile."""
+    """64, and the blocksize nearest to it on the other side of BLOCK_K: the fused kernels' decode has one branch
+    for a step inside one block (blocksize >= BLOCK_K) and one for whole blocks inside a step."""
     other = [b for b in BLOCKSIZES if (b >= block_k) != (DEFAULT_BLOCKSIZE >= block_k)]
     return [DEFAULT_BLOCKSIZE] + ([min(other, key=lambda b: abs(math.log2(b / DEFAULT_BLOCKSIZE)))] if other else [])
 
@@ -180,15 +186,17 @@ def axes(kernel: str) -> dict[str, list]:
             "layout": [("aligned", DEFAULT_BLOCKSIZE), ("aligned", min(BLOCKSIZES)), ("k-unaligned", DEFAULT_BLOCKSIZE)],
             "bias": [False, True],
         }  # fmt: skip
-    common = {
+    if kernel in LAYER_KERNELS:
+        return LAYER_KERNELS[kernel][1]
+    # The fused kernels take aligned K only (matmul.supports); the block constants are decoded before them, so
+    # double quantization does not reach them. Rows: M and the split-K an H200 (132 SMs) gets for N = 4096.
+    fused = {
+        "config": matmul.CONFIGS if kernel == "matmul" else matmul.GRAD_INPUT_CONFIGS,
         "dtype": [(dtype, p) for dtype in DTYPES for p in precisions(dtype)],
-        "double_quant": [True, False],
-        # A blocksize index into blocksizes_for(BLOCK_K): 1 only for aligned K (elsewhere it changes no branch).
-        "layout": [("aligned", 0), ("aligned", 1), ("k-unaligned", 0), ("odd", 0)],
+        "rows": [(16, 2), (64, 2), (512, 1)],
+        "blocksize": [0, 1],  # an index into blocksizes_for(BLOCK_K): 64 and one on the other side of BLOCK_K
     }
-    if kernel == "matmul":
-        return {"config": matmul.CONFIGS, **common, "bias": [True, False]}
-    return {"config": matmul.GRAD_INPUT_CONFIGS, **common}
+    return {**fused, "bias": [True, False]} if kernel == "matmul" else fused
 
 
 def make_variant(kernel: str, point: dict) -> Variant | None:
@@ -232,32 +240,111 @@ def make_variant(kernel: str, point: dict) -> Variant | None:
                            "no-bias", shape, f"bs{blocksize}"])  # fmt: skip
         return Variant(kernel, label, launch, "gemv._gemv_kernel", args, meta, options, gate if default else None)
 
-    config = point["config"]
-    shape, bs_index = point["layout"]
+    if kernel in LAYER_KERNELS:
+        fn_name, _, build = LAYER_KERNELS[kernel]
+        launch, args, meta, options = build(**point)
+        return Variant(kernel, "", launch, fn_name, args, meta, options)
+    return fused_variant(kernel, point)
+
+
+def fused_variant(kernel: str, point: dict) -> Variant | None:
+    """matmul.py's forward or grad-input kernel as its launcher calls it: (M, N, K) = (rows, 4096, 4096), x (or
+    dy) contiguous, the output rounded (SPLIT_K = 1) or float32 partials; None where the blocksize index names
+    no blocksize for this config."""
+    config, (dtype, precision), (M, split) = point["config"], point["dtype"], point["rows"]
     sizes = blocksizes_for(config.kwargs["BLOCK_K"])
-    if bs_index >= len(sizes):
+    if point["blocksize"] >= len(sizes):
         return None
-    blocksize, dq = sizes[bs_index], point["double_quant"]
-    M, N, K = SHAPES[shape]
-    dtype, precision = point["dtype"]
-    absmax, *nested = state_dtypes(dq)
-    pointers, meta = dequant.tile_launch_args(absmax, *nested, blocksize, NESTED_BLOCKSIZE, K)
-    state = (torch.uint8, absmax, torch.float32, *pointers)  # packed, absmax, code, the block-constant pointers
+    blocksize = sizes[point["blocksize"]]
+    _, N, K = SHAPES["aligned"]
+    out = dtype if split == 1 else torch.float32
     m_bucket = min(triton.next_power_of_2(M), matmul.M_BUCKET_CAP)
-    # Contiguous activations: (M, K) strides (K, 1), outputs (M, N) or (M, K) strides (row length, 1).
+    per_split = matmul.split_ranges(K if kernel == "matmul" else N, split)[0]
+    state = (torch.uint8, torch.float32, torch.float32)  # packed, the decoded scales, the code table
+    meta = dict(BLOCKSIZE=blocksize, INPUT_PRECISION=precision, EVEN_K=K % matmul.K_TILE_ALIGN == 0, LANES=True,
+                SPLIT_K=split, BLOCK_M=matmul.rows_for_m(M), **config.kwargs)  # fmt: skip
     if kernel == "matmul":
-        args = (dtype, *state, dtype, dtype, M, N, K, m_bucket, K, 1, N)  # bias (or the output as dummy), y
-        meta.update(HAS_BIAS=point["bias"], INPUT_PRECISION=precision)
-        fn_name = "matmul._matmul_kernel"
+        args = (dtype, *state, dtype, out, M, N, K, m_bucket, per_split, K, N, M * N)  # x, ..., bias, out
+        meta["HAS_BIAS"] = point["bias"]
     else:
-        args = (dtype, *state, dtype, M, N, K, m_bucket, N, 1, K)
-        meta.update(INPUT_PRECISION=precision)
-        fn_name = "matmul._grad_input_kernel"
-    meta.update(config.kwargs)
-    parts = [TRITON_DTYPES[dtype], precision or "", "dq" if dq else "no-dq",
-             {True: "bias", False: "no-bias", None: ""}[point.get("bias")], shape, f"bs{blocksize}"]  # fmt: skip
+        args = (dtype, *state, out, M, N, K, m_bucket, per_split, N, K, M * K)
+    bias = {True: "bias", False: "no-bias", None: ""}[point.get("bias")]
+    parts = (f"M{M}", f"split{split}", TRITON_DTYPES[dtype], precision, bias, f"bs{blocksize}")
     launch = " ".join(p for p in parts if p)
+    fn_name = f"matmul.{'_matmul_kernel' if kernel == 'matmul' else '_grad_input_kernel'}"
     return Variant(kernel, config_label(config), launch, fn_name, args, meta, launch_options(config))
+
+
+# -- the kernels without autotuning besides the 4-bit ones: the fused kernels' helpers and the decoder's ops --------
+# Each: (function, axes with the baseline first, builder of (launch label, args, constexprs, options)), with the
+# arguments as its launcher passes them at TinyLlama-1.1B's sizes (hidden 2048, 32 heads of 64, intermediate 5632,
+# vocabulary 32000, 4096 tokens).
+H, HEADS, HEAD_DIM, INTER, VOCAB, TOKENS = 2048, 32, 64, 5632, 32000, 4096
+
+
+def _scales(**_):
+    n_blocks = 4096 * 4096 // DEFAULT_BLOCKSIZE
+    args = (torch.uint8, torch.float32, torch.float32, torch.float32, torch.float32, n_blocks)
+    meta = dict(NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, BLOCK=matmul.SCALES_PER_PROGRAM)
+    return "dq", args, meta, {"enable_fp_fusion": False}
+
+
+def _sum_splits(dtype, bias):
+    n = 16 * 4096
+    args = (torch.float32, dtype, dtype, n, 4096)
+    meta = dict(SPLIT_K=2, HAS_BIAS=bias, BLOCK=matmul.SUM_BLOCK)
+    return f"{TRITON_DTYPES[dtype]} {'bias' if bias else 'no-bias'}", args, meta, {}
+
+
+def _rmsnorm(dtype, unit_offset, backward):
+    warps = {"num_warps": rowwise.warps_for(H)}
+    label = f"{TRITON_DTYPES[dtype]} {'gemma' if unit_offset else 'llama'}"
+    if backward:
+        args = (dtype, dtype, dtype, torch.float32, dtype, torch.float32, H, H, H, TOKENS, TOKENS // 264, H)
+    else:
+        args = (dtype, dtype, dtype, torch.float32, H, H, H, 1e-5)
+    return label, args, dict(UNIT_OFFSET=unit_offset, BLOCK_H=H), warps
+
+
+def _rope(dtype, backward):
+    # q as the model makes it: a (B, heads, T, hd) view of a (B, T, heads * hd) projection; cos (B, T, hd)
+    T = 2048
+    x_strides = (T * HEADS * HEAD_DIM, HEAD_DIM, HEADS * HEAD_DIM, 1)
+    args = (dtype, dtype, dtype, dtype, T, HEADS, HEAD_DIM // 2, *x_strides, *x_strides, T * HEAD_DIM, HEAD_DIM, 1)
+    meta = dict(BACKWARD=backward, BLOCK_HEADS=HEADS, BLOCK_HALF=HEAD_DIM // 2)
+    options = {"num_warps": rowwise.warps_for(HEADS * HEAD_DIM // 2), "enable_fp_fusion": False}
+    return f"{TRITON_DTYPES[dtype]} {'backward' if backward else 'forward'}", args, meta, options
+
+
+def _glu(dtype, activation, backward):
+    args = (dtype,) * (5 if backward else 3) + (TOKENS * INTER,)
+    return f"{TRITON_DTYPES[dtype]} {activation}", args, dict(ACTIVATION=activation, BLOCK=glu.BLOCK), {}
+
+
+def _cross_entropy(dtype, softcap, block_v):
+    args = (dtype, torch.int64, torch.float32, VOCAB, VOCAB, 30.0 if softcap else 1.0, -100)
+    options = {"num_warps": rowwise.warps_for(block_v)}
+    label = f"{TRITON_DTYPES[dtype]} {'softcap' if softcap else 'no-softcap'} V-tile {block_v}"
+    return label, args, dict(HAS_SOFTCAP=softcap, BLOCK_V=block_v), options
+
+
+LAYER_KERNELS = {
+    "block_scales": ("matmul._block_scales_kernel", {"none": [None]}, _scales),
+    "sum_splits": ("matmul._sum_splits_kernel", {"dtype": list(DTYPES), "bias": [True, False]}, _sum_splits),
+    "rmsnorm": ("rmsnorm._rmsnorm_forward_kernel", {"dtype": list(DTYPES), "unit_offset": [False, True]},
+                lambda **p: _rmsnorm(**p, backward=False)),
+    "rmsnorm_bwd": ("rmsnorm._rmsnorm_backward_kernel", {"dtype": list(DTYPES), "unit_offset": [False, True]},
+                    lambda **p: _rmsnorm(**p, backward=True)),
+    "rope": ("rope._rope_kernel", {"dtype": list(DTYPES), "backward": [False, True]}, _rope),
+    "glu": ("glu._glu_forward_kernel", {"dtype": list(DTYPES), "activation": list(glu.ACTIVATIONS)},
+            lambda **p: _glu(**p, backward=False)),
+    "glu_bwd": ("glu._glu_backward_kernel", {"dtype": list(DTYPES), "activation": list(glu.ACTIVATIONS)},
+                lambda **p: _glu(**p, backward=True)),
+    "cross_entropy": ("cross_entropy._cross_entropy_kernel",
+                      {"dtype": list(DTYPES), "softcap": [False, True], "block_v": [cross_entropy.MAX_BLOCK_V, 4096]},
+                      _cross_entropy),
+}  # fmt: skip
+KERNELS = ("dequant", "matmul", "grad_input", "gemv", *LAYER_KERNELS)
 
 
 def variants(kernel: str, quick: bool) -> list[Variant]:
@@ -287,6 +374,8 @@ def specialize(fn, args: tuple, meta: dict, target: GPUTarget, hint_every_pointe
             signature[name] = "*" + TRITON_DTYPES[value]
             if hint_every_pointer or not param.do_not_specialize_on_alignment:
                 attrs[(i,)] = divisible
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         elif value == 1 and not param.do_not_specialize:
             signature[name] = "constexpr"
             constexprs[name] = 1
@@ -325,7 +414,7 @@ def compile_variant(v: Variant, arch: int) -> Result:
     """Compile one variant and check it; a compile error becomes the result's error."""
     target = GPUTarget("cuda", arch, 32)
     module, name = v.fn_name.split(".")
-    fn = getattr({"dequant": dequant, "matmul": matmul, "gemv": gemv}[module], name)
+    fn = getattr(MODULES[module], name)
     t0 = time.perf_counter()
     try:
         # On a ptxas error Triton prints the whole PTX to stdout; the exception already holds ptxas' messages.
@@ -423,13 +512,13 @@ def main(argv: list[str] | None = None) -> int:
           f"shared memory limit {limit if limit else 'unknown (not checked)'}")  # fmt: skip
 
     t0 = time.perf_counter()
-    todo = [v for kernel in ("dequant", "matmul", "grad_input", "gemv") for v in variants(kernel, args.quick)]
+    todo = [v for kernel in KERNELS for v in variants(kernel, args.quick)]
     results = []
     for r in compile_all(todo, args.arch, args.jobs):
         results.append(r)
         status = "FAIL" if r.error else "ok" if r.fits else "SMEM"
         usage = "" if r.n_regs is None else f"regs {r.n_regs:3d} spills {r.n_spills:4d} shared {r.shared:6d}"
-        print(f"{status:4s} {r.variant.kernel:10s} {r.variant.label:52s} {r.seconds:5.1f}s {usage}", flush=True)
+        print(f"{status:4s} {r.variant.kernel:13s} {r.variant.label:52s} {r.seconds:5.1f}s {usage}", flush=True)
 
     failures = [(f"{r.variant.kernel} {r.variant.label}", r.error) for r in results if r.error]
     failures += [(launch, f"no config fits in {limit} bytes of shared memory") for launch in unlaunchable(results)]

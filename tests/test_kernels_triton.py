@@ -160,20 +160,22 @@ def assert_fused_products_match(packed, state, rows: int, dtype=torch.float16, s
 
 @pytest.mark.parametrize("split", [2, 3])
 def test_fused_split_k_matches_dense(split):
-    """Programs sharing the reduction (K for the forward, N for grad-input) in ranges of matmul.K_SPLIT_ALIGN,
+    """Programs sharing the reduction (K for the forward, N for grad-input) in ranges of matmul.K_TILE_ALIGN,
     the last one shorter; their float32 partials summed by the second kernel, with the bias."""
-    packed, state = quantized((300, 576), 64, "nf4", True, seed=split)
-    assert matmul.split_ranges(576, split) == {2: (512, 2), 3: (256, 3)}[split]
+    packed, state = quantized((200, 384), 64, "nf4", True, seed=split)
+    assert matmul.split_ranges(384, split) == {2: (256, 2), 3: (128, 3)}[split]
+    assert matmul.split_ranges(200, split) == (128, 2)
     assert_fused_products_match(packed, state, 20, seed=17, split=split)
 
 
 def test_fused_kernels_refuse_unaligned_k_and_the_dispatch_routes_around_them(monkeypatch):
     packed, state = quantized((8, 72), 64, "nf4", True)
-    x = randn(6, 72, dtype=torch.float32, seed=20)
+    rows = gemv.MAX_M + 2  # past the GEMV
+    x = randn(rows, 72, dtype=torch.float32, seed=20)
     with pytest.raises(ValueError, match=r"K \(in_features\) a multiple of the blocksize 64, got weight \(8, 72\)"):
         matmul.matmul(x, None, *state_args(packed, state))
-    monkeypatch.setattr(ops, "FUSED_MAX_M", 8)
-    assert ops.matmul_path(6, [8, 72], 64) == "dequant + cuBLAS" and ops.matmul_path(6, [8, 128], 64) == "fused"
+    monkeypatch.setattr(ops, "FUSED_MAX_M", rows)
+    assert ops.matmul_path(rows, [8, 72], 64) == "dequant + cuBLAS" and ops.matmul_path(rows, [8, 128], 64) == "fused"
     y = matmul_4bit(x, packed, state)
     torch.testing.assert_close(y.double(), reference_linear(x, packed, state, None), **TOL[torch.float32])
 
