@@ -25,7 +25,8 @@ def _triton(module: str):
     return importlib.import_module(f"nf4lora.kernels.{module}")
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether the entries below run their Triton kernel for tensor t (not under torch.compile)."""
     return backend_for(t) == "triton" and not torch.compiler.is_compiling()
 
 
@@ -43,7 +44,7 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offse
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, unit_offset: bool = False) -> torch.Tensor:
     """rms_norm_torch's result, by the Triton kernel where it serves; differentiable in x and weight."""
-    if _use_triton(x):
+    if uses_triton(x):
         return _triton("rmsnorm").RMSNorm.apply(x, weight, eps, unit_offset)
     return rms_norm_torch(x, weight, eps, unit_offset)
 
@@ -67,7 +68,7 @@ def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """apply_rope_torch's result (bit for bit), by the Triton kernel where it serves; differentiable in x."""
-    if not _use_triton(x):
+    if not uses_triton(x):
         return apply_rope_torch(x, cos, sin)
     rd = cos.shape[-1]
     if rd == x.shape[-1]:
@@ -86,14 +87,14 @@ def geglu_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (LLaMA's MLP), by the Triton kernel where it serves; differentiable in both."""
-    if _use_triton(gate):
+    if uses_triton(gate):
         return _triton("glu").GatedActivation.apply(gate, up, "silu")
     return swiglu_torch(gate, up)
 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up (Gemma's MLP), by the Triton kernel where it serves; differentiable in both."""
-    if _use_triton(gate):
+    if uses_triton(gate):
         return _triton("glu").GatedActivation.apply(gate, up, "gelu_tanh")
     return geglu_torch(gate, up)
 
@@ -158,7 +159,7 @@ def linear_cross_entropy(
     if bool(out_of_range.any()):  # one device sync per call (not per chunk)
         bad = y[out_of_range][:4].tolist()
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) or {ignore_index}, got {bad}")
-    if _use_triton(h):
+    if uses_triton(h):
         module = _triton("cross_entropy")
         chunk = chunk_tokens or module.default_chunk(h.shape[0], h.shape[1], weight.shape[0])
         total = module.LinearCrossEntropy.apply(h, weight, y, chunk, softcap, _compute_dtype(h), ignore_index)

@@ -14,14 +14,16 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
-import torch.nn.functional as F
+from nf4lora.kernels import model_ops
 
 from .families import (FAMILIES, FULL, MODEL_TYPES, SLIDING, family_keys, family_of, normalise_rope_scaling,
                        read_switches)
 from .output_dir import write_text_atomic
 
 # The gated MLP's activations, by their transformers (ACT2FN) names: SwiGLU and Gemma's GeGLU.
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+# hidden_act -> the gated MLP activation act(gate) * up: SwiGLU, or Gemma's GeGLU (kernels/model_ops.py: Triton on
+# CUDA, torch on the CPU)
+GATED_ACTIVATIONS = {"silu": model_ops.swiglu, "gelu_pytorch_tanh": model_ops.geglu}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # Keys every family reads the same way (the rest come from families.read_switches).
 _SHARED = _REQUIRED + ("num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings",
@@ -46,7 +48,7 @@ class LlamaConfig:
     attention_bias: bool = False  # biases on q/k/v/o_proj
     qkv_bias: bool = False  # biases on q/k/v_proj only (Qwen2: its o_proj has none)
     mlp_bias: bool = False
-    hidden_act: str = "silu"  # the gated MLP's activation (ACTIVATIONS): SwiGLU, or Gemma's GeGLU
+    hidden_act: str = "silu"  # the gated MLP's activation (GATED_ACTIVATIONS): SwiGLU, or Gemma's GeGLU
     fused_projections: bool = False  # Phi-3: one qkv_proj and one gate_up_proj Linear instead of three and two
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over head_dim of each query and key head, before RoPE
     norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight), computed in float32
@@ -104,9 +106,9 @@ class LlamaConfig:
                 f"LlamaConfig.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
-        if self.hidden_act not in ACTIVATIONS:
+        if self.hidden_act not in GATED_ACTIVATIONS:
             raise ValueError(f"LlamaConfig.hidden_act (config.json: hidden_act; Gemma: hidden_activation) must be one "
-                             f"of {tuple(ACTIVATIONS)}, got {self.hidden_act!r}")  # fmt: skip
+                             f"of {tuple(GATED_ACTIVATIONS)}, got {self.hidden_act!r}")  # fmt: skip
         for name in ("rms_norm_eps", "rope_theta", "rope_local_base_freq", "query_pre_attn_scalar",
                      "attn_logit_softcapping", "final_logit_softcapping"):  # fmt: skip
             value = getattr(self, name)

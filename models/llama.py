@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ACTIVATIONS, LlamaConfig
+from nf4lora.kernels import model_ops
+from .config import GATED_ACTIVATIONS, LlamaConfig
 from .kv_cache import KVCache
 from .loss import IGNORE_INDEX, chunked_lm_loss, softcap
-from .rope import RotaryEmbedding, apply_rope
+from .rope import RotaryEmbedding
 
 # What module constructors draw initial weights with (nn.Linear, nn.Embedding, our _init_weights).
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
@@ -63,13 +64,9 @@ class RMSNorm(nn.Module):
         self.eps, self.unit_offset = eps, unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 (bf16 squares lose too much). LLaMA's order of operations: cast back, then scale;
-        # Gemma's: scale in float32, then cast.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.unit_offset:
-            return (x32 * (1.0 + self.weight.float())).to(x.dtype)
-        return self.weight * x32.to(x.dtype)
+        # Normalised in float32 (bf16 squares lose too much). LLaMA's order of operations: cast back, then scale;
+        # Gemma's: scale in float32, then cast (model_ops.rms_norm_torch; the Triton kernel on CUDA).
+        return model_ops.rms_norm(x, self.weight, self.eps, self.unit_offset)
 
 
 class LlamaAttention(nn.Module):
@@ -108,7 +105,7 @@ class LlamaAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh | nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = model_ops.apply_rope(q, cos, sin), model_ops.apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, nkv, S, hd)
         dropout = self.dropout if self.training else 0.0
@@ -141,7 +138,7 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.act = ACTIVATIONS[config.hidden_act]
+        self.gated_act = GATED_ACTIVATIONS[config.hidden_act]  # act(gate) * up
         self.fused = config.fused_projections
         if self.fused:  # Phi-3: rows [gate | up] of one Linear
             self.gate_up_proj = nn.Linear(h, 2 * i, bias=bias)
@@ -152,7 +149,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.gated_act(gate, up))
 
 
 class LlamaDecoderLayer(nn.Module):

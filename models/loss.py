@@ -6,6 +6,8 @@ With a 49K vocabulary, 1,024 tokens of float32 logits and their gradient take ~0
 - a frozen, bias-free nn.Linear head (the QLoRA case): `_FrozenHeadCrossEntropy` computes each chunk's loss and
   its gradient with respect to the hidden states in one pass, and keeps only that (N, H) gradient for backward
   (the idea of Liger-Kernel's fused linear cross-entropy). No logits are recomputed.
+- on CUDA, the same frozen head goes to the Triton linear + cross-entropy (kernels/model_ops.py), which also
+  computes dL/dh in its forward pass, one tile of logits at a time;
 - any other head (trainable, with bias, LoRA-wrapped): each chunk runs inside a non-reentrant checkpoint and is
   recomputed in backward (lm_head's forward runs twice: ~4% of a SmolLM2-135M step, measured).
 """
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from nf4lora.kernels import model_ops
 
 IGNORE_INDEX = -100  # label value that takes no part in the loss (HF / PyTorch convention)
 
@@ -78,6 +82,8 @@ def chunked_lm_loss(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Modu
     y = labels[:, 1:].flatten()  # (N,)
     n_valid = (y != IGNORE_INDEX).sum()
     frozen_plain = type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+    if frozen_plain and model_ops.uses_triton(h):  # CUDA: the Triton linear + cross-entropy, logits tile by tile
+        return model_ops.linear_cross_entropy(h, lm_head.weight, y, chunk_tokens, cap)
     if frozen_plain:
         dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
         return _FrozenHeadCrossEntropy.apply(h, lm_head.weight, y, chunk_tokens, dtype, cap) / n_valid

@@ -4,7 +4,8 @@ The inverse frequencies follow docs/formats.md section 6: plain RoPE, "linear" s
 by the factor), Llama-3.1 "llama3" scaling (low frequencies divided, high kept, a blend between) and Phi-3's
 "longrope" (per-frequency divisors, one set up to the pretraining length and one beyond, and cos/sin scaled by an
 attention factor). Phi-3 variants rotate only the first rotary_dim dimensions of a head (partial_rotary_factor);
-Gemma 3 gives its sliding-window layers a plain RoPE of their own base (rope_local_base_freq).
+Gemma 3 gives its sliding-window layers a plain RoPE of their own base (rope_local_base_freq). The rotation
+itself is kernels/model_ops.apply_rope (Triton on CUDA, torch on the CPU).
 """
 
 from __future__ import annotations
@@ -87,19 +88,3 @@ class RotaryEmbedding(nn.Module):
         if self.attention_scaling != 1.0:
             cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
         return cos.to(dtype), sin.to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim dimensions of x (B, heads, T, hd) by the angles in cos/sin (B, T, rotary_dim);
-    the rest pass through (partial rotary)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
-    rot, rest = x[..., :rd], x[..., rd:]
-    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)

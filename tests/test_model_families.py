@@ -157,6 +157,44 @@ def test_checkpointing_and_chunked_loss_give_the_same_loss_and_gradients(family,
         torch.testing.assert_close(other[key], plain[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
+def test_decoder_kernels_give_the_torch_loss_and_gradients(family, monkeypatch):
+    """The model reaches the decoder's Triton kernels through kernels/model_ops.py (NF4LORA_BACKEND=triton runs
+    them here in the interpreter, as CUDA would compiled): RMSNorm (Gemma's (1 + w) too), RoPE (partial for
+    Phi-3 longrope), SwiGLU/GeGLU and the frozen head's linear + cross-entropy (soft-capped for Gemma 2/3), and
+    none of the torch references runs; loss and every gradient equal the torch path's to float32 rounding."""
+    from nf4lora.kernels import model_ops
+
+    _, _, _, path = family
+    ours = load_model(path, quantize=None, compute_dtype=torch.float32).train()
+    ours.lm_head.weight.requires_grad_(False)
+    ours.loss_chunk_tokens = 7
+    ids = _ids()
+    references = ("rms_norm_torch", "apply_rope_torch", "swiglu_torch", "geglu_torch", "linear_cross_entropy_torch")
+    called = []
+    for name in references:
+        original = getattr(model_ops, name)
+        monkeypatch.setattr(model_ops, name, lambda *a, _f=original, _n=name, **k: called.append(_n) or _f(*a, **k))
+    kernels = model_ops._triton
+    monkeypatch.setattr(model_ops, "_triton", lambda module: called.append(module) or kernels(module))
+
+    def run(backend):
+        monkeypatch.setenv("NF4LORA_BACKEND", backend)
+        ours.zero_grad(set_to_none=True)
+        called.clear()
+        loss = ours(ids, labels=ids).loss
+        loss.backward()
+        return loss, {n: p.grad for n, p in ours.named_parameters() if p.grad is not None}, set(called)
+
+    (loss, grads, torch_ops), (k_loss, k_grads, triton_ops) = run("torch"), run("triton")
+    assert triton_ops == {"rmsnorm", "rope", "glu", "cross_entropy"}
+    assert {"rms_norm_torch", "apply_rope_torch"} <= torch_ops <= set(references)
+    torch.testing.assert_close(k_loss, loss, atol=1e-6, rtol=1e-6)
+    assert grads.keys() == k_grads.keys() and len(grads) > 0
+    for key in grads:
+        torch.testing.assert_close(k_grads[key], grads[key], atol=1e-5 * float(grads[key].abs().max()), rtol=1e-4,
+                                   msg=key)  # fmt: skip
+
+
 def test_bitsandbytes_4bit_checkpoint_loads_without_requantizing(family, tmp_path, monkeypatch):
     _, config, _, path = family
     hf4 = hf_4bit_model(path, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
