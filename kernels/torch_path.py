@@ -1,30 +1,29 @@
 """The torch path: 4-bit dequantization and the two matmuls of a 4-bit linear layer, in plain torch (CPU tensors).
 
 Results are bit-identical to nf4.dequantize_4bit (tests/test_kernels_torch.py checks it); the work is organised
-for speed instead of clarity. A span (PIECES_PER_SPAN pieces) at a time, through per-thread scratch buffers
-(reused, so they never page-fault again):
+for speed instead of clarity. torch.get_num_threads() Python threads share a call, a contiguous range of blocks
+each (the caller and a pool; torch calls release the GIL), and each works through its range a span at a time,
+through per-thread scratch buffers (reused, so they never page-fault again):
 
 1. the packed bytes copied to int32 (index_select's index type);
 2. one gather per *byte* from a 256-entry table whose entries are the byte's two float32 code values viewed as
    one int64 (half the gathers of one per element);
-3. a piece at a time (the most whole blocks below torch's parallel grain), the multiply by the block scales,
-   in float32, in place,
+3. the multiply by the block scales, in float32, in place,
 4. and one copy into the output dtype, which rounds each float32 product once: exactly the specification's
    float32(code * scale).to(dtype). A float32 output takes the product directly.
 
-No call opens an OpenMP region: each elementwise call is below torch's parallel grain (2**15 elements), so it
-runs inline on the thread that makes it, and index_select over a 1-D table is one serial loop at any size. (Where
-torch runs one thread nothing opens a region at any size, and the pieces are up to 2**20 elements, one per gather:
-at one thread the small pieces took 1.2-1.5x the earlier design's time, these 0.85-0.95x of it.)
-torch.get_num_threads() Python threads share the work instead, a contiguous range of blocks each (the caller
-and a pool; torch calls release the GIL). An OpenMP region ends in a barrier that waits for its slowest
-thread, and on a busy machine (more runnable threads than cores) that thread is often off its core: the
-earlier design let torch's threads split three calls per 2**20-element chunk (~50 regions for 4096x4096),
-and at load average 4-10 on the 2-core VM each region cost 7-20 ms. 4096x4096 NF4+DQ -> bf16, medians of
-alternating runs in one process: at load 7-10, 0.79-1.08 s for the earlier design against 63-169 ms for this
-one and 92-104 ms for bitsandbytes (whose C kernel opens one region); at load 3-5, 31 ms against 42 ms for
-bitsandbytes. Small calls cost more per element: on one thread of a two-thread run this design spends ~1.5x the
-earlier one's CPU time (14.8 against 9.6 ms for that weight).
+No call opens an OpenMP region: each thread runs its range with its own OpenMP thread count set to 1
+(`_serial_torch`: omp_set_num_threads sets the calling thread's count only, and is restored after), so every torch
+call in it runs inline, and a span is one piece of up to 2**20 elements (a few dozen calls for a 4096x4096 weight).
+An OpenMP region ends in a barrier that waits for its slowest thread, and on a busy machine (more runnable
+threads than cores) that thread is often off its core: a design that let torch's threads split three calls per
+2**20-element chunk (~50 regions for 4096x4096) paid 7-20 ms per region at load average 4-10 on the 2-core VM
+(0.79-1.08 s for that weight, against 92-104 ms for bitsandbytes, whose C kernel opens one region). On the idle
+VM, 4096x4096 NF4+DQ -> bf16 into a reused buffer: 5.9-6.2 ms on two threads, 10.6 ms on one; bitsandbytes
+10.3-12.8 ms into its fresh output (benchmarks/results/quant-cpu.md times both with fresh outputs).
+Where torch's OpenMP runtime cannot be reached (`_openmp_runtime`: not Linux, or a torch build without
+OpenMP), the threads keep every elementwise call below torch's parallel grain (2**15 elements) instead, 8 pieces
+per gather: the same values, at about twice the time on two threads (~1600 short calls for 4096x4096).
 
 Where the time goes on one thread: the gather (~0.7 ns a byte) ~40%, the rounding copy (it writes the output
 to DRAM) ~20%, the multiply ~12%. Two more things keep page faults out:
@@ -45,6 +44,7 @@ dataclass itself.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -56,17 +56,18 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-# An elementwise torch call with fewer elements than this (torch's at::internal::GRAIN_SIZE) runs inline on the
-# calling thread; from this many on, torch's OpenMP threads split it.
+# Without _serial_torch (no OpenMP runtime found): an elementwise torch call with fewer elements than this (torch's
+# at::internal::GRAIN_SIZE) runs inline on the calling thread; from this many on, torch's OpenMP threads split it.
 PARALLEL_GRAIN = 1 << 15
 # Pieces per gather: index_select is one serial loop at any size, so one call gathers several pieces.
 PIECES_PER_SPAN = 8
-# Where torch runs one thread no call opens a parallel region at any size: elements per piece there, one piece per
-# gather (the earlier design's chunk; fewer, larger calls).
+# Where the thread's torch calls run inline at any size (one OpenMP thread): elements per piece there, one piece
+# per gather.
 ONE_THREAD_PIECE = 1 << 20
-# The least work worth another thread, in elements (~60 us on one thread): handing a range to the pool and
-# waiting for it costs 10-50 us on the 2-core VM.
-MIN_RANGE = 1 << 16
+# The least work worth another thread, in elements (~0.6 ms on one thread): handing a range to the pool and
+# waiting for it cost 0.15-0.4 ms on the idle 2-core VM (1536x576 NF4+DQ -> bf16: 0.53 ms on one thread, 0.93 ms
+# split over two), while 4096x4096 took 6-9 ms on two threads against 10.6-11.9 ms on one.
+MIN_RANGE = 1 << 20
 
 # Threads start on first use, one per range beyond the caller's (a pool starts one only when none is idle).
 _pool = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="nf4lora-dequantize")
@@ -91,12 +92,54 @@ def _on_threads(n: int, align: int, fn) -> None:
     # A pool thread starts outside inference mode, where torch refuses writes into tensors made inside it (the
     # caller's output and scratch, when the caller runs under torch.inference_mode()): it enters the caller's mode.
     pooled = functools.partial(_in_inference_mode, fn) if threads > 1 and torch.is_inference_mode_enabled() else fn
-    others = [_pool.submit(pooled, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
+    others = [_pool.submit(_serially, pooled, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     try:
-        fn(0, bounds[1])
+        _serially(fn, 0, bounds[1])
     finally:
         for other in others:
             other.result()
+
+
+def _serially(fn, lo: int, hi: int) -> None:
+    with _serial_torch():
+        fn(lo, hi)
+
+
+@contextlib.contextmanager
+def _serial_torch():
+    """Inside, torch calls made by this thread run on it alone (torch.get_num_threads() reads 1 here); other
+    threads keep their settings. A no-op where _openmp_runtime finds nothing."""
+    omp = _openmp_runtime()
+    if omp is None:
+        yield
+        return
+    torch.get_num_threads()  # torch sets a thread's OpenMP count at its first call: let that happen before ours
+    before = omp.omp_get_max_threads()
+    omp.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        omp.omp_set_num_threads(before)
+
+
+@functools.cache
+def _openmp_runtime():
+    """The OpenMP runtime torch's CPU kernels use (ctypes), or None: the omp_* functions as libtorch_cpu resolves
+    them (dlsym through a library's handle searches its dependencies; another libgomp may be loaded too), kept
+    only if setting this thread's count there changes what torch.get_num_threads() reads."""
+    library = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    if not sys.platform.startswith("linux") or not os.path.exists(library):
+        return None
+    try:
+        omp = ctypes.CDLL(library)
+        omp.omp_set_num_threads.argtypes, omp.omp_get_max_threads.restype = (ctypes.c_int,), ctypes.c_int
+    except (OSError, AttributeError):
+        return None
+    before = torch.get_num_threads()
+    omp.omp_set_num_threads(before + 1)
+    works = torch.get_num_threads() == before + 1
+    omp.omp_set_num_threads(before)
+    return omp if works else None
 
 
 def _in_inference_mode(fn, lo: int, hi: int) -> None:
@@ -148,8 +191,9 @@ def _piece_elements(blocksize: int) -> int:
 
 
 def _pieces(blocksize: int) -> tuple[int, int]:
-    """(elements per elementwise call, pieces per gather) on this thread: _piece_elements and PIECES_PER_SPAN
-    where torch runs more than one thread, else the most whole blocks below ONE_THREAD_PIECE, one per gather."""
+    """(elements per elementwise call, pieces per gather) on this thread: the most whole blocks below
+    ONE_THREAD_PIECE, one per gather, where its torch calls run inline (one thread: inside _serial_torch, or
+    torch set to one thread), else _piece_elements and PIECES_PER_SPAN."""
     if torch.get_num_threads() > 1:
         return _piece_elements(blocksize), PIECES_PER_SPAN
     return (ONE_THREAD_PIECE - 1) // blocksize * blocksize, 1

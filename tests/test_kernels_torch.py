@@ -115,16 +115,20 @@ class _CountingPool(ThreadPoolExecutor):
         return super().submit(*args, **kwargs)
 
 
-@pytest.fixture
-def three_threads(monkeypatch):
-    """Three threads (on any machine) for any work, pieces of 4096 elements and spans of three: small enough
-    that the awkward shapes below span several ranges and their spans' bytes take two copies. The pool counts
-    its work."""
+@pytest.fixture(params=["serial-openmp", "no-openmp-runtime"])
+def three_threads(request, monkeypatch):
+    """Three threads (on any machine) for any work, pieces of 4096 elements: small enough that the awkward shapes
+    below span several ranges and pieces. Each range runs with one OpenMP thread (one piece per gather), or, where
+    no OpenMP runtime is found, below the parallel grain in spans of three pieces (whose bytes take two copies).
+    The pool counts its work."""
     pool = _CountingPool(2)
     monkeypatch.setattr(torch_path, "_pool", pool)
     monkeypatch.setattr(torch_path, "MIN_RANGE", 1)
+    monkeypatch.setattr(torch_path, "ONE_THREAD_PIECE", 4097)
     monkeypatch.setattr(torch_path, "PARALLEL_GRAIN", 4097)
     monkeypatch.setattr(torch_path, "PIECES_PER_SPAN", 3)
+    if request.param == "no-openmp-runtime":
+        monkeypatch.setattr(torch_path, "_openmp_runtime", lambda: None)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)
     yield pool
@@ -145,6 +149,24 @@ def test_ranges_on_threads_cover_every_element_once(three_threads, n, align):
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous: no gap, no overlap
     lengths = [hi - lo for lo, hi in ranges]
     assert max(lengths) - min(lengths) < 2 * align  # balanced: whole units differ by one at most
+
+
+def test_each_range_runs_on_one_openmp_thread_and_the_caller_keeps_its_count(three_threads):
+    """Inside a range torch sees one thread (no call opens an OpenMP region, pieces are large); the caller's
+    count is back after the call. Without an OpenMP runtime the ranges see torch's count and take small pieces."""
+    seen = []
+    torch_path._on_threads(3 * 4096, 64, lambda lo, hi: seen.append((torch.get_num_threads(), torch_path._pieces(64))))
+    found = torch_path._openmp_runtime() is not None
+    assert seen == [(1, (4096, 1)) if found else (3, (4096, 3))] * 3
+    assert torch.get_num_threads() == 3
+
+
+def test_the_openmp_runtime_is_found_where_torch_loads_one():
+    """torch's Linux builds link libgomp: the ranges then run serially in large pieces. (Loaded here beside
+    another libgomp, which bitsandbytes' and transformers' imports can bring, it is still torch's that is found.)"""
+    import bitsandbytes  # noqa: F401  (its import loads the system libgomp too)
+
+    assert (torch_path._openmp_runtime() is not None) == sys.platform.startswith("linux")
 
 
 def test_short_work_stays_on_fewer_threads(three_threads, monkeypatch):
