@@ -15,13 +15,12 @@ file says it was emulated, so a capped run never overwrites the uncapped one's f
 """
 
 import argparse
-import os
 
 import torch
 import torch.nn.functional as F
-from harness import RESULTS, environment_block, markdown_table, time_fn, write_results_in
+from harness import RESULTS, capped_suffix, environment_block, markdown_table, time_fn, write_results_in
 
-from nf4lora.kernels.precision import CAP_VARS, auto_compute_dtype, cpu_isa, isa_label
+from nf4lora.kernels.precision import auto_compute_dtype, cpu_isa, isa_label
 from nf4lora.lora import Linear4bit
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -51,9 +50,7 @@ def cases(dtype: torch.dtype):
 
 def results_name() -> str:
     """dtype-cpu-<isa>, plus -capped-<each cap's value> where the environment caps this process (isa_label's caps)."""
-    caps = dict.fromkeys(os.environ[var].lower() for var in CAP_VARS if os.environ.get(var))  # ordered, no repeats
-    name = "dtype-cpu-" + cpu_isa().lower().replace("-", "")
-    return name + ("-capped-" + "-".join(caps) if caps else "")
+    return "dtype-cpu-" + cpu_isa().lower().replace("-", "") + capped_suffix()
 
 
 def main():

@@ -34,7 +34,8 @@ import zlib
 from pathlib import Path
 
 import torch
-from harness import RESULTS, english_text, environment_block, machine, markdown_table, peak_rss_mb, versions, write_results_in
+from harness import (RESULTS, capped_suffix, english_text, environment_block, machine, markdown_table, peak_rss_mb, versions,
+                     write_results_in)
 
 PEERS = ("transformers", "peft", "bitsandbytes")
 SIDES = ("ours", "peer")
@@ -336,7 +337,7 @@ def orchestrate(args) -> Path:
         data_file = os.path.join(tmp, "ids.safetensors")
         save_file({"ids": ids}, data_file)
         load_before = load_average()
-        name = f"qlora-step-{'cuda' if args.device.startswith('cuda') else 'cpu'}"
+        name = "qlora-step-cuda" if args.device.startswith("cuda") else "qlora-step-cpu" + capped_suffix()
         out = Path(args.out) if args.out else RESULTS
         out.mkdir(parents=True, exist_ok=True)
         points = []

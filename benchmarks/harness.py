@@ -108,6 +108,16 @@ def environment_block(*packages: str) -> str:
     return f"Machine: {where}.\n\nVersions: {what}.\n"
 
 
+def capped_suffix() -> str:
+    """"-capped-<each cap's value>" where the environment caps this process's CPU instruction set
+    (precision.CAP_VARS, e.g. ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 to behave like an AVX2 machine),
+    else "": a capped run's results file never overwrites the uncapped one's."""
+    from nf4lora.kernels.precision import CAP_VARS
+
+    caps = dict.fromkeys(os.environ[var].lower() for var in CAP_VARS if os.environ.get(var))  # ordered, no repeats
+    return "-capped-" + "-".join(caps) if caps else ""
+
+
 def write_results(name: str, markdown: str, data: dict | None = None) -> Path:
     """Write benchmarks/results/<name>.md (and .json if data is given); returns the markdown path."""
     return write_results_in(RESULTS, name, markdown, data)
