@@ -10,10 +10,10 @@ rounds); in benchmarks/results/qlora-step-cpu.md ours went from 340 to 351 token
 bitsandbytes peer, given the same settings, from 315 to 347.
 
 Since then the torch path dequantizes into reused per-thread buffers (kernels/torch_path.py), which removed most
-of those faults, and the setting stopped paying: on 2026-11-29 the step benchmark's ablation gave ours 299 tok/s
-with and without it (benchmarks/results/qlora-step-cpu.md, the run of that day), and the built-in demo trained at
-146 and 162 tok/s with it against 168 and 164 without (alternating runs, 119-141 s against 121-122 s). As it
-changes malloc for the whole process, the training loop applies it only when asked (`--keep-freed-memory`).
+of those faults, and the setting stopped paying for nf4lora: in the step benchmark's ablation of 2026-12-05 (idle
+machine, benchmarks/results/qlora-step-cpu.md) ours ran at 354 tokens/s with glibc's defaults and 353 with it,
+while the HF + PEFT + bitsandbytes peer went from 307 to 352. As it changes malloc for the whole process, the
+training loop applies it only when asked (`--keep-freed-memory`).
 """
 
 from __future__ import annotations
