@@ -3,11 +3,11 @@
 - CUDA: bfloat16 where the GPU has it natively (compute capability 8.0 and newer), else float16.
 - CPU: bfloat16 only where oneDNN can use native bf16 matrix instructions (AVX512-BF16 or AMX), else float32.
   Without them torch's bf16 matmul is emulated and far slower than float32. Measured on a 2-core AMD EPYC VM
-  with AVX512-BF16, loaded (benchmarks/bench_dtype_cpu.py; benchmarks/results/dtype-cpu-avx512bf16*.md): a
-  Linear4bit NF4+DQ forward + backward at a SmolLM2-135M MLP shape ran at 52.7 GFLOP/s in bf16 against 31.8 in
-  float32 (1.66x); capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2) at 1.9 against 27.5 (14x
-  slower in bf16; a 512^3 matmul 1.6 against 27.1 GFLOP/s). Other CPUs (aarch64, ...) get float32: no bf16 path
-  has been measured there.
+  with AVX512-BF16, idle (benchmarks/bench_dtype_cpu.py; benchmarks/results/dtype-cpu-avx512bf16*.md,
+  2026-12-05): a Linear4bit NF4+DQ forward + backward at a SmolLM2-135M MLP shape ran at 286.6 GFLOP/s in bf16
+  against 149.6 in float32 (1.92x); capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2) at 5.0
+  against 161.3 (32x slower in bf16; a 512^3 matmul 2.5 against 162.8 GFLOP/s). Other CPUs (aarch64, ...) get
+  float32: no bf16 path has been measured there.
 
 oneDNN obeys ONEDNN_MAX_CPU_ISA (or the older DNNL_MAX_CPU_ISA): a cap below AVX512_CORE_BF16 takes the native
 bf16 instructions away even on a CPU that has them, so "auto" honours it (which also lets an AVX-512 machine
