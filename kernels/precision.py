@@ -75,9 +75,14 @@ def _onednn_cap() -> str | None:
     return None
 
 
-@functools.cache
-def auto_compute_dtype(device_type: str = "cpu", index: int | None = None) -> ComputeDtype:
-    """What "auto" means on this device (cached: the hardware does not change while a process runs)."""
+def auto_compute_dtype(device: torch.device | str = "cpu", index: int | None = None) -> ComputeDtype:
+    """What "auto" means on this device: a torch.device or a device string ("cpu", "cuda", "cuda:1")."""
+    device = torch.device(device)
+    return _auto_compute_dtype(device.type, device.index if index is None else index)
+
+
+@functools.cache  # the hardware does not change while a process runs
+def _auto_compute_dtype(device_type: str, index: int | None) -> ComputeDtype:
     if device_type == "cuda":
         name = torch.cuda.get_device_name(index)
         if torch.cuda.is_bf16_supported(including_emulation=False):
@@ -92,6 +97,9 @@ def auto_compute_dtype(device_type: str = "cpu", index: int | None = None) -> Co
     if cap is not None and cap.split("=", 1)[1].upper() in _CAPS_WITHOUT_BF16:
         return ComputeDtype(torch.float32, f"{cap} keeps oneDNN from this CPU's native bf16 ({isa})")
     return ComputeDtype(torch.bfloat16, f"this CPU has native bf16: {isa}")
+
+
+auto_compute_dtype.cache_clear = _auto_compute_dtype.cache_clear  # forgets the probes' answers (tests patch them)
 
 
 def auto_dtype(device_type: str, index: int | None = None) -> torch.dtype:

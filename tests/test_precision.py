@@ -56,6 +56,15 @@ def test_auto_is_bf16_only_where_the_cpu_multiplies_it_natively(cpu, isa, cap, e
     assert str(chosen).startswith(str(expected).removeprefix("torch.") + " (")
 
 
+def test_auto_takes_a_device_or_its_name(cpu):
+    """A torch.device (as model.device gives it) or a device string means the same as its type: a device object
+    once fell through to the float32 branch for devices other than the CPU."""
+    cpu("AVX512-BF16")
+    assert auto_compute_dtype(torch.device("cpu")) == auto_compute_dtype("cpu") == auto_compute_dtype()
+    assert auto_compute_dtype(torch.device("cpu")).dtype == torch.bfloat16
+    assert auto_compute_dtype("meta").dtype == auto_compute_dtype(torch.device("meta")).dtype == torch.float32
+
+
 def test_the_isa_names_the_best_extension(cpu):
     for isa in ("AVX2", "AVX-512", "AVX512-BF16", "AMX"):
         cpu(isa)
