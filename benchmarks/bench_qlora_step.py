@@ -1,8 +1,10 @@
 """End-to-end QLoRA training step: ours vs Hugging Face transformers + PEFT + bitsandbytes, same run.
 
 Both sides train the same checkpoint on the same token batches with the same settings: the decoder Linear layers
-in NF4 + double quantization (blocksize 64) with bf16 compute, embeddings and norms in bf16, LoRA r=16, alpha=32,
-dropout 0 on every decoder Linear ("all-linear"), identical LoRA A initialisation (B = 0), bf16 autocast, the same
+in NF4 + double quantization (blocksize 64) computing in the dtype "auto" picks for the device (bf16 on CPUs
+with native bf16 and on GPUs that have it, float32 on other CPUs: kernels/precision.py), embeddings and norms in
+that dtype, LoRA r=16, alpha=32, dropout 0 on every decoder Linear ("all-linear"), identical LoRA A initialisation
+(B = 0), autocast to that dtype where it is 16-bit, the same
 AdamW hyper-parameters, gradient checkpointing on or off for both, glibc malloc with its default settings in both
 processes. Each (side, tokens-per-step) point runs in its own subprocess so that peak memory (RSS on the CPU; max
 allocated on CUDA) belongs to that side alone. On the CPU an ablation reruns both sides at the default point with
@@ -34,6 +36,8 @@ import zlib
 from pathlib import Path
 
 import torch
+
+from nf4lora.kernels.precision import auto_compute_dtype
 from harness import (RESULTS, capped_suffix, english_text, environment_block, machine, markdown_table, peak_rss_mb, versions,
                      write_results_in)
 
@@ -124,12 +128,17 @@ def init_lora_identically(model: torch.nn.Module) -> int:
     return n
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Both sides' dtype: what "auto" picks for this device (the same answer in every worker process)."""
+    return auto_compute_dtype(device).dtype
+
+
 def build_ours(model_dir: str, device: torch.device, grad_ckpt: bool):
     from nf4lora.lora import add_lora
     from nf4lora.models import load_model
     from nf4lora.train.optim import PagedAdamW
 
-    model = load_model(model_dir, quantize="nf4", double_quant=True, blocksize=64, compute_dtype=torch.bfloat16,
+    model = load_model(model_dir, quantize="nf4", double_quant=True, blocksize=64, compute_dtype=compute_dtype(device),
                        device=device)  # fmt: skip
     add_lora(model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules="all-linear")
     model.gradient_checkpointing = grad_ckpt
@@ -150,8 +159,8 @@ def build_peer(model_dir: str, device: torch.device, grad_ckpt: bool):
     import transformers
 
     quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype(device))  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=compute_dtype(device),
                                                               device_map={"": str(device)})  # fmt: skip
     model.config.use_cache = False
     if grad_ckpt:  # non-reentrant, like ours; PEFT's prepare_model_for_kbit_training is not used because it
@@ -212,7 +221,8 @@ def run_worker(args) -> dict:
 
     def step(i: int) -> float:
         batch = batch_at(ids, i, args.batch, args.seq_len).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        dtype = compute_dtype(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
@@ -382,7 +392,8 @@ def write_step_results(args, out: Path, name: str, points, default, model_name, 
     markdown = report(args, points, default, model_name, data, name, (load_before, load_after), n_params)
     data_json = {"machine": machine(), "versions": versions(*PEERS), "args": vars(args), "model": model_name,
                  "data": data, "params": n_params, "default_tokens_per_step": default, "lora": LORA, "adamw": ADAMW,
-                 "load_average": [load_before, load_after], "points": points}  # fmt: skip
+                 "load_average": [load_before, load_after], "compute_dtype": str(auto_compute_dtype(args.device)),
+                 "points": points}  # fmt: skip
     return write_results_in(out, name, markdown, data_json)
 
 
@@ -390,6 +401,7 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
     cuda = args.device.startswith("cuda")
     mem_key, mem_name = ("peak_cuda_mib", "peak CUDA allocated") if cuda else ("peak_rss_mib", "peak RSS")
     at = next(p for p in points if p["tokens_per_step"] == default)
+    chosen = auto_compute_dtype(args.device)
 
     def tps(r):
         t = r["tokens_per_s"]
@@ -425,8 +437,10 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         f"- Model: {model_name} (`{args.model or 'default'}`); data: "
         + ("pydoc_data.topics text tokenized by nf4lora's Tokenizer" if data == "text" else "seeded random token ids")
         + "; labels = inputs (next-token loss over every position).",
-        "- Decoder Linear layers NF4 + double quantization, blocksize 64, compute dtype bf16; embeddings, norms and "
-        "lm_head bf16 (tied when the checkpoint ties them); bf16 autocast around forward and loss.",
+        f"- Decoder Linear layers NF4 + double quantization, blocksize 64, compute dtype {chosen.name} "
+        f"(`auto`: {chosen.reason}); embeddings, norms and lm_head {chosen.name} (tied when the checkpoint ties "
+        "them); " + (f"{chosen.name} autocast around forward and loss." if chosen.dtype != torch.float32
+                     else "no autocast (float32 throughout)."),
         f"- LoRA r={LORA['r']}, alpha={LORA['alpha']}, dropout {LORA['dropout']}, targets all-linear (q,k,v,o,gate,up,"
         f"down; not lm_head), adapters fp32, lora_A initialised to the same values on both sides, lora_B = 0.",
         f"- AdamW lr {ADAMW['lr']}, betas {ADAMW['betas']}, eps {ADAMW['eps']}, weight decay {ADAMW['weight_decay']}. "
@@ -496,8 +510,8 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         "",
         f"## Loss over the same steps ({default} tokens per step)",
         "",
-        f"Largest relative difference: {max_rel:.2%} (different kernels and summation orders in bf16; the quantized "
-        "weights are the same bytes).",
+        f"Largest relative difference: {max_rel:.2%} (different kernels and summation orders in {chosen.name}; the "
+        "quantized weights are the same bytes).",
         "",
         markdown_table(["step", "ours", "peer", "ours - peer"], loss_rows),
     ]
