@@ -1,16 +1,19 @@
 """Linear4bit + LoRA forward+backward on the CPU: ours vs bitsandbytes Linear4bit + PEFT LoRA, same run.
 
-One 4096x4096 NF4 (double-quantized) layer with a rank-16 adapter, x of shape [8*512, 4096] in bf16 requiring
-grad (an inner layer of a model in training): forward under bf16 autocast, as a QLoRA training step runs it
-(bench_qlora_step.py), then backward to x and the LoRA weights. Both sides quantize the same bf16 weight (as a
-checkpoint loaded with dtype=bfloat16 is), so both dequantize straight to bf16, and both run every matmul, the
-adapter's included, in bf16 (checked each run: the dtypes of every matmul's operands are recorded). Also timed, for
-context and to show where the time goes: the same layer with a plain bf16 weight (the matmul floor), the pieces
+One 4096x4096 NF4 (double-quantized) layer with a rank-16 adapter, x of shape [8*512, 4096] requiring
+grad (an inner layer of a model in training), all in the compute dtype "auto" picks for this CPU (bf16 where it
+has native bf16, else float32: kernels/precision.py): forward under autocast to it where it is bf16, as a QLoRA
+training step runs it (bench_qlora_step.py), then backward to x and the LoRA weights. Both sides quantize the same
+weight in that dtype (as a checkpoint loaded with that dtype is), so both dequantize straight to it, and both run
+every matmul, the adapter's included, in it (checked each run: the dtypes of every matmul's operands are recorded).
+Also timed, for context and to show where the time goes: the same layer with a plain weight (the matmul floor), the
+pieces
 (dequantize, the two matmuls) and a torch.profiler breakdown of our step.
 
     .venv/bin/python benchmarks/bench_lora_cpu.py [--tokens 4096] [--dim 4096] [--repeat 21] [--out DIR]
 
-Writes benchmarks/results/lora-cpu.{md,json}.
+Writes benchmarks/results/lora-cpu.{md,json} (lora-cpu-capped-<caps> with ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA
+set).
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ import statistics
 
 import torch
 from harness import (
-    RESULTS, environment_block, fmt_time, machine, markdown_table, peak_rss_mb, time_fn, versions, write_results_in,
+    RESULTS, capped_suffix, environment_block, fmt_time, machine, markdown_table, peak_rss_mb, time_fn, versions, write_results_in,
 )
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from nf4lora.kernels import dequantize
+from nf4lora.kernels.precision import auto_compute_dtype
 from nf4lora.lora import Linear4bit, LoRALinear
 
 PEERS = ("bitsandbytes", "peft")
-AUTOCAST = torch.bfloat16  # both sides' forward runs under torch.autocast("cpu", dtype=AUTOCAST)
+CHOSEN = auto_compute_dtype("cpu")  # both sides' dtype; their forward runs under autocast to it where it is 16-bit
+DTYPE = CHOSEN.dtype
+SHORT = {torch.bfloat16: "bf16", torch.float32: "float32"}[DTYPE]
+AUTOCAST = DTYPE != torch.float32
 OURS, PEER = "ours (Linear4bit + LoRALinear)", "bitsandbytes Linear4bit + PEFT LoRA"
 
 
@@ -47,12 +54,12 @@ class _Wrapper(nn.Module):
 
 
 def build_ours(linear, r, alpha):
-    base = Linear4bit.from_linear(linear, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+    base = Linear4bit.from_linear(linear, quant_type="nf4", double_quant=True, compute_dtype=DTYPE)
     return LoRALinear(base, r=r, alpha=alpha)
 
 
-def build_bf16_baseline(linear, r, alpha):
-    dense = copy.deepcopy(linear).to(torch.bfloat16).requires_grad_(False)
+def build_dense_baseline(linear, r, alpha):
+    dense = copy.deepcopy(linear).to(DTYPE).requires_grad_(False)
     return LoRALinear(dense, r=r, alpha=alpha)
 
 
@@ -63,7 +70,7 @@ def build_peer(linear, r, alpha):
     import peft
 
     base = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                             compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")  # fmt: skip
+                             compute_dtype=DTYPE, compress_statistics=True, quant_type="nf4")  # fmt: skip
     base = base.to(linear.weight.dtype)  # else load_state_dict copies into a float32 weight
     base.load_state_dict(linear.state_dict())
     base = base.to("cpu")  # bitsandbytes quantizes on the move
@@ -74,7 +81,7 @@ def build_peer(linear, r, alpha):
 
 
 def step_fn(module, x, dy):
-    """One forward under bf16 autocast + backward (outside it, as a training loop calls it); gradients are cleared
+    """One forward (under autocast where the dtype is 16-bit) + backward (outside it, as a training loop calls it); gradients are cleared
     first so no step pays for accumulation."""
     params = [p for p in module.parameters() if p.requires_grad]
 
@@ -82,7 +89,7 @@ def step_fn(module, x, dy):
         x.grad = None
         for p in params:
             p.grad = None
-        with torch.autocast(x.device.type, dtype=AUTOCAST):
+        with torch.autocast(x.device.type, dtype=DTYPE, enabled=AUTOCAST):
             y = module(x)
         y.backward(dy)
 
@@ -106,7 +113,7 @@ class _MatmulDtypes(TorchDispatchMode):
 
 
 def matmul_dtypes(step) -> list[str]:
-    """The dtypes of the matmul operands of one call of `step` (both sides must show bf16 alone)."""
+    """The dtypes of the matmul operands of one call of `step` (both sides must show the compute dtype alone)."""
     with _MatmulDtypes() as mode:
         step()
     return sorted(mode.dtypes)
@@ -158,17 +165,17 @@ def main():
 
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    linear = nn.Linear(args.dim, args.dim, bias=False).to(torch.bfloat16)  # a layer of a bf16 checkpoint
-    x = torch.randn(args.tokens, args.dim, dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(args.tokens, args.dim, dtype=torch.bfloat16)
+    linear = nn.Linear(args.dim, args.dim, bias=False).to(DTYPE)  # a layer of a checkpoint in that dtype
+    x = torch.randn(args.tokens, args.dim, dtype=DTYPE, requires_grad=True)
+    dy = torch.randn(args.tokens, args.dim, dtype=DTYPE)
     alpha = 2 * args.rank
 
     layers = {
         OURS: build_ours(linear, args.rank, alpha),
         PEER: build_peer(linear, args.rank, alpha),
-        "bf16 nn.Linear + LoRALinear (floor)": build_bf16_baseline(linear, args.rank, alpha),
+        f"{SHORT} nn.Linear + LoRALinear (floor)": build_dense_baseline(linear, args.rank, alpha),
     }
-    with torch.no_grad(), torch.autocast("cpu", dtype=AUTOCAST):  # same outputs (B = 0: the 4-bit bases)
+    with torch.no_grad(), torch.autocast("cpu", dtype=DTYPE, enabled=AUTOCAST):  # same outputs (B = 0: the 4-bit bases)
         max_diff = (layers[OURS](x).float() - layers[PEER](x).float()).abs().max().item()
     steps = {name: step_fn(m, x, dy) for name, m in layers.items()}
     dtypes = {name: matmul_dtypes(step) for name, step in steps.items()}  # also the warm-up of every step
@@ -185,12 +192,12 @@ def main():
 
     base = layers[OURS].base_layer
     bnb_weight = layers[PEER].base_model.model.proj.weight
-    w = base.dequantize(torch.bfloat16)
-    if bnbF.dequantize_4bit(bnb_weight.data, bnb_weight.quant_state).dtype != torch.bfloat16:
-        raise RuntimeError("bitsandbytes' dequantize_4bit does not produce bf16 here: the row below would mislabel it")
+    w = base.dequantize(DTYPE)
+    if bnbF.dequantize_4bit(bnb_weight.data, bnb_weight.quant_state).dtype != DTYPE:
+        raise RuntimeError(f"bitsandbytes' dequantize_4bit does not produce {DTYPE} here: the row below would mislabel it")
     pieces = {
-        "ours: dequantize NF4+DQ -> bf16": lambda: dequantize(base.weight, base.quant_state, torch.bfloat16),
-        "bitsandbytes: dequantize_4bit -> bf16 (its quant_state.dtype)": lambda: bnbF.dequantize_4bit(
+        f"ours: dequantize NF4+DQ -> {SHORT}": lambda: dequantize(base.weight, base.quant_state, DTYPE),
+        f"bitsandbytes: dequantize_4bit -> {SHORT} (its quant_state.dtype)": lambda: bnbF.dequantize_4bit(
             bnb_weight.data, bnb_weight.quant_state),
         "forward matmul F.linear(x, W)": lambda: torch.nn.functional.linear(x.detach(), w),
         "grad-input matmul dy @ W (layout used by both)": lambda: dy @ w,
@@ -208,14 +215,15 @@ def main():
         "# Linear4bit + LoRA forward+backward on the CPU",
         "",
         environment_block(*PEERS),
-        f"x [{args.tokens}, {args.dim}] bf16 (requires grad), weight {args.dim}x{args.dim} bf16 quantized to NF4 + "
-        f"double quant, blocksize 64, on both sides (quant_state dtype: ours {quant_dtypes[OURS]}, bitsandbytes "
-        f"{quant_dtypes[PEER]}), compute dtype bf16, LoRA r={args.rank}, alpha={alpha}, adapter weights stored "
-        f"float32. One step = forward under torch.autocast(\"cpu\", dtype=torch.bfloat16) on every side (as a "
-        f"QLoRA training step runs), then backward to x and the LoRA weights. Matmul operand dtypes in one step: "
+        f"x [{args.tokens}, {args.dim}] {SHORT} (requires grad), weight {args.dim}x{args.dim} {SHORT} quantized to "
+        f"NF4 + double quant, blocksize 64, on both sides (quant_state dtype: ours {quant_dtypes[OURS]}, bitsandbytes "
+        f"{quant_dtypes[PEER]}), compute dtype {SHORT} (`auto`: {CHOSEN.reason}), LoRA r={args.rank}, alpha={alpha}, "
+        "adapter weights stored float32. One step = forward "
+        + (f"under torch.autocast(\"cpu\", dtype={DTYPE}) " if AUTOCAST else "without autocast ")
+        + "on every side (as a QLoRA training step runs), then backward to x and the LoRA weights. Matmul operand dtypes in one step: "
         + "; ".join(f"{name}: {', '.join(d)}" for name, d in dtypes.items())
         + f". Median of {args.repeat} runs after a warm-up, the contenders taking turns; spread is min .. max. "
-        f"Output max |ours - peer| = {max_diff:.3g} (bf16). 1-minute load average {load[0]:.1f} at the start, "
+        f"Output max |ours - peer| = {max_diff:.3g} ({SHORT}). 1-minute load average {load[0]:.1f} at the start, "
         f"{load[1]:.1f} at the end ({os.cpu_count()} cores shared with other jobs: a load above {os.cpu_count()} "
         "means the contenders did not have the cores to themselves).",
         "",
@@ -244,9 +252,9 @@ def main():
             "machine": machine(), "versions": versions(*PEERS), "args": vars(args), "speedup_vs_peer": speedup,
             "paired_speedup": paired,
             "timings_s": timings, "pieces_s": piece_times, "profile": breakdown, "max_abs_diff": max_diff,
-            "load_average": load, "autocast": str(AUTOCAST), "matmul_dtypes": dtypes, "quant_state_dtypes": quant_dtypes,
+            "load_average": load, "compute_dtype": str(CHOSEN), "autocast": AUTOCAST, "matmul_dtypes": dtypes, "quant_state_dtypes": quant_dtypes,
         }  # fmt: skip
-        print(write_results_in(args.out, "lora-cpu", markdown, data))
+        print(write_results_in(args.out, "lora-cpu" + capped_suffix(), markdown, data))
 
 
 if __name__ == "__main__":

@@ -63,22 +63,40 @@ def test_bench_qlora_step_writes_both_sides(tiny_model, tmp_path):
     assert (tmp_path / "qlora-step-cpu.png").stat().st_size > 0
 
 
-def test_bench_lora_cpu_compares_three_layers(tmp_path):
+@pytest.mark.parametrize("capped", [False, True], ids=["native", "capped-avx2"])
+def test_bench_lora_cpu_compares_three_layers(tmp_path, monkeypatch, capped):
+    """Three layers, every one computing in the dtype "auto" picks (bf16 on a CPU with native bf16, float32 on
+    others and with torch capped to AVX2, where the capped run writes its own -capped- file)."""
+    for var in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(var, raising=False)
+    if capped:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    from nf4lora.kernels.precision import auto_compute_dtype
+
+    auto_compute_dtype.cache_clear()
+    dtype = auto_compute_dtype("cpu").dtype
+    auto_compute_dtype.cache_clear()
+    assert dtype == torch.float32 or not capped
+    short = {torch.bfloat16: "bf16", torch.float32: "float32"}[dtype]
     run_script("bench_lora_cpu.py", "--tokens", "64", "--dim", "128", "--rank", "4", "--repeat", "3", "--out", str(tmp_path))
-    data = json.loads((tmp_path / "lora-cpu.json").read_text())
+    name = "lora-cpu-capped-avx2" if capped else "lora-cpu"
+    data = json.loads((tmp_path / f"{name}.json").read_text())
     assert set(data["timings_s"]) == {"ours (Linear4bit + LoRALinear)", "bitsandbytes Linear4bit + PEFT LoRA",
-                                      "bf16 nn.Linear + LoRALinear (floor)"}  # fmt: skip
+                                      f"{short} nn.Linear + LoRALinear (floor)"}  # fmt: skip
     assert all(len(t["samples"]) == 3 and t["median"] > 0 for t in data["timings_s"].values())
     paired = data["paired_speedup"]
     assert paired["n"] == 3 and paired["q1"] <= paired["median"] <= paired["q3"]
-    assert data["max_abs_diff"] < 0.1  # the same NF4 bytes on both sides, B = 0: the base outputs agree in bf16
-    # Same precision on every side: bf16 autocast, both quantized from the bf16 weight (so both dequantize to bf16),
-    # and every matmul of a step, the adapters' included, on bf16 operands.
-    assert data["autocast"] == "torch.bfloat16"
-    assert set(data["quant_state_dtypes"].values()) == {"torch.bfloat16"}
-    assert data["matmul_dtypes"] == {name: ["torch.bfloat16"] for name in data["timings_s"]}
-    md = (tmp_path / "lora-cpu.md").read_text()
-    assert "Turn by turn" in md and 'torch.autocast("cpu", dtype=torch.bfloat16) on every side' in md
+    assert data["max_abs_diff"] < 0.1  # the same NF4 bytes on both sides, B = 0: the base outputs agree
+    # Same precision on every side: autocast exactly where the dtype is 16-bit, both quantized from the weight in
+    # that dtype (so both dequantize to it), and every matmul of a step, the adapters' included, on its operands.
+    assert data["compute_dtype"].startswith(str(dtype).removeprefix("torch.") + " (")
+    assert data["autocast"] == (dtype != torch.float32)
+    assert set(data["quant_state_dtypes"].values()) == {str(dtype)}
+    assert data["matmul_dtypes"] == {name: [str(dtype)] for name in data["timings_s"]}
+    md = (tmp_path / f"{name}.md").read_text()
+    autocast = f'torch.autocast("cpu", dtype={dtype}) on every side' if dtype != torch.float32 else "without autocast"
+    assert "Turn by turn" in md and autocast in md
 
 
 def test_quality_matches_bitsandbytes(tiny_model, tmp_path, monkeypatch):
@@ -237,3 +255,4 @@ def test_fmt_time_resolves_microseconds(monkeypatch):
     from harness import fmt_time
 
     assert [fmt_time(t) for t in (20.4e-6, 123.4e-6, 0.9996e-3, 12.3456e-3)] == ["20.4 µs", "123 µs", "1.00 ms", "12.35 ms"]
+
