@@ -235,7 +235,7 @@ def run_worker(args) -> dict:
         losses.append(step(i))
         times.append(time.perf_counter() - t)
     result = {
-        "side": args.worker, "optimizer": optimizer_name, "batch": args.batch, "seq_len": args.seq_len,
+        "side": args.worker, "compute_dtype": str(auto_compute_dtype(device)), "optimizer": optimizer_name, "batch": args.batch, "seq_len": args.seq_len,
         "tokens_per_step": args.batch * args.seq_len, "losses": losses, "step_s": times, "load_s": load_s,
         "peak_rss_mib": peak_rss_mb(), "trainable_params": trainable, "malloc": malloc,
     }  # fmt: skip
@@ -392,7 +392,7 @@ def write_step_results(args, out: Path, name: str, points, default, model_name, 
     markdown = report(args, points, default, model_name, data, name, (load_before, load_after), n_params)
     data_json = {"machine": machine(), "versions": versions(*PEERS), "args": vars(args), "model": model_name,
                  "data": data, "params": n_params, "default_tokens_per_step": default, "lora": LORA, "adamw": ADAMW,
-                 "load_average": [load_before, load_after], "compute_dtype": str(auto_compute_dtype(args.device)),
+                 "load_average": [load_before, load_after], "compute_dtype": points[0]["ours"]["compute_dtype"],
                  "points": points}  # fmt: skip
     return write_results_in(out, name, markdown, data_json)
 
@@ -401,7 +401,8 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
     cuda = args.device.startswith("cuda")
     mem_key, mem_name = ("peak_cuda_mib", "peak CUDA allocated") if cuda else ("peak_rss_mib", "peak RSS")
     at = next(p for p in points if p["tokens_per_step"] == default)
-    chosen = auto_compute_dtype(args.device)
+    dtype_text = at["ours"]["compute_dtype"]  # "bfloat16 (why)", as the worker found it
+    dtype_name, dtype_reason = dtype_text.split(" ", 1)[0], dtype_text.split(" ", 1)[1].strip("()")
 
     def tps(r):
         t = r["tokens_per_s"]
@@ -437,9 +438,9 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         f"- Model: {model_name} (`{args.model or 'default'}`); data: "
         + ("pydoc_data.topics text tokenized by nf4lora's Tokenizer" if data == "text" else "seeded random token ids")
         + "; labels = inputs (next-token loss over every position).",
-        f"- Decoder Linear layers NF4 + double quantization, blocksize 64, compute dtype {chosen.name} "
-        f"(`auto`: {chosen.reason}); embeddings, norms and lm_head {chosen.name} (tied when the checkpoint ties "
-        "them); " + (f"{chosen.name} autocast around forward and loss." if chosen.dtype != torch.float32
+        f"- Decoder Linear layers NF4 + double quantization, blocksize 64, compute dtype {dtype_name} "
+        f"(`auto`: {dtype_reason}); embeddings, norms and lm_head {dtype_name} (tied when the checkpoint ties "
+        "them); " + (f"{dtype_name} autocast around forward and loss." if dtype_name != "float32"
                      else "no autocast (float32 throughout)."),
         f"- LoRA r={LORA['r']}, alpha={LORA['alpha']}, dropout {LORA['dropout']}, targets all-linear (q,k,v,o,gate,up,"
         f"down; not lm_head), adapters fp32, lora_A initialised to the same values on both sides, lora_B = 0.",
@@ -510,7 +511,7 @@ def report(args, points, default, model_name, data, name, loads, n_params) -> st
         "",
         f"## Loss over the same steps ({default} tokens per step)",
         "",
-        f"Largest relative difference: {max_rel:.2%} (different kernels and summation orders in {chosen.name}; the "
+        f"Largest relative difference: {max_rel:.2%} (different kernels and summation orders in {dtype_name}; the "
         "quantized weights are the same bytes).",
         "",
         markdown_table(["step", "ours", "peer", "ours - peer"], loss_rows),
