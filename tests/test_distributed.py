@@ -146,8 +146,12 @@ def test_two_ranks_train_as_one_process_does(one_process, two_ranks, parallel):
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
         assert torch.equal(rank0[name], written[f"base_model.model.{name}"]), name
-        assert torch.allclose(written[f"base_model.model.{name}"], single[f"base_model.model.{name}"], rtol=1e-5,
-                              atol=1e-7), name  # fmt: skip
+        # Another summation order (the ranks' reduction; FSDP2's reduce-scatter) moves elements by float32 rounding,
+        # which five Adam steps amplify where a gradient is near zero: 6e-7 seen for an element of a tensor whose
+        # largest is 0.13 (torch at AVX2), so the bound is relative to the tensor's largest value.
+        ref = single[f"base_model.model.{name}"]
+        torch.testing.assert_close(written[f"base_model.model.{name}"], ref, rtol=1e-5,
+                                   atol=1e-5 * float(ref.abs().max()), msg=name)  # fmt: skip
 
     memory = ours[-1]["memory"]
     whole, per_rank = memory["packed_bytes_whole"], memory["packed_bytes"]
