@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from nf4lora.train.cli import main
-from test_train_helpers import date_records, write_jsonl, write_tiny_model
+from test_train_helpers import read_metrics, write_tiny_run
 
 # The rows of a step split over 2 ranks are the micro-batches one process runs, so DDP's losses come out equal; FSDP2
 # sums the gradient norm over shards in another order (observed: 4e-8 relative). The bound is the acceptance's.
@@ -82,17 +82,9 @@ def _torchrun(setup, args: list[str], hook: str | None = None, timeout: float = 
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _metrics(out) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    model = write_tiny_model(root / "model")
-    data = write_jsonl(root / "train.jsonl", date_records(40, seed=5))
-    return root, model, data
+    return write_tiny_run(tmp_path_factory.mktemp("distributed"), 40, seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +120,7 @@ def two_ranks(setup):
 def test_two_ranks_train_as_one_process_does(one_process, two_ranks, parallel):
     out = two_ranks(parallel)
 
-    ours, ref = _metrics(out), _metrics(one_process)
+    ours, ref = read_metrics(out), read_metrics(one_process)
     assert [m["step"] for m in ours] == [1, 2, 3, 4, 5]
     for a, b in zip(ours, ref):
         assert a["batch_sha1"] == b["batch_sha1"] and a["tokens"] == b["tokens"]  # the same global batch
@@ -210,7 +202,7 @@ def test_killed_two_rank_run_resumes_bit_for_bit(setup):
     for key in a:
         assert torch.equal(a[key], b[key]), key  # bitwise
     assert any(bool(t.abs().sum()) for k, t in a.items() if "lora_B" in k)  # training did move the adapter
-    for x, y in zip(_metrics(root / "full"), _metrics(out), strict=True):
+    for x, y in zip(read_metrics(root / "full"), read_metrics(out), strict=True):
         for key in ("batch_sha1", "loss", "grad_norm", "lr", "val_loss"):
             assert x.get(key) == y.get(key), (x["step"], key)
 
@@ -227,7 +219,7 @@ def test_a_two_rank_checkpoint_resumes_in_one_process(setup, two_ranks):
     shutil.rmtree(out / "checkpoints" / "step-00000004")
     (out / "checkpoints" / "latest.json").write_text(json.dumps({"step": 2, "dir": "step-00000002"}))
     assert main(["finetune", *_common(setup, 0.0), "--output-dir", str(out), "--resume"]) == 0
-    two, one = _metrics(run), _metrics(out)
+    two, one = read_metrics(run), read_metrics(out)
     assert [m["batch_sha1"] for m in one] == [m["batch_sha1"] for m in two]
     for x, y in zip(two[2:], one[2:], strict=True):
         assert y["loss"] == pytest.approx(x["loss"], rel=LOSS_RTOL), x["step"]
@@ -281,7 +273,7 @@ def test_one_rank_on_cuda_with_nccl_trains_as_one_process(setup, parallel):
     assert one.returncode == 0, one.stderr[-3000:]
     run = _torchrun(setup, [*args, "--parallel", parallel, "--output-dir", str(root / f"cuda-{parallel}")], nproc=1)
     assert run.returncode == 0, run.stderr[-3000:]
-    for a, b in zip(_metrics(root / f"cuda-{parallel}"), _metrics(root / "cuda-one"), strict=True):
+    for a, b in zip(read_metrics(root / f"cuda-{parallel}"), read_metrics(root / "cuda-one"), strict=True):
         assert a["batch_sha1"] == b["batch_sha1"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
-    assert all(p > 0 for p in _metrics(root / f"cuda-{parallel}")[-1]["memory"]["peak_train_mib"])
+    assert all(p > 0 for p in read_metrics(root / f"cuda-{parallel}")[-1]["memory"]["peak_train_mib"])

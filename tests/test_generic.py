@@ -11,8 +11,6 @@ import transformers; configs we cannot honour are refused in one line naming the
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,8 +18,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from reference_packages import require
-from test_train_helpers import date_records, write_jsonl, write_tiny_model, write_tokenizer
-from test_train_resume import STEP_KILLER, _metrics, _run
+from test_train_helpers import date_records, read_metrics, write_jsonl, write_tiny_model, write_tokenizer
+from test_train_resume import STEP_KILLER, _run
 
 transformers = require("transformers")
 peft = require("peft")
@@ -166,7 +164,7 @@ def test_finetune_resume_peft_merge(tmp_path, capsys, killed_runs, model_type):
     b = load_file(os.path.join(killed_dir, "adapter", "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # bitwise
     assert all(bool(t.abs().sum()) for k, t in a.items() if "lora_B" in k)  # training moved every adapter
-    m_full, m_resumed = _metrics(tmp_path / "full"), _metrics(killed_dir)
+    m_full, m_resumed = read_metrics(tmp_path / "full"), read_metrics(killed_dir)
     assert [m["step"] for m in m_resumed] == [1, 2, 3, 4]
     for x, y in zip(m_full, m_resumed):
         for key in ("batch_sha1", "loss", "grad_norm", "lr", "val_loss"):

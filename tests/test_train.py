@@ -16,7 +16,7 @@ from nf4lora.train.checkpoint import latest_checkpoint, load_checkpoint, save_ch
 from nf4lora.train.config import RESUMABLE_CHANGES, TrainConfig
 from nf4lora.train.loop import _grad_norm, lr_at, prepare, train
 from nf4lora.train.optim import PagedAdamW
-from test_train_helpers import date_records, write_jsonl, write_tiny_model
+from test_train_helpers import read_metrics, write_tiny_run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,10 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    model = write_tiny_model(root / "model")
-    data = write_jsonl(root / "train.jsonl", date_records(48, seed=2))
-    return root, model, data
+    return write_tiny_run(tmp_path_factory.mktemp("train"), 48, seed=2)
 
 
 def _config(setup, out, **kw):
@@ -122,7 +119,7 @@ def test_a_non_finite_step_stops_training_before_it_spoils_anything(setup):
         train(cfg)
     out = cfg.output_dir
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest.json", "step-00000001"]
-    assert [m["step"] for m in _metrics(out)] == [1]
+    assert [m["step"] for m in read_metrics(out)] == [1]
     assert not os.path.exists(os.path.join(out, "adapter"))
 
 
@@ -211,11 +208,6 @@ def _copy(run: TrainConfig, tmp_path, **changes) -> TrainConfig:
     return dataclasses.replace(run, output_dir=out, **changes)
 
 
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_resume_refuses_other_training_settings_naming_each(finished, tmp_path):
     cfg = _copy(finished, tmp_path, resume=True, lr=1e-3, weight_decay=0.1, adam_beta2=0.95, lora_r=8)
     with pytest.raises(ValueError, match="--resume: checkpoint .*step-00000002.* other settings") as err:
@@ -225,14 +217,14 @@ def test_resume_refuses_other_training_settings_naming_each(finished, tmp_path):
                  "--adam-beta2: saved 0.999, given 0.95", "--lora-r: saved 4, given 8"):  # fmt: skip
         assert line in msg
     assert msg.count("\n  --") == 4  # one line per differing field, and no other
-    assert _metrics(cfg.output_dir) == _metrics(finished.output_dir)  # nothing was touched
+    assert read_metrics(cfg.output_dir) == read_metrics(finished.output_dir)  # nothing was touched
 
 
 def test_resume_with_another_micro_batch_size_trains_the_same_rows(finished, tmp_path):
     """Only how a step is split changes (4 rows as 4 x 1 instead of 2 x 2): same rows, same loss up to rounding."""
     cfg = _copy(finished, tmp_path, resume=True, micro_batch_size=1, eval_every=1, save_every=1, keep_checkpoints=1)
     result = train(cfg)
-    before, after = _metrics(finished.output_dir), result.metrics
+    before, after = read_metrics(finished.output_dir), result.metrics
     assert [m["step"] for m in after] == [1, 2, 3, 4]
     assert [m["batch_sha1"] for m in after] == [m["batch_sha1"] for m in before]  # packed: the split hashes alike
     for x, y in zip(before, after):
@@ -246,7 +238,7 @@ def test_resume_drops_a_partly_written_last_metrics_line(finished, tmp_path):
     with open(path, "a") as f:
         f.write('{"step": 5, "loss": 1.2')  # a kill in the middle of _append_metrics
     train(cfg)
-    assert [m["step"] for m in _metrics(cfg.output_dir)] == [1, 2, 3, 4]
+    assert [m["step"] for m in read_metrics(cfg.output_dir)] == [1, 2, 3, 4]
     with open(path) as f:
         lines = f.readlines()
     with open(path, "w") as f:
@@ -262,9 +254,9 @@ def test_fresh_run_refuses_an_earlier_run_and_overwrite_replaces_it(finished, tm
         train(cfg)
     assert out in str(err.value)
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["latest.json", "step-00000002"]  # untouched
-    assert len(_metrics(out)) == 4
+    assert len(read_metrics(out)) == 4
     train(dataclasses.replace(cfg, overwrite=True))
     assert not os.path.exists(os.path.join(out, "checkpoints"))  # the earlier run's; this one saved none
-    assert [(m["step"], m["lr"]) for m in _metrics(out)] == [(1, 5e-3 / 2)]  # warmup step 0 of 1
+    assert [(m["step"], m["lr"]) for m in read_metrics(out)] == [(1, 5e-3 / 2)]  # warmup step 0 of 1
     with pytest.raises(ValueError, match="--resume .* --overwrite"):
         dataclasses.replace(cfg, resume=True, overwrite=True).validate()

@@ -41,6 +41,17 @@ def write_jsonl(path, records) -> str:
     return str(path)
 
 
+def read_metrics(output_dir) -> list[dict]:
+    """A run's metrics.jsonl, one dict per optimizer step."""
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def write_tiny_run(root, n_records: int, seed: int) -> tuple:
+    """(root, tiny model directory, JSONL of n_records date examples) under root: what a training test runs on."""
+    return root, write_tiny_model(root / "model"), write_jsonl(root / "train.jsonl", date_records(n_records, seed))
+
+
 def write_tokenizer(out_dir, vocab_size: int = 300) -> None:
     """Train a byte-level BPE on a little text and save it the way Hugging Face model repos ship it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

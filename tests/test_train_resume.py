@@ -10,7 +10,7 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from test_train_helpers import date_records, write_jsonl, write_tiny_model
+from test_train_helpers import date_records, read_metrics, write_jsonl, write_tiny_model
 
 # Kills the process (SIGKILL: no cleanup, no atexit) when the optimizer is about to take step KILL_AT, i.e.
 # after the checkpoint of step KILL_AT - 1 was written and in the middle of the next step.
@@ -38,11 +38,6 @@ def _run(code, args, cwd, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
-
-
-def _metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow
@@ -74,7 +69,7 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path):
         assert a[key].equal(b[key]), key  # bitwise
     assert any(bool(t.abs().sum()) for k, t in a.items() if "lora_B" in k)  # training did move the adapter
 
-    m_full, m_resumed = _metrics(tmp_path / "full"), _metrics(out)
+    m_full, m_resumed = read_metrics(tmp_path / "full"), read_metrics(out)
     assert [m["step"] for m in m_resumed] == [1, 2, 3, 4, 5]
     for x, y in zip(m_full, m_resumed):
         for key in ("batch_sha1", "data_epoch", "data_row", "loss", "grad_norm", "lr", "val_loss"):
