@@ -219,9 +219,10 @@ def run_worker(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
 
+    dtype = compute_dtype(device)
+
     def step(i: int) -> float:
         batch = batch_at(ids, i, args.batch, args.seq_len).to(device)
-        dtype = compute_dtype(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = loss_fn(batch)
         loss.backward()

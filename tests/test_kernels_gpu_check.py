@@ -8,18 +8,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_benchmarks_e2e import step_results
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-
-
-def step_results(out: Path) -> Path:
-    """The dry run's step benchmark file: qlora-step-cpu.json, or qlora-step-cpu-capped-<caps>.json where the
-    environment caps the CPU's instruction set (the dry run inherits it)."""
-    if str(SCRIPT.parent) not in sys.path:
-        sys.path.insert(0, str(SCRIPT.parent))
-    from harness import capped_suffix
-
-    return out / f"qlora-step-cpu{capped_suffix()}.json"
 
 
 def run(*args, timeout=600):
@@ -61,7 +52,7 @@ def test_dry_run_runs_every_step_and_writes_results(dry_run):
     assert {"dequantize nf4+DQ -> bf16", "forward (no grad)", "forward + grad-input"} <= ops
     assert all(r["ours_s"]["median"] > 0 for r in data["results"])
     assert "## Dequantize (CPU torch path)" in (out / "kernels-cpu-quick.md").read_text()
-    step = json.loads(step_results(out).read_text())
+    step = json.loads(step_results(out, ".json").read_text())
     assert step["points"] and all(p[side]["tokens_per_s"]["median"] > 0 for p in step["points"] for side in ("ours", "peer"))
     assert "test_kernels_model_ops_gpu.py::test_linear_cross_entropy_bf16" in collected
 
@@ -70,7 +61,7 @@ def test_gpu_step_report_gives_mfu_targets_and_profiles(dry_run, monkeypatch):
     """The QLoRA step's CUDA report (MFU, the targets at every point, each side's per-kernel profile), rendered
     from the points of the dry run's tiny CPU run as if they came from a GPU: its code runs nowhere else here."""
     out, _ = dry_run
-    step = json.loads(step_results(out).read_text())
+    step = json.loads(step_results(out, ".json").read_text())
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     import bench_qlora_step
 
